@@ -1,0 +1,1 @@
+"""Data: Galaxy10 class table, astroNN-format catalogs, synthetic galaxies, shards."""

@@ -1,0 +1,35 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+version = {}
+exec(Path("galcf_hpc/__init__.py").read_text().split("\n\n")[-1], version)
+
+# torch is pinned to the release whose CPU build the CI machines carry; an open range
+# would let pip resolve a multi-GB CUDA build on a fresh CPU machine. GPU sites install
+# their own CUDA build first (docs/quickstart.md), which satisfies this pin's range.
+setup(
+    name="galcf-hpc",
+    version=version["__version__"],
+    description="Explainable galaxy-morphology classification with counterfactuals on HPC systems",
+    long_description=Path("README.md").read_text() if Path("README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["galcf_hpc", "galcf_hpc.*"]),
+    package_data={"galcf_hpc": ["configs/*.yaml"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4,<=2.14.1",
+        "numpy>=1.24",
+        "FrEIA>=0.2",
+        "webdataset>=1.0",
+        "h5py>=3.8",
+        "pyyaml>=6.0",
+        "pillow>=9.0",
+    ],
+    extras_require={
+        "synth": ["galsim>=2.5"],
+        "report": ["matplotlib>=3.7", "scikit-learn>=1.3"],
+        "dev": ["pytest>=7", "scikit-image>=0.21", "galsim>=2.5", "matplotlib>=3.7", "scikit-learn>=1.3"],
+    },
+    entry_points={"console_scripts": ["galcf-hpc=galcf_hpc.cli:main"]},
+)
