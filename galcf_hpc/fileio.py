@@ -1,6 +1,7 @@
 """Atomic file writes: a reader never sees a half-written file under its final name."""
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -37,3 +38,12 @@ def write_text(path, text):
     """Write a text file atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def file_sha256(path, chunk=1 << 20):
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

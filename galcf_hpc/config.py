@@ -1,0 +1,265 @@
+"""Run configuration: typed dataclasses, YAML loading with strict validation, dotted overrides.
+
+One YAML file fully describes a run. Unknown keys and wrongly typed values are errors
+that name the key (and suggest the closest valid one). ``--set a.b=value`` overrides
+are parsed as YAML scalars and validated the same way. The resolved configuration is
+written next to every output (``resolved_config``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import ConfigError
+from .fileio import write_text
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    out_dir: str = "runs/run"  # run directory: checkpoints, metrics, eval, explanations
+    seed: int = 0
+    deterministic: bool = False  # torch.use_deterministic_algorithms (slower; exact resume tests)
+
+
+@dataclass
+class SynthConfig:
+    """Synthetic Galaxy10-like catalog rendered with GalSim (``galcf-hpc data synth``/``demo``)."""
+
+    n: int = 3000
+    size: int = 64
+    seed: int = 0
+    balanced: bool = False  # equal class fractions instead of Galaxy10's
+    workers: int = 2
+
+
+@dataclass
+class DataConfig:
+    source: str = "data/Galaxy10_DECals.h5"  # astroNN-format catalog the shards are made from
+    shards: str = "data/shards"  # directory with train/ val/ test/ shard splits
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    shard_size: int = 1000
+    split_fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
+    split_seed: int = 0
+    match_radius_arcsec: float = 10.0  # cutouts closer than this are one group when splitting
+    image_size: int = 64  # model input resolution R (after crop and resize)
+    crop_fraction: float = 0.7  # central crop, side fraction; <= 0.707 keeps rotated corners out
+    rotation_degrees: float = 180.0  # random rotation in [-deg, +deg]
+    augment: bool = True
+    loader: str = "torch"  # loader back-end
+    num_workers: int = 0
+
+
+@dataclass
+class ModelConfig:
+    channels: list[int] = field(default_factory=lambda: [32, 64, 128, 256])  # one per 2x downsampling
+    z_dim: int = 64  # total latent size, z = [z1, z2]
+    z1_dim: int = 32  # class-dependent part fed to the flow
+    flow_blocks: int = 8
+    flow_hidden: int = 256
+    flow_clamp: float = 2.0
+    mean_distance: float = 5.0  # initial pairwise distance of the class means in h
+    vgg_weights: str | None = None  # torchvision's vgg16-397923af.pth (galcf-hpc weights fetch)
+    vgg_random: bool = False  # allow fixed-seed random VGG16 features (smoke/tests only)
+    vgg_layers: list[str] = field(default_factory=lambda: ["relu1_2", "relu2_2", "relu3_3", "relu4_3"])
+
+
+@dataclass
+class LossConfig:
+    perceptual: float = 1.0  # L_R: VGG16 feature distance
+    pixel: float = 1.0  # optional pixel term added to L_R
+    mmd: float = 1.0  # L_MMD(z, N(0, I))
+    mmd_bandwidth: float | None = None  # RBF 2*sigma^2; None -> 2 * z_dim
+    ib: float = 1.0  # L_IB weight
+    beta: float = 3.0  # IB-INN beta
+    z1_noise: float = 0.05  # noise added to z1 before the flow (IB-INN)
+    cf_consistency: float = 1.0  # re-encoded counterfactuals must land in their target class
+    cf_fraction: float = 0.5  # fraction of each batch used for the consistency term
+    cf_warmup_epochs: int = 1  # epochs before the consistency term switches on
+    cf_margin: float = 1.0  # margin past the decision boundary for training counterfactuals
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 64  # per process
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.05  # cosine decay to lr * min_lr_ratio
+    grad_clip: float = 5.0
+    device: str = "auto"  # auto | cpu | cuda
+    bf16: bool = True  # bf16 autocast on GPU (ignored on CPU)
+    threads: int = 0  # torch intra-op threads on CPU; 0 = leave torch's default
+    log_every: int = 20
+    checkpoint_every: int = 0  # steps; 0 = once per epoch
+    eval_split: str = "val"
+    time_limit_minutes: float = 0.0  # stop training (with a checkpoint) after this; 0 = none
+
+
+@dataclass
+class ExplainConfig:
+    split: str = "test"
+    margin: float = 1.0  # distance past the decision boundary in h (unit-variance Gaussians)
+    max_galaxies: int = 0  # 0 = every galaxy of the split
+    batch_size: int = 64
+    background_fraction: float = 0.25  # outer border (side fraction) used for the background check
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    explain: ExplainConfig = field(default_factory=ExplainConfig)
+
+    def validate(self):
+        m, d = self.model, self.data
+        checks = [
+            (0 < m.z1_dim < m.z_dim, "model.z1_dim", f"must be in 1..z_dim-1 (z_dim={m.z_dim}), got {m.z1_dim}"),
+            (m.z1_dim >= 2, "model.z1_dim", "must be at least 2 (the flow splits z1 in halves)"),
+            (d.image_size % (2 ** len(m.channels)) == 0 and d.image_size >= 2 ** len(m.channels) * 2,
+             "model.channels", f"{len(m.channels)} downsamplings need data.image_size divisible by "
+             f"{2 ** len(m.channels)} and >= {2 ** len(m.channels) * 2}, got {d.image_size}"),
+            (0.1 <= d.crop_fraction <= 1.0, "data.crop_fraction", f"must be in [0.1, 1], got {d.crop_fraction}"),
+            (len(d.split_fractions) == 3 and abs(sum(d.split_fractions) - 1) < 1e-6 and min(d.split_fractions) >= 0,
+             "data.split_fractions", f"must be three non-negative numbers summing to 1, got {d.split_fractions}"),
+            (d.loader in ("torch",), "data.loader", f"unknown loader {d.loader!r}; available: torch"),
+            (self.train.device in ("auto", "cpu", "cuda"), "train.device", "must be auto, cpu or cuda"),
+            (self.train.batch_size >= 2, "train.batch_size", "must be >= 2 (MMD needs pairs)"),
+            (0.0 <= self.loss.cf_fraction <= 1.0, "loss.cf_fraction", "must be in [0, 1]"),
+            (self.train.eval_split in ("train", "val", "test"), "train.eval_split", "must be train, val or test"),
+            (self.explain.split in ("train", "val", "test"), "explain.split", "must be train, val or test"),
+        ]
+        for ok, key, msg in checks:
+            if not ok:
+                raise ConfigError(f"config key '{key}': {msg}")
+        return self
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+def _type_name(tp):
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value, tp, key):
+    """Check ``value`` against annotation ``tp``; return the value (ints widen to floats)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"config key '{key}': expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected a list of {_type_name(item_tp)}, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise TypeError(f"unsupported config annotation {tp!r} for {key}")
+    raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _build(cls, data, prefix):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config key '{prefix.rstrip('.') or '<root>'}': expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+    kwargs = {}
+    for name in names:
+        if name not in data:
+            continue
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, data[name], f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(data[name], tp, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _apply_override(tree, assignment):
+    if "=" not in assignment:
+        raise ConfigError(f"override '{assignment}' must look like section.key=value")
+    dotted, raw = assignment.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{assignment}': value is not valid YAML ({exc})") from None
+    parts = dotted.strip().split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{assignment}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def config_from_dict(data, overrides=()):
+    tree = dict(data or {})
+    for assignment in overrides:
+        _apply_override(tree, assignment)
+    return _build(Config, tree, "").validate()
+
+
+def load_config(path, overrides=()):
+    """Load, override and validate a YAML config; errors name the file and the key."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    try:
+        return config_from_dict(data, overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def dump_config(cfg):
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def write_resolved_config(cfg, run_dir):
+    """Write the fully resolved config into a run directory (atomically)."""
+    write_text(Path(run_dir) / "config.yaml", dump_config(cfg))

@@ -1,0 +1,123 @@
+"""Counterfactual quality metrics: MSD, SSIM and validity, batched, in torch.
+
+Images are ``[B, C, H, W]`` tensors with values in [0, 1]. Each function returns one value
+per image (shape ``[B]``). :func:`ssim` reproduces ``skimage.metrics.structural_similarity``
+(mean over channels of the per-channel mean SSIM, computed on the region that the filter
+window covers completely) and runs on whatever device the inputs live on.
+"""
+
+import torch
+import torch.nn.functional as F
+
+K1 = 0.01
+K2 = 0.03
+GAUSSIAN_TRUNCATE = 3.5  # skimage's choice: an 11-tap window for sigma 1.5
+
+
+def _as_images(name, x):
+    if not torch.is_tensor(x):
+        x = torch.as_tensor(x)
+    if x.dim() != 4:
+        raise ValueError(f"{name} must be a [B, C, H, W] batch of images, got shape {tuple(x.shape)}")
+    return x
+
+
+def _pair(a, b):
+    a = _as_images("a", a)
+    b = _as_images("b", b)
+    if a.shape != b.shape:
+        raise ValueError(f"image batches differ in shape: a {tuple(a.shape)}, b {tuple(b.shape)}")
+    return a, b
+
+
+def _out_dtype(x):
+    return x.dtype if x.is_floating_point() else torch.float32
+
+
+def msd(a, b):
+    """Mean squared difference per image, over C, H and W: ``[B]``."""
+    a, b = _pair(a, b)
+    diff = a.to(torch.float64) - b.to(torch.float64)
+    return diff.pow(2).flatten(1).mean(dim=1).to(_out_dtype(a))
+
+
+def _window_1d(win_size, gaussian, sigma, dtype, device):
+    if gaussian:
+        radius = win_size // 2
+        x = torch.arange(-radius, radius + 1, dtype=dtype, device=device)
+        w = torch.exp(-0.5 * (x / sigma) ** 2)
+    else:
+        w = torch.ones(win_size, dtype=dtype, device=device)
+    return w / w.sum()
+
+
+def ssim(a, b, data_range=1.0, win_size=7, gaussian=False, sigma=1.5):
+    """Mean SSIM per image (mean over channels), ``[B]``.
+
+    Default: uniform ``win_size`` x ``win_size`` window with sample covariance, as
+    skimage's defaults. ``gaussian=True``: Gaussian window of width ``sigma`` truncated at
+    3.5 sigma (11 taps for 1.5; ``win_size`` is then ignored) with population covariance,
+    as skimage's ``gaussian_weights=True, use_sample_covariance=False`` (Wang et al. 2004).
+    Both average over the region where the window lies fully inside the image.
+    """
+    a, b = _pair(a, b)
+    if gaussian:
+        if sigma <= 0:
+            raise ValueError(f"sigma must be positive, got {sigma}")
+        win_size = 2 * int(GAUSSIAN_TRUNCATE * sigma + 0.5) + 1
+    if win_size < 1 or win_size % 2 != 1:
+        raise ValueError(f"win_size must be a positive odd number, got {win_size}")
+    _, channels, height, width = a.shape
+    if min(height, width) < win_size:
+        raise ValueError(
+            f"images of {height}x{width} pixels are smaller than the {win_size}x{win_size} SSIM window"
+        )
+    if data_range <= 0:
+        raise ValueError(f"data_range must be positive, got {data_range}")
+
+    x = a.to(torch.float64)
+    y = b.to(torch.float64)
+    # Five maps filtered at once: x, y, x^2, y^2, xy (each with C channels).
+    stack = torch.cat([x, y, x * x, y * y, x * y], dim=1)
+    groups = stack.shape[1]
+    w = _window_1d(win_size, gaussian, sigma, stack.dtype, stack.device)
+    # Separable depthwise filtering, no padding: the output is exactly the valid region.
+    filtered = F.conv2d(stack, w.view(1, 1, win_size, 1).expand(groups, 1, win_size, 1), groups=groups)
+    filtered = F.conv2d(filtered, w.view(1, 1, 1, win_size).expand(groups, 1, 1, win_size), groups=groups)
+    ux, uy, uxx, uyy, uxy = filtered.split(channels, dim=1)
+
+    cov_norm = 1.0 if gaussian else win_size**2 / (win_size**2 - 1)
+    vx = cov_norm * (uxx - ux * ux)
+    vy = cov_norm * (uyy - uy * uy)
+    vxy = cov_norm * (uxy - ux * uy)
+    c1 = (K1 * data_range) ** 2
+    c2 = (K2 * data_range) ** 2
+    num = (2 * ux * uy + c1) * (2 * vxy + c2)
+    den = (ux * ux + uy * uy + c1) * (vx + vy + c2)
+    s = num / den
+    # Equal-sized channels: the mean over all of them equals the mean of channel means.
+    return s.flatten(1).mean(dim=1).to(_out_dtype(a))
+
+
+def validity(pred, target):
+    """Whether each prediction equals its target class: ``[B]`` bool.
+
+    ``pred`` is ``[B]`` class indices or ``[B, K]`` scores/logits (arg-max taken);
+    ``target`` is ``[B]`` class indices or a single class index for the whole batch.
+    """
+    pred = torch.as_tensor(pred)
+    if pred.dim() == 2:
+        pred = pred.argmax(dim=1)
+    elif pred.dim() != 1:
+        raise ValueError(f"pred must be [B] class indices or [B, K] scores, got shape {tuple(pred.shape)}")
+    if pred.is_floating_point():
+        raise ValueError("pred given as [B] must hold integer class indices")
+    target = torch.as_tensor(target, device=pred.device)
+    if target.dim() == 0:
+        target = target.expand(pred.shape[0])
+    if target.shape != pred.shape:
+        raise ValueError(f"target shape {tuple(target.shape)} does not match pred batch {tuple(pred.shape)}")
+    return pred == target.to(pred.dtype)
+
+
+__all__ = ["msd", "ssim", "validity"]

@@ -1,0 +1,90 @@
+"""Checkpoints as plain dicts of tensors and primitives, loadable with
+``torch.load(weights_only=True)``; written atomically; the newest complete one is found by
+name. A checkpoint carries the resolved config, so a run can be explained or resumed from
+its directory alone."""
+
+import re
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..errors import CheckpointError
+from ..fileio import atomic_path
+
+_NAME = re.compile(r"^step-(\d{8})\.pt$")
+
+
+def checkpoint_dir(run_dir):
+    return Path(run_dir) / "checkpoints"
+
+
+def rng_state():
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir, step, payload, keep=2):
+    """Write ``payload`` (+ version) as checkpoints/step-XXXXXXXX.pt, keep the newest ``keep``."""
+    directory = checkpoint_dir(run_dir)
+    path = directory / f"step-{step:08d}.pt"
+    with atomic_path(path) as tmp:
+        torch.save({**payload, "step": step, "version": __version__}, tmp)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def list_checkpoints(run_dir):
+    directory = checkpoint_dir(run_dir)
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir):
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def load_checkpoint(path):
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; train first or pass an existing file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for truncated or foreign files
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            "it is truncated, corrupt or not a galcf-hpc checkpoint: use an older one from the same "
+            "directory or retrain") from None
+
+
+def check_compatible(model, state, path):
+    """Raise CheckpointError naming the mismatching parameters if ``state`` does not fit ``model``."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
+    if missing or unexpected or wrong:
+        parts = []
+        if wrong:
+            parts.append("shape mismatch: " + ", ".join(f"{k} {got[k]} vs model {expected[k]}" for k in wrong[:6]))
+        if missing:
+            parts.append("missing: " + ", ".join(missing[:6]))
+        if unexpected:
+            parts.append("unexpected: " + ", ".join(unexpected[:6]))
+        raise CheckpointError(
+            f"checkpoint {path} was made for another model configuration ({'; '.join(parts)}); "
+            "use the config stored in that checkpoint's run directory, or a matching checkpoint")
+

@@ -1,0 +1,84 @@
+import pytest
+import yaml
+
+from galcf_hpc.config import config_from_dict, dump_config, load_config, write_resolved_config
+from galcf_hpc.errors import ConfigError
+
+
+def test_defaults_validate_and_round_trip(tmp_path):
+    cfg = config_from_dict({})
+    write_resolved_config(cfg, tmp_path)
+    again = load_config(tmp_path / "config.yaml")
+    assert again == cfg
+    assert yaml.safe_load(dump_config(cfg))["loss"]["beta"] == 3.0
+
+
+def test_unknown_key_names_it_and_suggests(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epoch: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert "train.epoch" in msg and "train.epochs" in msg and str(path) in msg
+
+
+def test_unknown_section():
+    with pytest.raises(ConfigError, match="'trian'.*'train'"):
+        config_from_dict({"trian": {}})
+
+
+@pytest.mark.parametrize("data, key", [
+    ({"train": {"epochs": "ten"}}, "train.epochs"),
+    ({"train": {"lr": True}}, "train.lr"),
+    ({"model": {"channels": [32, "x"]}}, "model.channels[1]"),
+    ({"model": {"vgg_weights": 3}}, "model.vgg_weights"),
+    ({"data": "nope"}, "data"),
+])
+def test_wrong_type_names_key(data, key):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(data)
+    assert f"'{key}'" in str(err.value)
+
+
+def test_int_widens_to_float_and_none_allowed():
+    cfg = config_from_dict({"train": {"lr": 1}, "model": {"vgg_weights": None}})
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+
+
+def test_overrides_typed_and_validated():
+    cfg = config_from_dict({}, ["train.epochs=7", "model.channels=[8, 16]", "data.image_size=32",
+                                "model.vgg_weights=/x/vgg.pth"])
+    assert cfg.train.epochs == 7 and cfg.model.channels == [8, 16] and cfg.model.vgg_weights == "/x/vgg.pth"
+    with pytest.raises(ConfigError, match="train.epochs"):
+        config_from_dict({}, ["train.epochs=many"])
+    with pytest.raises(ConfigError, match="looks like|KEY=VALUE|section.key=value"):
+        config_from_dict({}, ["train.epochs"])
+    with pytest.raises(ConfigError, match="train.epoch'"):
+        config_from_dict({}, ["train.epoch=3"])
+
+
+def test_semantic_checks():
+    with pytest.raises(ConfigError, match="model.z1_dim"):
+        config_from_dict({"model": {"z_dim": 16, "z1_dim": 16}})
+    with pytest.raises(ConfigError, match="model.channels"):
+        config_from_dict({"data": {"image_size": 40}, "model": {"channels": [8, 8, 8, 8]}})
+    with pytest.raises(ConfigError, match="data.split_fractions"):
+        config_from_dict({"data": {"split_fractions": [0.5, 0.5, 0.5]}})
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).parent.parent / "configs").glob("*.yaml")):
+        if path.name.startswith("ds_"):
+            continue
+        load_config(path)
+
+
+def test_bad_yaml_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train: [1,\n")
+    with pytest.raises(ConfigError, match="bad.yaml.*not valid YAML"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")

@@ -1,0 +1,69 @@
+import math
+
+import torch
+
+from galcf_hpc.model.gmm import class_logits, initial_means
+from galcf_hpc.model.losses import ib_loss, mmd_unbiased, perceptual_loss, rbf_kernel
+
+
+def test_rbf_kernel_hand_values():
+    a = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
+    b = torch.tensor([[0.0, 2.0]])
+    k = rbf_kernel(a, b, bandwidth=4.0)
+    assert torch.allclose(k, torch.tensor([[math.exp(-1.0)], [math.exp(-5.0 / 4.0)]]))
+
+
+def test_mmd_unbiased_hand_computed():
+    z = torch.tensor([[0.0], [1.0]])
+    n = torch.tensor([[0.0], [2.0], [3.0]])
+    bw = 2.0
+    k = lambda d2: math.exp(-d2 / bw)
+    zz = 2 * k(1) / (2 * 1)
+    nn = 2 * (k(4) + k(9) + k(1)) / (3 * 2)
+    zn = (k(0) + k(4) + k(9) + k(1) + k(1) + k(4)) / 6
+    expected = zz + nn - 2 * zn
+    assert abs(float(mmd_unbiased(z, n, bw)) - expected) < 1e-6
+
+
+def test_mmd_same_distribution_near_zero_and_shift_positive():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(400, 8, generator=g)
+    b = torch.randn(400, 8, generator=g)
+    assert abs(float(mmd_unbiased(a, b, 16.0))) < 0.01
+    assert float(mmd_unbiased(a + 2.0, b, 16.0)) > 0.2
+
+
+def test_ib_loss_hand_computed():
+    h = torch.tensor([[0.0, 0.0], [2.0, 1.0]])
+    logdet = torch.tensor([0.5, -1.0])
+    means = torch.tensor([[0.0, 0.0], [2.0, 0.0]])
+    logw = torch.log(torch.tensor([0.25, 0.75]))
+    labels = torch.tensor([0, 1])
+    beta = 3.0
+    # logits per sample: -1/2 d^2 + log w
+    l0 = [-0.0 + math.log(0.25), -2.0 + math.log(0.75)]
+    l1 = [-2.5 + math.log(0.25), -0.5 + math.log(0.75)]
+    lse = lambda v: math.log(sum(math.exp(x) for x in v))
+    lx = ((-lse(l0) - 0.5) / 2 + (-lse(l1) + 1.0) / 2) / 2
+    ly = ((l0[0] - lse(l0) - math.log(0.25)) + (l1[1] - lse(l1) - math.log(0.75))) / 2
+    expected = 2 / (1 + beta) * lx - 2 * beta / (1 + beta) * ly
+    total, got_x, got_y = ib_loss(h, logdet, labels, means, logw, beta)
+    assert abs(float(got_x) - lx) < 1e-6 and abs(float(got_y) - ly) < 1e-6
+    assert abs(float(total) - expected) < 1e-6
+
+
+def test_perceptual_loss_sums_layer_mse():
+    a = [torch.ones(1, 2, 2, 2), torch.zeros(1, 1, 3, 3)]
+    b = [torch.zeros(1, 2, 2, 2), torch.full((1, 1, 3, 3), 2.0)]
+    assert float(perceptual_loss(a, b)) == 1.0 + 4.0
+
+
+def test_class_logits_and_means():
+    means = initial_means(10, 32, 5.0)
+    d = torch.cdist(means, means) + torch.eye(10) * 100
+    assert torch.allclose(d.min(), torch.tensor(5.0), atol=1e-5)
+    small = initial_means(10, 4, 5.0)  # fewer dims than classes: must not collapse
+    d = torch.cdist(small, small) + torch.eye(10) * 100
+    assert float(d.min()) >= 5.0 - 1e-4
+    h = means[[3, 7]] + 0.1
+    assert class_logits(h, means, torch.zeros(10)).argmax(1).tolist() == [3, 7]

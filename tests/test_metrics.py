@@ -1,0 +1,122 @@
+"""MSD, SSIM (against scikit-image) and validity."""
+
+import numpy as np
+import pytest
+import torch
+from skimage.metrics import structural_similarity
+
+from galcf_hpc.explain.metrics import msd, ssim, validity
+
+
+def _ref_ssim(a, b, gaussian):
+    """skimage SSIM for each image of [B, C, H, W] numpy batches."""
+    out = []
+    for x, y in zip(a, b):
+        x = np.transpose(x, (1, 2, 0))
+        y = np.transpose(y, (1, 2, 0))
+        if gaussian:
+            out.append(structural_similarity(
+                x, y, channel_axis=-1, data_range=1.0,
+                gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+            ))
+        else:
+            out.append(structural_similarity(x, y, channel_axis=-1, data_range=1.0))
+    return np.array(out)
+
+
+def _structured(size, rng):
+    """Smooth galaxy-like blobs plus stripes and noise, in [0, 1]."""
+    yy, xx = np.mgrid[:size, :size] / size
+    imgs = []
+    for _ in range(2):
+        cx, cy, w = rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7), rng.uniform(0.02, 0.1)
+        blob = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / w)
+        stripes = 0.2 * (np.sin(20 * xx + rng.uniform(0, 6)) > 0)
+        img = np.stack([blob * c + stripes for c in rng.uniform(0.4, 1.0, 3)])
+        imgs.append(np.clip(img + 0.03 * rng.standard_normal(img.shape), 0, 1))
+    return np.stack(imgs)
+
+
+@pytest.mark.parametrize("size", [32, 64, 33])
+@pytest.mark.parametrize("gaussian", [False, True])
+@pytest.mark.parametrize("kind", ["random", "structured"])
+def test_ssim_matches_skimage(size, gaussian, kind):
+    rng = np.random.default_rng(size + 7 * gaussian)
+    if kind == "random":
+        a = rng.random((3, 3, size, size))
+        b = np.clip(a + rng.normal(0, 0.15, a.shape), 0, 1)
+    else:
+        a = _structured(size, rng)
+        b = np.clip(0.9 * a + 0.05 + rng.normal(0, 0.05, a.shape), 0, 1)
+    got = ssim(torch.tensor(a, dtype=torch.float32), torch.tensor(b, dtype=torch.float32), gaussian=gaussian)
+    ref = _ref_ssim(a.astype(np.float32), b.astype(np.float32), gaussian)
+    assert got.shape == (a.shape[0],)
+    np.testing.assert_allclose(got.numpy(), ref, atol=1e-3)
+
+
+def test_ssim_float64_is_exact():
+    rng = np.random.default_rng(0)
+    a, b = rng.random((2, 3, 40, 36)), rng.random((2, 3, 40, 36))
+    got = ssim(torch.tensor(a), torch.tensor(b))
+    assert got.dtype == torch.float64
+    np.testing.assert_allclose(got.numpy(), _ref_ssim(a, b, False), atol=1e-10)
+
+
+def test_ssim_other_window_and_single_channel():
+    rng = np.random.default_rng(1)
+    a, b = rng.random((1, 1, 20, 20)), rng.random((1, 1, 20, 20))
+    got = ssim(torch.tensor(a), torch.tensor(b), win_size=5)
+    ref = structural_similarity(a[0, 0], b[0, 0], win_size=5, data_range=1.0)
+    assert abs(float(got[0]) - ref) < 1e-10
+
+
+def test_ssim_identical_images_is_one():
+    x = torch.rand(4, 3, 32, 32)
+    torch.testing.assert_close(ssim(x, x), torch.ones(4))
+    torch.testing.assert_close(ssim(x, x, gaussian=True), torch.ones(4))
+    assert torch.all(ssim(x, 1 - x) < 0.5)
+
+
+def test_ssim_input_errors():
+    x = torch.rand(2, 3, 16, 16)
+    with pytest.raises(ValueError, match="shape"):
+        ssim(x, torch.rand(2, 3, 16, 15))
+    with pytest.raises(ValueError, match=r"\[B, C, H, W\]"):
+        ssim(x[0], x[0])
+    with pytest.raises(ValueError, match="window"):
+        ssim(torch.rand(1, 3, 6, 6), torch.rand(1, 3, 6, 6))
+    with pytest.raises(ValueError, match="window"):
+        ssim(torch.rand(1, 3, 10, 10), torch.rand(1, 3, 10, 10), gaussian=True)  # 11 taps
+    with pytest.raises(ValueError, match="odd"):
+        ssim(x, x, win_size=4)
+
+
+def test_msd_hand_computed():
+    a = torch.zeros(2, 1, 2, 2)
+    b = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]], [[[0.5, 0.5], [0.5, 0.5]]]])
+    torch.testing.assert_close(msd(a, b), torch.tensor([0.25, 0.25]))
+    c = torch.zeros(1, 2, 1, 2)
+    d = torch.tensor([[[[0.1, 0.2]], [[0.3, 0.4]]]])
+    torch.testing.assert_close(msd(c, d), torch.tensor([(0.01 + 0.04 + 0.09 + 0.16) / 4]))
+    assert msd(b, b).tolist() == [0.0, 0.0]
+
+
+def test_msd_shape_errors():
+    with pytest.raises(ValueError, match="shape"):
+        msd(torch.zeros(2, 3, 4, 4), torch.zeros(1, 3, 4, 4))
+    with pytest.raises(ValueError):
+        msd(torch.zeros(3, 4, 4), torch.zeros(3, 4, 4))
+
+
+def test_validity():
+    pred = torch.tensor([0, 3, 2, 2])
+    target = torch.tensor([0, 1, 2, 5])
+    out = validity(pred, target)
+    assert out.dtype == torch.bool and out.tolist() == [True, False, True, False]
+    logits = torch.tensor([[0.1, 0.9], [2.0, -1.0]])
+    assert validity(logits, torch.tensor([1, 1])).tolist() == [True, False]
+    assert validity(pred, 2).tolist() == [False, False, True, True]
+    with pytest.raises(ValueError, match="shape"):
+        validity(pred, torch.tensor([0, 1]))
+    with pytest.raises(ValueError):
+        validity(torch.zeros(2, 2, 2), target)

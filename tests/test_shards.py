@@ -1,0 +1,373 @@
+"""Split, shard writing, DALI index files, manifests and verification."""
+
+import hashlib
+import io
+import json
+import shutil
+import subprocess
+import tarfile
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+import galcf_hpc.data.shards as shards
+from galcf_hpc.data.classes import CLASS_NAMES, NUM_CLASSES
+from galcf_hpc.data.shards import (SPLITS, group_by_sky, read_index, read_manifest, split_indices,
+                                   verify_shards, write_shards)
+from galcf_hpc.errors import DataError
+
+
+def _tars(out):
+    return sorted(out.glob("*/shard-*.tar"))
+
+
+def _source_index(key):
+    return int(key[1:])
+
+
+# --- grouping and splitting -------------------------------------------------------------
+
+
+def _brute_force_groups(ra, dec, radius_arcsec):
+    ra, dec = np.radians(ra), np.radians(dec)
+    cos_sep = (np.sin(dec)[:, None] * np.sin(dec)[None] +
+               np.cos(dec)[:, None] * np.cos(dec)[None] * np.cos(ra[:, None] - ra[None]))
+    linked = np.degrees(np.arccos(np.clip(cos_sep, -1, 1))) * 3600 <= radius_arcsec
+    group = np.arange(len(ra))
+    changed = True
+    while changed:  # propagate the smallest index through links until stable
+        new = np.where(linked, group[None], len(ra)).min(axis=1)
+        changed = not np.array_equal(new, group)
+        group = new
+    return group
+
+
+def test_group_by_sky_matches_brute_force_friends_of_friends():
+    rng = np.random.default_rng(3)
+    # Clustered field: 40 centres with 1-8 members scattered over ~15", plus RA wrap and pole.
+    centres_ra, centres_dec = rng.uniform(0, 360, 40), rng.uniform(-60, 60, 40)
+    ra, dec = [], []
+    for cra, cdec in zip(centres_ra, centres_dec):
+        k = rng.integers(1, 9)
+        ra.extend(cra + rng.normal(0, 8, k) / 3600 / np.cos(np.radians(cdec)))
+        dec.extend(cdec + rng.normal(0, 8, k) / 3600)
+    ra += [359.9995, 0.0005, 0.0, 180.0]
+    dec += [0.0, 0.0, 89.9999, 89.9999]
+    ra, dec = np.mod(ra, 360), np.array(dec)
+    got = group_by_sky(ra, dec, 10.0)
+    assert np.array_equal(got, _brute_force_groups(ra, dec, 10.0))
+    assert got[-3] == got[-4] and got[-1] == got[-2]  # across RA=0 and across the pole
+    assert len(np.unique(got)) < len(ra) - 20  # the field really has groups
+
+
+def test_group_by_sky_chains_and_radius():
+    # A-B 8", B-C 8", A-C 16": friends of friends puts all three together.
+    dec = np.array([0.0, 8.0, 16.0, 100.0]) / 3600
+    assert group_by_sky(np.zeros(4), dec, 10.0).tolist() == [0, 0, 0, 3]
+    assert group_by_sky(np.zeros(4), dec, 5.0).tolist() == [0, 1, 2, 3]
+    assert group_by_sky(np.array([1.0, np.nan, 1.0]), np.zeros(3), 10.0).tolist() == [0, 1, 0]
+
+
+def test_split_is_stratified_deterministic_and_grouped():
+    rng = np.random.default_rng(0)
+    n = 3000
+    labels = rng.choice(NUM_CLASSES, n, p=np.array([1, 2, 3, 2, 0.4, 2, 2, 3, 1.5, 2]) / 18.9)
+    ra, dec = rng.uniform(0, 360, n), rng.uniform(-30, 60, n)
+    dup = rng.choice(n, (60, 2), replace=False)  # 60 galaxies stored twice, 3" apart
+    ra[dup[:, 1]], dec[dup[:, 1]] = ra[dup[:, 0]], dec[dup[:, 0]] + 3 / 3600
+    splits, conflicts = split_indices(ra, dec, labels, (0.8, 0.1, 0.1), seed=5)
+    again, _ = split_indices(ra, dec, labels, (0.8, 0.1, 0.1), seed=5)
+    other, _ = split_indices(ra, dec, labels, (0.8, 0.1, 0.1), seed=6)
+    assert all(np.array_equal(splits[s], again[s]) for s in SPLITS)
+    assert not np.array_equal(splits["test"], other["test"])
+    assert np.array_equal(np.sort(np.concatenate([splits[s] for s in SPLITS])), np.arange(n))
+    where = np.empty(n, int)
+    for k, s in enumerate(SPLITS):
+        where[splits[s]] = k
+    assert (where[dup[:, 0]] == where[dup[:, 1]]).all()
+    for s, target in zip(SPLITS, (0.8, 0.1, 0.1)):
+        assert abs(len(splits[s]) / n - target) < 0.01
+        for c in range(NUM_CLASSES):
+            in_class = labels == c
+            share = np.isin(np.flatnonzero(in_class), splits[s]).mean()
+            assert abs(share - target) <= 0.01 + 2 / in_class.sum(), (s, c, share)
+    conflicting = {tuple(sorted(g["indices"])) for g in conflicts}
+    planted = {tuple(sorted(p)) for p in dup.tolist() if labels[p[0]] != labels[p[1]]}
+    assert conflicting == planted
+    for g in conflicts:
+        assert g["labels"] == labels[g["indices"]].tolist()
+        assert g["separations_arcsec"][0] == 0 and abs(g["separations_arcsec"][1] - 3) < 0.01
+
+
+def test_split_rejects_bad_fractions():
+    with pytest.raises(ValueError, match="summing to 1"):
+        split_indices(np.zeros(3), np.zeros(3), np.zeros(3), (0.8, 0.3, 0.1))
+
+
+# --- written shards ---------------------------------------------------------------------
+
+
+def test_round_trip_every_sample_is_exact(sharded):
+    cat = sharded.catalog
+    seen = {}
+    for tar_path in _tars(sharded.out):
+        split = tar_path.parent.name
+        with tarfile.open(tar_path) as tar:
+            assert all(m.mtime == 0 and m.uid == 0 and m.mode == 0o644 for m in tar.getmembers())
+            files = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        keys = sorted({name.split(".")[0] for name in files})
+        assert len(files) == 3 * len(keys)
+        for key in keys:
+            i = _source_index(key)
+            assert key not in seen
+            seen[key] = split
+            image = np.asarray(Image.open(io.BytesIO(files[f"{key}.png"])))
+            assert image.dtype == np.uint8 and np.array_equal(image, cat.images[i])
+            assert int(files[f"{key}.cls"].decode("ascii")) == cat.labels[i]
+            meta = json.loads(files[f"{key}.json"])
+            assert meta == {"ra": cat.ra[i], "dec": cat.dec[i], "redshift": cat.redshift[i],
+                            "pxscale": cat.pxscale[i], "source_index": i, "source_file": "galaxies.h5",
+                            "split": split}
+    assert sorted(_source_index(k) for k in seen) == list(range(240))
+    # Duplicates of one galaxy never straddle splits; conflicting labels are reported.
+    for group in cat.groups:
+        assert len({seen[f"g{i:07d}"] for i in group}) == 1, group
+    reported = {tuple(sorted(g["indices"])) for g in sharded.summary["conflicting_groups"]}
+    assert reported == {tuple(sorted(g)) for g in cat.conflicting}
+    on_disk = json.loads((sharded.out / "splits.json").read_text())
+    assert on_disk["conflicting_groups"] == sharded.summary["conflicting_groups"]
+
+
+def test_webdataset_reads_the_shards(sharded):
+    urls = [str(p) for p in sorted((sharded.out / "val").glob("*.tar"))]
+    samples = list(wds.WebDataset(urls, shardshuffle=False).decode("rgb8").to_tuple("__key__", "png", "cls"))
+    assert len(samples) == read_manifest(sharded.out / "val")["num_samples"]
+    for key, image, label in samples:
+        assert np.array_equal(image, sharded.catalog.images[_source_index(key)])
+        assert label == sharded.catalog.labels[_source_index(key)]
+
+
+def test_index_matches_tar_members(sharded):
+    for tar_path in _tars(sharded.out):
+        index = read_index(tar_path.with_suffix(".idx"))
+        first_line = tar_path.with_suffix(".idx").read_text().splitlines()[0]
+        assert first_line == f"v1.2 {len(index)}"
+        with tarfile.open(tar_path) as tar:
+            members = tar.getmembers()
+            expected = [(m.name, m.offset_data, m.size) for m in members]
+            data = {m.name: tar.extractfile(m).read() for m in members}
+        listed = [(c["name"], c["offset"], c["size"]) for s in index for c in s["components"]]
+        assert listed == expected
+        assert [[c["ext"] for c in s["components"]] for s in index] == [["png", "cls", "json"]] * len(index)
+        raw = tar_path.read_bytes()
+        for name, offset, size in listed:
+            assert offset % 512 == 0 and raw[offset:offset + size] == data[name]
+
+
+@pytest.mark.skipif(shutil.which("tar") is None, reason="GNU tar not installed")
+def test_index_offsets_agree_with_gnu_tar(sharded):
+    """DALI's wds2idx derives offsets from `tar --list --block-num`; ours must agree."""
+    tar_path = _tars(sharded.out)[0]
+    listing = subprocess.run(["tar", "--list", "--block-num", "--file", str(tar_path)],
+                             capture_output=True, text=True, check=True).stdout.splitlines()
+    # "block N: name": a one-block GNU header at block N, the data right after it.
+    from_tar = [(line.split(": ", 1)[1], (int(line.split()[1].rstrip(":")) + 1) * 512)
+                for line in listing if "** Block of NULs **" not in line]
+    index = read_index(tar_path.with_suffix(".idx"))
+    assert [(c["name"], c["offset"]) for s in index for c in s["components"]] == from_tar
+
+
+def test_manifests_hashes_and_counts(sharded):
+    total = 0
+    for split in SPLITS:
+        manifest = read_manifest(sharded.out / split)
+        assert manifest["split"] == split
+        assert manifest["class_names"] == list(CLASS_NAMES)
+        assert manifest["image_size"] == 32 and manifest["image_format"] == "png"
+        assert manifest["source"]["file"] == "galaxies.h5"
+        assert manifest["source"]["sha256"] == hashlib.sha256(sharded.catalog.path.read_bytes()).hexdigest()
+        counts = np.zeros(NUM_CLASSES, int)
+        for shard in manifest["shards"]:
+            for kind in ("tar", "idx"):
+                path = sharded.out / split / shard[kind]["file"]
+                assert shard[kind]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+                assert shard[kind]["bytes"] == path.stat().st_size
+            index = read_index(sharded.out / split / shard["idx"]["file"])
+            assert shard["num_samples"] == len(index)
+            for sample in index:
+                counts[sharded.catalog.labels[_source_index(sample["key"])]] += 1
+        assert manifest["class_counts_by_index"] == counts.tolist()
+        assert manifest["class_counts"] == dict(zip(CLASS_NAMES, counts.tolist()))
+        assert manifest["num_samples"] == counts.sum()
+        total += counts.sum()
+    assert total == 240
+    assert [s["num_samples"] for s in read_manifest(sharded.out / "train")["shards"]][:3] == [50, 50, 50]
+
+
+def test_split_proportions_in_shards(sharded):
+    counts = {s: np.array(read_manifest(sharded.out / s)["class_counts_by_index"]) for s in SPLITS}
+    overall = sum(counts.values())
+    for split, target in zip(SPLITS, (0.8, 0.1, 0.1)):
+        share = counts[split] / overall
+        assert np.all(np.abs(share - target) <= 0.1 + 1e-9), (split, share)  # 24 per class: +-2 galaxies
+
+
+def test_same_seed_gives_byte_identical_shards(sharded, tmp_path):
+    write_shards(sharded.catalog.path, tmp_path / "again", shard_size=50, seed=0)
+    for a in _tars(sharded.out):
+        b = tmp_path / "again" / a.relative_to(sharded.out)
+        assert a.read_bytes() == b.read_bytes()
+        assert a.with_suffix(".idx").read_bytes() == b.with_suffix(".idx").read_bytes()
+
+
+def test_jpg_shards_verify_and_stay_close(make_catalog, tmp_path):
+    info = make_catalog(n=30, size=32)
+    write_shards(info.path, tmp_path / "jpg", shard_size=10, image_format="jpg")
+    assert verify_shards(tmp_path / "jpg")["train"] == read_manifest(tmp_path / "jpg" / "train")["num_samples"]
+    tar_path = _tars(tmp_path / "jpg")[0]
+    with tarfile.open(tar_path) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".jpg"))
+        image = np.asarray(Image.open(tar.extractfile(member)), dtype=float)
+    assert np.abs(image - info.images[_source_index(member.name.split(".")[0])]).mean() < 4
+
+
+def test_unlabelled_catalog_is_refused(make_catalog, tmp_path):
+    info = make_catalog(n=10, keys=("images", "ra", "dec"))
+    with pytest.raises(DataError, match="cat.h5.*'ans'"):
+        write_shards(info.path, tmp_path / "out")
+
+
+# --- verification -----------------------------------------------------------------------
+
+
+def test_verify_passes_on_good_shards(sharded):
+    counts = verify_shards(sharded.out)
+    assert counts == {s: read_manifest(sharded.out / s)["num_samples"] for s in SPLITS}
+    assert sum(counts.values()) == 240
+
+
+def _rehash_in_manifest(split_dir, shard_no):
+    """Update a tar's size and sha256 in the manifest, as if it had been written so."""
+    path = split_dir / "manifest.json"
+    manifest = json.loads(path.read_text())
+    entry = manifest["shards"][shard_no]["tar"]
+    tar_path = split_dir / entry["file"]
+    entry.update(bytes=tar_path.stat().st_size, sha256=hashlib.sha256(tar_path.read_bytes()).hexdigest())
+    path.write_text(json.dumps(manifest))
+
+
+def test_verify_names_truncated_tar(sharded_copy):
+    tar_path = sharded_copy / "train" / "shard-000001.tar"
+    tar_path.write_bytes(tar_path.read_bytes()[:7000])
+    with pytest.raises(DataError, match=r"train/shard-000001\.tar: tar is truncated"):
+        verify_shards(sharded_copy)
+
+
+def test_verify_names_tar_with_a_changed_byte(sharded_copy, patch_member):
+    tar_path = sharded_copy / "val" / "shard-000000.tar"
+    patch_member(tar_path, 0, "png", lambda data: data[:100] + bytes([data[100] ^ 0xFF]) + data[101:])
+    with pytest.raises(DataError, match=r"val/shard-000000\.tar: size or sha256 differs"):
+        verify_shards(sharded_copy)
+
+
+def test_verify_names_stale_index(sharded_copy):
+    """The tar is rewritten (samples reordered) and the manifest updated, the idx is not."""
+    split_dir = sharded_copy / "test"
+    tar_path = split_dir / "shard-000000.tar"
+    with tarfile.open(tar_path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    members = members[3:] + members[:3]  # first sample moved to the end
+    with tarfile.open(tar_path, "w", format=tarfile.GNU_FORMAT) as tar:
+        for member, data in members:
+            tar.addfile(member, io.BytesIO(data))
+    _rehash_in_manifest(split_dir, 0)
+    with pytest.raises(DataError, match=r"test/shard-000000\.idx: index does not match shard-000000\.tar"):
+        verify_shards(sharded_copy)
+
+
+def test_verify_names_missing_index(sharded_copy):
+    (sharded_copy / "train" / "shard-000002.idx").unlink()
+    with pytest.raises(DataError, match=r"train/shard-000002\.idx: index listed in the manifest is missing"):
+        verify_shards(sharded_copy)
+
+
+def test_verify_names_manifest_count_mismatch(sharded_copy):
+    path = sharded_copy / "val" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["num_samples"] += 1
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=r"val/manifest\.json: the shards hold \d+ samples"):
+        verify_shards(sharded_copy)
+
+
+def test_verify_names_sample_with_bad_label(sharded_copy, patch_member):
+    """A label byte changed and every hash updated: only the content check can catch it."""
+    split_dir = sharded_copy / "test"
+    key = patch_member(split_dir / "shard-000000.tar", 2, "cls", lambda data: b"x")
+    _rehash_in_manifest(split_dir, 0)
+    with pytest.raises(DataError, match=rf"shard-000000\.tar: sample {key}: label 'x'"):
+        verify_shards(sharded_copy)
+
+
+# --- atomic writes and reruns -----------------------------------------------------------
+
+
+def _fail_after(monkeypatch, calls):
+    original = shards._encode_image
+    count = [0]
+
+    def encode(image, image_format):
+        count[0] += 1
+        if count[0] > calls:
+            raise RuntimeError("interrupted (simulated)")
+        return original(image, image_format)
+
+    monkeypatch.setattr(shards, "_encode_image", encode)
+
+
+def _assert_no_partial_files(out):
+    assert not list(out.rglob("*.tmp")) and not list(out.rglob(".*"))
+    for tar_path in _tars(out):  # what is there under a final name is complete
+        with tarfile.open(tar_path) as tar:
+            names = [m.name for m in tar.getmembers()]
+        listed = [c["name"] for s in read_index(tar_path.with_suffix(".idx")) for c in s["components"]]
+        assert names == listed and len(names) == 150
+    assert not list(out.rglob("manifest.json")) and not (out / "splits.json").exists()
+    with pytest.raises(DataError, match="splits.json: missing"):
+        verify_shards(out)
+
+
+def test_interrupted_write_leaves_no_partial_file(sharded, tmp_path, monkeypatch):
+    _fail_after(monkeypatch, 120)  # in the middle of the third training shard
+    with pytest.raises(RuntimeError, match="simulated"):
+        write_shards(sharded.catalog.path, tmp_path / "out", shard_size=50)
+    assert len(_tars(tmp_path / "out")) == 2
+    _assert_no_partial_files(tmp_path / "out")
+
+
+def test_interrupted_rerun_over_good_shards_is_refused_by_verify(sharded_copy, monkeypatch, sharded):
+    _fail_after(monkeypatch, 75)
+    with pytest.raises(RuntimeError, match="simulated"):
+        write_shards(sharded.catalog.path, sharded_copy, shard_size=50, seed=1)
+    # Old and new shards may sit side by side now, but nothing vouches for the mix.
+    assert not list(sharded_copy.rglob("manifest.json"))
+    with pytest.raises(DataError):
+        verify_shards(sharded_copy)
+
+
+def test_rerun_replaces_and_removes_stale_shards(sharded_copy, sharded):
+    (sharded_copy / "train" / ".shard-000009.tar.abc.tmp").write_bytes(b"left by a killed run")
+    write_shards(sharded.catalog.path, sharded_copy, shard_size=100, seed=2)
+    assert sorted(p.name for p in (sharded_copy / "train").iterdir()) == [
+        "manifest.json", "shard-000000.idx", "shard-000000.tar", "shard-000001.idx", "shard-000001.tar"]
+    assert verify_shards(sharded_copy) == {s: read_manifest(sharded_copy / s)["num_samples"] for s in SPLITS}
+    assert json.loads((sharded_copy / "splits.json").read_text())["seed"] == 2
+
+
+def test_progress_reports_every_shard(sharded, tmp_path):
+    calls = []
+    write_shards(sharded.catalog.path, tmp_path / "out", shard_size=50, progress=lambda d, t: calls.append((d, t)))
+    assert calls[-1] == (240, 240) and len(calls) == 6
+    assert all(a[0] < b[0] for a, b in zip(calls, calls[1:]))
