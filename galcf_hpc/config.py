@@ -102,6 +102,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps; 0 = once per epoch
     eval_split: str = "val"
     time_limit_minutes: float = 0.0  # stop training (with a checkpoint) after this; 0 = none
+    stop_after_steps: int = 0  # stop this invocation (with a checkpoint) after N steps; 0 = none
 
 
 @dataclass

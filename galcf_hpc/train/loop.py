@@ -52,6 +52,13 @@ def build_perceptual(cfg, device):
                       seed=cfg.run.seed).to(device)
 
 
+def should_stop(train_cfg, started, steps_done):
+    """train.time_limit_minutes or train.stop_after_steps reached in this invocation."""
+    if train_cfg.stop_after_steps and steps_done >= train_cfg.stop_after_steps:
+        return True
+    return bool(train_cfg.time_limit_minutes) and time.monotonic() - started > 60 * train_cfg.time_limit_minutes
+
+
 def append_jsonl(path, record):
     with open(path, "a") as fh:
         fh.write(json.dumps(record) + "\n")
@@ -99,7 +106,7 @@ def train(cfg, resume=False):
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and cfg.train.bf16
                 else contextlib.nullcontext())
     metrics_path = run_dir / "metrics.jsonl"
-    started = time.monotonic()
+    started, first_step = time.monotonic(), step
     result = None
 
     def save(epoch_state):
@@ -143,8 +150,12 @@ def train(cfg, resume=False):
             bar(position, info=f"loss {terms['loss']:.3f} acc {terms['acc']:.2f}")
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
                 save(loader.state_dict())
-            if cfg.train.time_limit_minutes and time.monotonic() - started > 60 * cfg.train.time_limit_minutes:
+            if should_stop(cfg.train, started, step - first_step):
                 break
+        if loader.state_dict()["step"] != 0:  # stopped mid-epoch: checkpoint and leave
+            save(loader.state_dict())
+            log.warning("stopping at step %d (mid-epoch %d); continue with --resume", step, epoch + 1)
+            break
         result = evaluate(model, build_loader(cfg, cfg.train.eval_split, 0, 1, train=False), device,
                           margin=cfg.explain.margin, cf_limit=256)
         append_jsonl(metrics_path, {"kind": "eval", "step": step, "epoch": epoch, "split": cfg.train.eval_split,
@@ -153,8 +164,8 @@ def train(cfg, resume=False):
                  epoch + 1, cfg.train.eval_split, result.accuracy, result.macro_f1, result.cf_validity,
                  result.cf_count)
         save(loader.state_dict())
-        if cfg.train.time_limit_minutes and time.monotonic() - started > 60 * cfg.train.time_limit_minutes:
-            log.warning("train.time_limit_minutes reached after epoch %d; stopping", epoch + 1)
+        if should_stop(cfg.train, started, step - first_step):
+            log.warning("stop condition reached after epoch %d; continue with --resume", epoch + 1)
             break
 
     if result is None:  # resumed a finished run

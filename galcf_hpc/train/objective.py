@@ -64,7 +64,7 @@ def batch_losses(model, vgg, images, labels, loss_cfg, cf_active):
     with torch.no_grad():
         terms["acc"] = (class_logits(h, model.means, model.log_weights).argmax(1) == labels).float().mean()
     terms["loss"] = total
-    return total, {key: float(v) for key, v in terms.items()}
+    return total, {key: float(v.detach()) for key, v in terms.items()}
 
 
 def consistency_loss(model, z, h, loss_cfg):

@@ -1,0 +1,148 @@
+"""Training, checkpoints, resume and explanations on a tiny model over the shared shards."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from galcf_hpc.cli import main
+from galcf_hpc.config import config_from_dict
+from galcf_hpc.data.classes import CLASS_NAMES
+from galcf_hpc.errors import CheckpointError
+from galcf_hpc.explain.run import explain, load_run
+from galcf_hpc.loaders import build_loader
+from galcf_hpc.train.checkpoint import latest_checkpoint, list_checkpoints
+from galcf_hpc.train.loop import lr_factor, train
+
+
+def tiny_config(shards, out_dir, **train):
+    return config_from_dict({
+        "run": {"out_dir": str(out_dir), "seed": 3, "deterministic": True},
+        "data": {"shards": str(shards), "image_size": 16, "crop_fraction": 0.7},
+        "model": {"channels": [8, 16], "z_dim": 12, "z1_dim": 6, "flow_blocks": 2, "flow_hidden": 16,
+                  "vgg_random": True, "vgg_layers": ["relu1_2"]},
+        "loss": {"cf_warmup_epochs": 1, "cf_fraction": 0.5},
+        "train": {"epochs": 2, "batch_size": 16, "lr": 3e-3, "warmup_steps": 2, "log_every": 2, **train},
+        "explain": {"batch_size": 32},
+    })
+
+
+@pytest.fixture(scope="module")
+def trained(sharded, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "run"
+    cfg = tiny_config(sharded.out, out)
+    return cfg, train(cfg), out
+
+
+def test_training_writes_run_directory(trained, sharded):
+    cfg, result, out = trained
+    ev = json.loads((out / "eval.json").read_text())
+    assert set(ev["per_class_accuracy"]) == set(CLASS_NAMES)
+    cm = torch.tensor(ev["confusion_matrix"])
+    n_val = json.loads((sharded.out / "val" / "manifest.json").read_text())["num_samples"]
+    assert cm.shape == (10, 10) and int(cm.sum()) == n_val == ev["num_galaxies"]
+    assert abs(ev["accuracy"] - float(cm.diagonal().sum()) / n_val) < 1e-9
+    assert 0.0 <= ev["macro_f1"] <= 1.0
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    kinds = [r["kind"] for r in lines]
+    assert kinds.count("eval") == 2 and kinds.count("train") >= 4
+    train_lines = [r for r in lines if r["kind"] == "train"]
+    assert "cf" in train_lines[-1] and "cf" not in train_lines[0]  # consistency term after warm-up
+    assert (out / "config.yaml").exists()
+    assert config_from_dict(__import__("yaml").safe_load((out / "config.yaml").read_text())) == cfg
+
+
+def test_training_reduces_loss(trained):
+    _, _, out = trained
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rec = [r["pixel"] for r in lines if r["kind"] == "train"]
+    assert rec[-1] < 0.8 * rec[0]
+
+
+def test_checkpoint_loads_weights_only(trained):
+    _, _, out = trained
+    path = latest_checkpoint(out)
+    state = torch.load(path, weights_only=True)
+    assert {"model", "optimizer", "scheduler", "loader", "rng", "config", "step", "version"} <= set(state)
+    assert state["loader"]["epoch"] == 2 and state["loader"]["step"] == 0
+    assert len(list_checkpoints(out)) <= 2
+
+
+def test_retrain_into_existing_run_refuses(trained):
+    cfg, _, out = trained
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    with pytest.raises(CheckpointError, match="--resume"):
+        train(cfg)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+
+
+def test_resume_is_exact(sharded, tmp_path):
+    full = tiny_config(sharded.out, tmp_path / "full")
+    train(full)
+    steps = build_loader(full, "train").steps_per_epoch
+    part = tiny_config(sharded.out, tmp_path / "part", stop_after_steps=steps + 1)  # one step into epoch 2
+    train(part)
+    assert torch.load(latest_checkpoint(tmp_path / "part"), weights_only=True)["loader"]["step"] == 1
+    train(tiny_config(sharded.out, tmp_path / "part"), resume=True)
+    a = torch.load(latest_checkpoint(tmp_path / "full"), weights_only=True)["model"]
+    b = torch.load(latest_checkpoint(tmp_path / "part"), weights_only=True)["model"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_checkpoint_from_other_config_names_keys(trained):
+    _, _, out = trained
+    with pytest.raises(CheckpointError) as err:
+        load_run(out, overrides=["model.z_dim=20"])
+    assert "encoder.head" in str(err.value) and "shape mismatch" in str(err.value)
+
+
+def test_truncated_checkpoint_is_a_clear_error(trained, tmp_path):
+    _, _, out = trained
+    data = latest_checkpoint(out).read_bytes()
+    bad = tmp_path / "checkpoints" / "step-00000099.pt"
+    bad.parent.mkdir()
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="step-00000099.pt.*truncated"):
+        load_run(tmp_path)
+
+
+def test_explain_writes_metrics_and_grid(trained, sharded):
+    _, _, out = trained
+    summary = explain(out, split="test", device="cpu")
+    saved = json.loads((out / "counterfactuals.json").read_text())
+    assert saved["overall"]["n"] == summary["overall"]["n"]
+    n_test = json.loads((sharded.out / "test" / "manifest.json").read_text())["num_samples"]
+    assert summary["num_galaxies"] == n_test
+    per = saved["per_target"]
+    assert set(per) == set(CLASS_NAMES)
+    # every galaxy gets a counterfactual to each class it is not predicted as: 9 per galaxy
+    assert sum(p["n"] for p in per.values()) == 9 * n_test == saved["overall"]["n"]
+    for p in per.values():
+        if p["n"]:
+            assert 0.0 <= p["validity"] <= 1.0 and -1.0 <= p["ssim_rec"] <= 1.0 and p["msd_rec"] >= 0
+    for name in ("counterfactual_grid.png", "saliency_grid.png"):
+        with Image.open(out / name) as im:
+            assert im.size[0] > 300 and im.size[1] > 300
+
+
+def test_explain_targets_subset(trained):
+    _, _, out = trained
+    summary = explain(out, split="val", targets=[5], device="cpu")
+    assert list(summary["per_target"]) == ["Barred Spiral"]
+
+
+def test_cli_errors_exit_2(capsys, tmp_path):
+    assert main(["config", "--config", "configs/smoke.yaml", "--set", "train.epoch=3"]) == 2
+    assert "train.epochs" in capsys.readouterr().err
+    assert main(["explain", "--run", str(tmp_path)]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_lr_schedule_shape():
+    values = [lr_factor(s, 100, 10, 0.1) for s in range(100)]
+    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
+    assert values[10] == pytest.approx(1.0) and values[-1] == pytest.approx(0.1, abs=1e-3)
+    assert all(a >= b for a, b in zip(values[10:], values[11:]))
