@@ -2,7 +2,6 @@
 only place (with config.py) that parses arguments."""
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -42,15 +41,20 @@ def cmd_shard(args):
 
     summary = write_shards(args.input, args.out, shard_size=args.shard_size, seed=args.seed,
                            image_format=args.format, progress=Progress(1, "shard"))
-    print(json.dumps(summary, indent=2, default=str))
+    for split, info in summary["splits"].items():
+        print(f"{split:5s}: {info['num_samples']} galaxies in {info['num_shards']} shards")
+    conflicts = summary["conflicting_groups"]
+    if conflicts:
+        print(f"{len(conflicts)} groups of repeated cutouts carry conflicting labels (kept in one split each; "
+              f"listed in {Path(args.out) / 'splits.json'})")
+    print(f"wrote {args.out}; check it with `galcf-hpc data verify {args.out}`")
 
 
 def cmd_verify(args):
     from .data.shards import verify_shards
 
-    report = verify_shards(args.dir)
-    print(json.dumps(report, indent=2, default=str))
-    print(f"OK: {args.dir} verified")
+    counts = verify_shards(args.dir)
+    print(f"OK: {args.dir} verified ({', '.join(f'{k} {v}' for k, v in counts.items())})")
 
 
 def cmd_train(args):

@@ -84,6 +84,8 @@ class LossConfig:
     cf_fraction: float = 0.5  # fraction of each batch used for the consistency term
     cf_warmup_epochs: int = 1  # epochs before the consistency term switches on
     cf_margin: float = 1.0  # margin past the decision boundary for training counterfactuals
+    cf_proximity: float = 0.0  # L1 distance |x_cf - x~| (minimal, sparse change)
+    cf_z2: float = 0.0  # re-encoded z2 of x_cf must stay the galaxy's z2 (class-free content kept)
 
 
 @dataclass

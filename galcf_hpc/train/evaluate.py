@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from ..data.classes import CLASS_NAMES, NUM_CLASSES
+from ..explain.metrics import ssim
 from ..train.objective import random_other_class
 
 
@@ -36,6 +37,7 @@ class EvalResult:
     cf_valid: int
     cf_count: int
     recon_mse: float
+    cf_ssim_sum: float = 0.0
 
     @property
     def accuracy(self):
@@ -50,9 +52,13 @@ class EvalResult:
     def cf_validity(self):
         return self.cf_valid / self.cf_count if self.cf_count else float("nan")
 
+    @property
+    def cf_ssim(self):
+        return self.cf_ssim_sum / self.cf_count if self.cf_count else float("nan")
+
     def summary(self):
         return {"accuracy": self.accuracy, "macro_f1": self.macro_f1, "cf_validity": self.cf_validity,
-                "recon_mse": self.recon_mse}
+                "cf_ssim_rec": self.cf_ssim, "recon_mse": self.recon_mse}
 
     def to_json(self):
         per_class = per_class_accuracy(self.confusion)
@@ -64,6 +70,7 @@ class EvalResult:
             "num_galaxies": int(self.confusion.sum()),
             "cf_validity_estimate": self.cf_validity,
             "cf_validity_samples": self.cf_count,
+            "cf_ssim_rec_estimate": self.cf_ssim,
             "recon_mse": self.recon_mse,
         }
 
@@ -77,6 +84,7 @@ def evaluate(model, loader, device, margin, cf_limit=256, seed=0):
     gen = torch.Generator(device="cpu").manual_seed(seed)
     cm = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.long)
     valid = count = 0
+    ssim_sum = 0.0
     sq_err, n_pix = 0.0, 0
     for batch in loader:
         keep = batch.get("valid", torch.ones(len(batch["labels"]), dtype=torch.bool))
@@ -95,5 +103,6 @@ def evaluate(model, loader, device, margin, cf_limit=256, seed=0):
             x_cf, _ = model.counterfactual(z[:take], h[:take], pred[:take], target, margin)
             pred_cf = model.classify(x_cf)[0]
             valid += int((pred_cf == target).sum())
+            ssim_sum += float(ssim(x_cf, recon[:take]).sum())
             count += take
-    return EvalResult(cm, valid, count, sq_err / max(n_pix, 1))
+    return EvalResult(cm, valid, count, sq_err / max(n_pix, 1), ssim_sum)

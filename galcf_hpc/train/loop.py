@@ -160,9 +160,9 @@ def train(cfg, resume=False):
                           margin=cfg.explain.margin, cf_limit=256)
         append_jsonl(metrics_path, {"kind": "eval", "step": step, "epoch": epoch, "split": cfg.train.eval_split,
                                     "elapsed_s": time.monotonic() - started, **result.summary()})
-        log.info("epoch %d: %s accuracy %.3f, macro-F1 %.3f, counterfactual validity %.3f (%d samples)",
-                 epoch + 1, cfg.train.eval_split, result.accuracy, result.macro_f1, result.cf_validity,
-                 result.cf_count)
+        log.info("epoch %d: %s accuracy %.3f, macro-F1 %.3f, counterfactual validity %.3f, "
+                 "SSIM(x_cf, x~) %.3f (%d samples)", epoch + 1, cfg.train.eval_split, result.accuracy,
+                 result.macro_f1, result.cf_validity, result.cf_ssim, result.cf_count)
         save(loader.state_dict())
         if should_stop(cfg.train, started, step - first_step):
             log.warning("stop condition reached after epoch %d; continue with --resume", epoch + 1)

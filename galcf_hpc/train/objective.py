@@ -58,8 +58,10 @@ def batch_losses(model, vgg, images, labels, loss_cfg, cf_active):
 
     k = int(round(loss_cfg.cf_fraction * images.shape[0]))
     if cf_active and loss_cfg.cf_consistency > 0 and k > 0:
-        terms["cf"] = consistency_loss(model, z[:k], h[:k], loss_cfg)
-        total = total + loss_cfg.cf_consistency * terms["cf"]
+        cf_terms = consistency_loss(model, z[:k], h[:k], recon[:k].detach(), loss_cfg)
+        terms.update(cf_terms)
+        total = total + (loss_cfg.cf_consistency * cf_terms["cf"] + loss_cfg.cf_proximity * cf_terms["cf_l1"]
+                         + loss_cfg.cf_z2 * cf_terms["cf_z2"])
 
     with torch.no_grad():
         terms["acc"] = (class_logits(h, model.means, model.log_weights).argmax(1) == labels).float().mean()
@@ -67,8 +69,10 @@ def batch_losses(model, vgg, images, labels, loss_cfg, cf_active):
     return total, {key: float(v.detach()) for key, v in terms.items()}
 
 
-def consistency_loss(model, z, h, loss_cfg):
-    """Cross-entropy of re-encoded counterfactuals (frozen encoder and flow) w.r.t. their targets."""
+def consistency_loss(model, z, h, recon, loss_cfg):
+    """Terms on decoded counterfactuals x_cf (re-encoded with the frozen encoder and flow):
+    ``cf`` cross-entropy w.r.t. their targets, ``cf_l1`` mean |x_cf - x~| (minimal change),
+    ``cf_z2`` mean squared change of the re-encoded z2 (class-independent content kept)."""
     num_classes = model.means.shape[0]
     with torch.no_grad():
         means = model.means.detach()
@@ -81,4 +85,5 @@ def consistency_loss(model, z, h, loss_cfg):
     z_re = functional_call(model.encoder, _frozen(model.encoder), (x_cf,))
     h_re, _ = functional_call(model.flow, _frozen(model.flow), (model.split(z_re)[0],))
     logits = class_logits(h_re.float(), means, model.log_weights)
-    return F.cross_entropy(logits, target)
+    return {"cf": F.cross_entropy(logits, target), "cf_l1": (x_cf - recon).abs().mean(),
+            "cf_z2": F.mse_loss(model.split(z_re)[1], z2)}
