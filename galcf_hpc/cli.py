@@ -124,7 +124,7 @@ def cmd_demo(args):
     summary = explain(cfg.run.out_dir, split=cfg.explain.split)
     print(f"\n== galcf-hpc demo ({config.name}) finished in {time.monotonic() - t0:.0f} s "
           f"(data + training {t_train:.0f} s) ==")
-    _print_eval(result)
+    print(f"validation accuracy {result['accuracy']:.3f} (eval.json)")
     _print_explain(summary)
 
 
@@ -137,6 +137,10 @@ def _print_eval(result):
 
 def _print_explain(summary):
     o = summary["overall"]
+    print(f"{summary['split']} accuracy {summary['accuracy']:.3f}  macro-F1 {summary['macro_f1']:.3f}  "
+          f"({summary['num_galaxies']} galaxies)")
+    for name, acc in summary["per_class_accuracy"].items():
+        print(f"  {name:26s} {acc:.3f}")
     print(f"counterfactuals ({summary['split']}, {summary['num_galaxies']} galaxies, {o['n']} counterfactuals): "
           f"validity {o['validity']:.3f}  SSIM(x_cf, x~) {o['ssim_rec']:.3f}  MSD(x_cf, x~) {o['msd_rec']:.5f}  "
           f"SSIM(x_cf, x) {o['ssim_input']:.3f}  background/centre change {o['background_msd']:.2e}/"

@@ -14,6 +14,7 @@ from ..loaders import build_loader
 from ..model.galcf import GalaxyCF
 from ..progress import Progress
 from ..train.checkpoint import check_compatible, latest_checkpoint, load_checkpoint
+from ..train.evaluate import confusion_matrix, macro_f1, per_class_accuracy
 from ..train.loop import resolve_device
 from .figures import counterfactual_grid, saliency_grid
 from .metrics import msd, ssim
@@ -122,8 +123,7 @@ def explain(run_dir, split=None, targets=None, max_galaxies=None, device="auto",
         if len(labels) == 0:
             break
         pred, _, h, z = model.classify(images)
-        cm += torch.bincount(labels.cpu() * NUM_CLASSES + pred.cpu(), minlength=NUM_CLASSES**2).view(
-            NUM_CLASSES, NUM_CLASSES)
+        cm += confusion_matrix(labels.cpu(), pred.cpu())
         recon = model.decoder(z)
         recon_ssim += float(ssim(recon, images).sum())
         recon_msd += float(msd(recon, images).sum())
@@ -150,6 +150,9 @@ def explain(run_dir, split=None, targets=None, max_galaxies=None, device="auto",
         "run": str(run_dir), "checkpoint": str(ckpt), "split": split, "margin": margin,
         "num_galaxies": n_gal,
         "accuracy": float(cm.diagonal().sum()) / max(n_gal, 1),
+        "per_class_accuracy": dict(zip(CLASS_NAMES, per_class_accuracy(cm))),
+        "macro_f1": macro_f1(cm),
+        "confusion_matrix": cm.tolist(),
         "reconstruction": {"msd": recon_msd / max(n_gal, 1), "ssim": recon_ssim / max(n_gal, 1)},
         "overall": overall.means(),
         "per_target": {CLASS_NAMES[t]: s.means() for t, s in per_target.items()},
