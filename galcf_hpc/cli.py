@@ -145,6 +145,8 @@ def _print_explain(summary):
           f"validity {o['validity']:.3f}  SSIM(x_cf, x~) {o['ssim_rec']:.3f}  MSD(x_cf, x~) {o['msd_rec']:.5f}  "
           f"SSIM(x_cf, x) {o['ssim_input']:.3f}  background/centre change {o['background_msd']:.2e}/"
           f"{o['center_msd']:.2e}")
+    rec = summary["reconstruction"]
+    print(f"reconstruction x~ vs input x: MSD {rec['msd']:.5f}  SSIM {rec['ssim']:.3f}")
     print(f"written: {Path(summary['run']) / 'counterfactuals.json'}, counterfactual_grid.png, saliency_grid.png")
 
 

@@ -74,7 +74,7 @@ class ModelConfig:
 @dataclass
 class LossConfig:
     perceptual: float = 1.0  # L_R: VGG16 feature distance
-    pixel: float = 1.0  # optional pixel term added to L_R
+    pixel: float = 300.0  # pixel MSE added to L_R (per-pixel mean: needs a large weight, docs/method.md)
     mmd: float = 1.0  # L_MMD(z, N(0, I))
     mmd_bandwidth: float | None = None  # RBF 2*sigma^2; None -> 2 * z_dim
     ib: float = 1.0  # L_IB weight
