@@ -1,0 +1,24 @@
+"""The smoke configuration's goals, end to end (about 7 minutes on 2 CPU cores).
+
+Marked slow: run deliberately with `python3 -m pytest -m slow`.
+"""
+
+import json
+
+import pytest
+
+from galcf_hpc.cli import main
+
+
+@pytest.mark.slow
+def test_smoke_config_meets_goals(tmp_path):
+    sets = [f"data.source={tmp_path}/syn.h5", f"data.shards={tmp_path}/shards", f"run.out_dir={tmp_path}/run"]
+    assert main(["demo", "--config", "configs/smoke.yaml"] + [x for s in sets for x in ("--set", s)]) == 0
+    cf = json.loads((tmp_path / "run" / "counterfactuals.json").read_text())
+    o = cf["overall"]
+    assert cf["accuracy"] >= 0.70
+    assert o["validity"] >= 0.90
+    assert o["ssim_rec"] >= 0.85
+    assert o["background_msd"] < o["center_msd"] / 4  # the change sits on the galaxy, not the sky
+    # the decoder reconstructs: far better than predicting the mean image
+    assert cf["reconstruction"]["msd"] < 0.006
