@@ -29,7 +29,7 @@ def test_flow_logdet_matches_autograd_jacobian():
     _, logdet = flow_forward(flow, z)
     for i in range(5):
         jac = torch.autograd.functional.jacobian(lambda v: flow_forward(flow, v[None])[0][0], z[i])
-        assert abs(float(torch.linalg.slogdet(jac)[1]) - float(logdet[i])) < 1e-6
+        assert abs(float(torch.linalg.slogdet(jac)[1]) - float(logdet[i].detach())) < 1e-6
 
 
 def test_flow_deterministic_per_seed():

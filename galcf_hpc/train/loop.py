@@ -109,6 +109,10 @@ def train(cfg, resume=False):
     started, first_step = time.monotonic(), step
     result = None
 
+    def validate():
+        eval_loader = build_loader(cfg, cfg.train.eval_split, 0, 1, train=False)
+        return evaluate(model, eval_loader, device, margin=cfg.explain.margin, cf_limit=256)
+
     def save(epoch_state):
         save_checkpoint(run_dir, step, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -156,8 +160,7 @@ def train(cfg, resume=False):
             save(loader.state_dict())
             log.warning("stopping at step %d (mid-epoch %d); continue with --resume", step, epoch + 1)
             break
-        result = evaluate(model, build_loader(cfg, cfg.train.eval_split, 0, 1, train=False), device,
-                          margin=cfg.explain.margin, cf_limit=256)
+        result = validate()
         append_jsonl(metrics_path, {"kind": "eval", "step": step, "epoch": epoch, "split": cfg.train.eval_split,
                                     "elapsed_s": time.monotonic() - started, **result.summary()})
         log.info("epoch %d: %s accuracy %.3f, macro-F1 %.3f, counterfactual validity %.3f, "
@@ -169,8 +172,7 @@ def train(cfg, resume=False):
             break
 
     if result is None:  # resumed a finished run
-        result = evaluate(model, build_loader(cfg, cfg.train.eval_split, 0, 1, train=False), device,
-                          margin=cfg.explain.margin, cf_limit=256)
+        result = validate()
     final = {"split": cfg.train.eval_split, "step": step, "train_seconds": time.monotonic() - started,
              **result.to_json()}
     write_json(run_dir / "eval.json", final)
