@@ -49,7 +49,7 @@ _SHARD_NAME = re.compile(r"^shard-\d{6}\.(tar|idx)$")
 _MTIME = 0
 _MODE = 0o644
 _READ_BLOCK = 64  # images read from the catalog at a time while writing a shard
-_REDO = "regenerate the shards with `galcf-hpc data shards`"
+_REDO = "regenerate the shards with `galcf-hpc data shard`"
 
 
 def sample_key(source_index):
@@ -404,7 +404,7 @@ def read_index(idx_path):
 
     def bad(line_no, what):
         return DataError(f"{idx_path}: line {line_no}: {what}; regenerate the index "
-                         f"(`galcf-hpc data shards`, or DALI's `wds2idx`)")
+                         f"(`galcf-hpc data shard`, or DALI's `wds2idx`)")
 
     try:
         lines = idx_path.read_text(encoding="ascii").splitlines()

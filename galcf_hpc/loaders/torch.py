@@ -50,7 +50,7 @@ class ShardDataset(torch.utils.data.Dataset):
         self.split_dir = Path(split_dir)
         if not self.split_dir.is_dir():
             raise DataError(f"{self.split_dir}: split directory does not exist; write shards with "
-                            "`galcf-hpc data shards` or fix the path")
+                            "`galcf-hpc data shard` or fix the path")
         if not (self.split_dir / "manifest.json").is_file():
             raise DataError(f"{self.split_dir / 'manifest.json'}: manifest is missing (shards never finished "
                             f"writing?); {_verify_hint(self.split_dir)}")
