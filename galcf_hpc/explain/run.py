@@ -14,7 +14,7 @@ from ..loaders import build_loader
 from ..model.galcf import GalaxyCF
 from ..progress import Progress
 from ..train.checkpoint import check_compatible, latest_checkpoint, load_checkpoint
-from ..train.evaluate import confusion_matrix, macro_f1, per_class_accuracy
+from ..train.evaluate import accuracy, confusion_matrix, macro_f1, per_class_accuracy
 from ..train.loop import resolve_device
 from .figures import counterfactual_grid, saliency_grid
 from .metrics import msd, ssim
@@ -149,7 +149,7 @@ def explain(run_dir, split=None, targets=None, max_galaxies=None, device="auto",
     summary = {
         "run": str(run_dir), "checkpoint": str(ckpt), "split": split, "margin": margin,
         "num_galaxies": n_gal,
-        "accuracy": float(cm.diagonal().sum()) / max(n_gal, 1),
+        "accuracy": accuracy(cm),
         "per_class_accuracy": dict(zip(CLASS_NAMES, per_class_accuracy(cm))),
         "macro_f1": macro_f1(cm),
         "confusion_matrix": cm.tolist(),

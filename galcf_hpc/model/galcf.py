@@ -49,13 +49,16 @@ class GalaxyCF(nn.Module):
         return logits.argmax(1), logits, h, z
 
     @torch.no_grad()
-    def counterfactual(self, z, h, pred, target, margin):
-        """Decode the counterfactual of latent z (hidden h, predicted class pred) towards
-        ``target``: move h past the boundary, invert the flow to z1_cf, decode [z1_cf, z2]."""
+    def counterfactual_latent(self, z, h, pred, target, margin):
+        """Latent of the counterfactual of z (hidden h, predicted class pred) towards
+        ``target``: move h past the boundary, invert the flow to z1_cf, keep z2.
+        Returns (z_cf, h_cf); no gradient flows through it."""
         h_cf = counterfactual_h(h, pred, target, self.means, self.log_weights, margin)
-        z1_cf = flow_inverse(self.flow, h_cf)
-        z_cf = torch.cat([z1_cf, self.split(z)[1]], dim=1)
-        return self.decoder(z_cf), h_cf
+        z1_cf = flow_inverse(self.flow, h_cf.to(z.dtype))
+        return torch.cat([z1_cf, self.split(z)[1]], dim=1), h_cf
 
-    def shape_signature(self):
-        return {k: list(v.shape) for k, v in self.state_dict().items()}
+    @torch.no_grad()
+    def counterfactual(self, z, h, pred, target, margin):
+        """Decoded counterfactual image x_cf = D([z1_cf, z2]) and its h_cf."""
+        z_cf, h_cf = self.counterfactual_latent(z, h, pred, target, margin)
+        return self.decoder(z_cf), h_cf

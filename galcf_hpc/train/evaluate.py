@@ -16,6 +16,11 @@ def confusion_matrix(labels, preds, num_classes=NUM_CLASSES):
     return torch.bincount(idx, minlength=num_classes**2).reshape(num_classes, num_classes)
 
 
+def accuracy(cm):
+    total = int(cm.sum())
+    return float(cm.diagonal().sum()) / total if total else float("nan")
+
+
 def per_class_accuracy(cm):
     support = cm.sum(1)
     return [float(cm[i, i] / support[i]) if support[i] > 0 else float("nan") for i in range(cm.shape[0])]
@@ -41,8 +46,7 @@ class EvalResult:
 
     @property
     def accuracy(self):
-        total = int(self.confusion.sum())
-        return float(self.confusion.diagonal().sum()) / total if total else float("nan")
+        return accuracy(self.confusion)
 
     @property
     def macro_f1(self):

@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from ..explain.counterfactual import counterfactual_h
-from ..model.flow import flow_forward, flow_inverse
+from ..model.flow import flow_forward
 from ..model.gmm import class_logits
 from ..model.losses import ib_loss, mmd_unbiased, perceptual_loss
 
@@ -73,15 +72,13 @@ def consistency_loss(model, z, h, recon, loss_cfg):
     """Terms on decoded counterfactuals x_cf (re-encoded with the frozen encoder and flow):
     ``cf`` cross-entropy w.r.t. their targets, ``cf_l1`` mean |x_cf - x~| (minimal change),
     ``cf_z2`` mean squared change of the re-encoded z2 (class-independent content kept)."""
-    num_classes = model.means.shape[0]
+    means = model.means.detach()
     with torch.no_grad():
-        means = model.means.detach()
         pred = class_logits(h.float(), means, model.log_weights).argmax(1)
-        target = random_other_class(pred, num_classes)
-        h_cf = counterfactual_h(h.float(), pred, target, means, model.log_weights, loss_cfg.cf_margin)
-        z1_cf = flow_inverse(model.flow, h_cf.to(z.dtype))
-    z2 = model.split(z)[1].detach()
-    x_cf = model.decoder(torch.cat([z1_cf, z2], dim=1))
+        target = random_other_class(pred, means.shape[0])
+    z_cf, _ = model.counterfactual_latent(z, h.float(), pred, target, loss_cfg.cf_margin)
+    z2 = model.split(z_cf)[1]
+    x_cf = model.decoder(z_cf)
     z_re = functional_call(model.encoder, _frozen(model.encoder), (x_cf,))
     h_re, _ = functional_call(model.flow, _frozen(model.flow), (model.split(z_re)[0],))
     logits = class_logits(h_re.float(), means, model.log_weights)
