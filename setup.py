@@ -29,6 +29,13 @@ setup(
     extras_require={
         "synth": ["galsim>=2.5"],
         "report": ["matplotlib>=3.7", "scikit-learn>=1.3"],
+        # DALI is one wheel per CUDA major version; both also run CPU-only pipelines.
+        "dali-cuda13": ["nvidia-dali-cuda130>=2.0"],
+        "dali-cuda12": ["nvidia-dali-cuda120>=2.0"],
+        # mpi4py against the site's MPI (cluster modules); mpich adds a self-contained MPI
+        # (mpiexec included) for laptops and CI.
+        "mpi": ["mpi4py>=3.1"],
+        "mpich": ["mpi4py>=3.1", "mpich"],
         "dev": ["pytest>=7", "scikit-image>=0.21", "galsim>=2.5", "matplotlib>=3.7", "scikit-learn>=1.3"],
     },
     entry_points={"console_scripts": ["galcf-hpc=galcf_hpc.cli:main"]},
