@@ -53,8 +53,12 @@ class DataConfig:
     crop_fraction: float = 0.7  # central crop, side fraction; <= 0.707 keeps rotated corners out
     rotation_degrees: float = 180.0  # random rotation in [-deg, +deg]
     augment: bool = True
-    loader: str = "torch"  # loader back-end
-    num_workers: int = 0
+    loader: str = "torch"  # loader back-end: torch | dali | synthetic
+    device: str = "auto"  # where dali decodes and augments, and synthetic batches live: gpu | cpu | auto
+    num_workers: int = 0  # torch: worker processes (0 = in the training process); dali: CPU threads (min 1)
+
+
+LOADERS = ("torch", "dali", "synthetic")
 
 
 @dataclass
@@ -136,7 +140,9 @@ class Config:
             (0.1 <= d.crop_fraction <= 1.0, "data.crop_fraction", f"must be in [0.1, 1], got {d.crop_fraction}"),
             (len(d.split_fractions) == 3 and abs(sum(d.split_fractions) - 1) < 1e-6 and min(d.split_fractions) >= 0,
              "data.split_fractions", f"must be three non-negative numbers summing to 1, got {d.split_fractions}"),
-            (d.loader in ("torch",), "data.loader", f"unknown loader {d.loader!r}; available: torch"),
+            (d.loader in LOADERS, "data.loader", f"unknown loader {d.loader!r}; available: {', '.join(LOADERS)}"),
+            (d.device in ("auto", "cpu", "gpu"), "data.device", f"must be auto, cpu or gpu, got {d.device!r}"),
+            (d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}"),
             (self.train.device in ("auto", "cpu", "cuda"), "train.device", "must be auto, cpu or cuda"),
             (self.train.batch_size >= 2, "train.batch_size", "must be >= 2 (MMD needs pairs)"),
             (0.0 <= self.loss.cf_fraction <= 1.0, "loss.cf_fraction", "must be in [0, 1]"),

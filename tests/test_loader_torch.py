@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from galcf_hpc.data.shards import read_index, read_manifest
 from galcf_hpc.errors import CheckpointError, DataError
@@ -20,14 +19,26 @@ def _epoch(loader):
     return list(loader)
 
 
+def _tent_resize_reference(images, crop_fraction, image_size):
+    """Crop box + tent-filter resampling written out pixel by pixel in numpy (float64):
+    independent of augment.py's matrix form."""
+    size = images.shape[1]
+    side = int(round(size * crop_fraction))
+    anchor = (size - side) // 2
+    scale = side / image_size
+    radius = max(1.0, scale)
+    weights = np.zeros((image_size, size))
+    for j in range(image_size):
+        centre = anchor + (j + 0.5) * scale - 0.5
+        for i in range(size):
+            weights[j, i] = max(0.0, 1.0 - abs(i - centre) / radius)
+        weights[j] /= weights[j].sum()
+    out = np.einsum("rh,bhwc,sw->bcrs", weights, images.astype(np.float64) / 255, weights)
+    return torch.from_numpy(out).float()
+
+
 def _reference_eval_images(catalog, keys, image_size, crop_fraction):
-    """Crop with numpy slicing, resize with torch directly: independent of augment.py."""
-    images = catalog.images[[int(k[1:]) for k in keys]]
-    side = int(round(images.shape[1] * crop_fraction))
-    a = (images.shape[1] - side) // 2
-    crop = torch.from_numpy(images[:, a:a + side, a:a + side].copy()).permute(0, 3, 1, 2).float() / 255
-    return F.interpolate(crop, size=(image_size, image_size), mode="bilinear", align_corners=False,
-                         antialias=True).clamp(0, 1)
+    return _tent_resize_reference(catalog.images[[int(k[1:]) for k in keys]], crop_fraction, image_size)
 
 
 def test_batch_contract(sharded):

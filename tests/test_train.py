@@ -16,10 +16,11 @@ from galcf_hpc.train.checkpoint import latest_checkpoint, list_checkpoints
 from galcf_hpc.train.loop import lr_factor, train
 
 
-def tiny_config(shards, out_dir, **train):
+def tiny_config(shards, out_dir, loader="torch", **train):
     return config_from_dict({
         "run": {"out_dir": str(out_dir), "seed": 3, "deterministic": True},
-        "data": {"shards": str(shards), "image_size": 16, "crop_fraction": 0.7},
+        "data": {"shards": str(shards), "image_size": 16, "crop_fraction": 0.7, "loader": loader,
+                 "device": "cpu"},
         "model": {"channels": [8, 16], "z_dim": 12, "z1_dim": 6, "flow_blocks": 2, "flow_hidden": 16,
                   "vgg_random": True, "vgg_layers": ["relu1_2"]},
         "loss": {"cf_warmup_epochs": 1, "cf_fraction": 0.5},
@@ -77,14 +78,18 @@ def test_retrain_into_existing_run_refuses(trained):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
 
 
-def test_resume_is_exact(sharded, tmp_path):
-    full = tiny_config(sharded.out, tmp_path / "full")
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+def test_resume_is_exact(sharded, tmp_path, loader):
+    """Stop one step into epoch 2, resume: the loader continues mid-epoch (DALI: from its
+    pipeline checkpoint, same samples and angles) and the weights equal an uninterrupted run's."""
+    full = tiny_config(sharded.out, tmp_path / "full", loader)
     train(full)
     steps = build_loader(full, "train").steps_per_epoch
-    part = tiny_config(sharded.out, tmp_path / "part", stop_after_steps=steps + 1)  # one step into epoch 2
+    part = tiny_config(sharded.out, tmp_path / "part", loader, stop_after_steps=steps + 1)
     train(part)
-    assert torch.load(latest_checkpoint(tmp_path / "part"), weights_only=True)["loader"]["step"] == 1
-    train(tiny_config(sharded.out, tmp_path / "part"), resume=True)
+    state = torch.load(latest_checkpoint(tmp_path / "part"), weights_only=True)["loader"]
+    assert state["step"] == 1 and state["backend"] == loader and (loader != "dali" or state["dali"])
+    train(tiny_config(sharded.out, tmp_path / "part", loader), resume=True)
     a = torch.load(latest_checkpoint(tmp_path / "full"), weights_only=True)["model"]
     b = torch.load(latest_checkpoint(tmp_path / "part"), weights_only=True)["model"]
     assert a.keys() == b.keys()

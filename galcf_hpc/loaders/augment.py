@@ -54,18 +54,29 @@ def crop_box(size, crop_fraction):
     return (size - side) // 2, side
 
 
-def center_crop(images, crop_fraction):
-    """Central square crop of [B, C, S, S] images."""
-    anchor, side = crop_box(images.shape[-1], crop_fraction)
-    return images[..., anchor:anchor + side, anchor:anchor + side]
+def resize_weights(size, anchor, side, image_size, device=None):
+    """[image_size, size] matrix resampling the pixel range [anchor, anchor + side) of an
+    axis of length ``size`` to ``image_size`` pixels: a tent filter of radius max(1, scale)
+    (bilinear, antialiased when shrinking), centred on each output pixel's position in the
+    source, normalised to unit sum. Its taps may read pixels outside the box (the rest of the
+    cutout), as the reference back-end's ``fn.resize`` with an absolute ROI does, so both
+    back-ends agree to rounding; at the image border weights renormalise over what exists.
+    """
+    scale = side / image_size
+    radius = max(1.0, scale)
+    centres = anchor + (torch.arange(image_size, dtype=torch.float64, device=device) + 0.5) * scale - 0.5
+    pixels = torch.arange(size, dtype=torch.float64, device=device)
+    w = (1.0 - (pixels[None, :] - centres[:, None]).abs() / radius).clamp_(min=0.0)
+    return (w / w.sum(1, keepdim=True)).to(torch.float32)
 
 
-def resize(images, image_size):
-    """Antialiased bilinear resize of [B, C, H, W] images to ``image_size`` square."""
-    if images.shape[-2:] == (image_size, image_size):
-        return images
-    return F.interpolate(images, size=(image_size, image_size), mode="bilinear",
-                         align_corners=False, antialias=True)
+def crop_resize(images, crop_fraction, image_size):
+    """Central square crop of float [B, C, S, S] images resized to ``image_size`` (see
+    ``resize_weights``); one separable matrix product per axis."""
+    size = images.shape[-1]
+    anchor, side = crop_box(size, crop_fraction)
+    w = resize_weights(size, anchor, side, image_size, images.device)
+    return torch.einsum("rh,bchw,sw->bcrs", w, images, w)
 
 
 def augment_batch(images, image_size, crop_fraction, angles=None):
@@ -77,5 +88,5 @@ def augment_batch(images, image_size, crop_fraction, angles=None):
     x = to_float_chw(images)
     if angles is not None:
         x = rotate(x, angles)
-    x = resize(center_crop(x, crop_fraction), image_size)
+    x = crop_resize(x, crop_fraction, image_size)
     return x.clamp_(0.0, 1.0).contiguous()

@@ -19,7 +19,6 @@ belongs to; a run restored from it continues mid-epoch with exactly the remainin
 """
 
 import io
-import math
 import os
 import weakref
 from pathlib import Path
@@ -28,15 +27,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from galcf_hpc.data.shards import read_index, read_manifest
+from galcf_hpc.data.shards import read_index
 from galcf_hpc.errors import CheckpointError, DataError
 from galcf_hpc.loaders.augment import augment_batch, sample_angles
+from galcf_hpc.loaders.split import open_split, steps_per_epoch
+from galcf_hpc.loaders.split import verify_hint as _verify_hint
 
 _TAR_BLOCK = 512
-
-
-def _verify_hint(split_dir):
-    return f"run `galcf-hpc data verify {Path(split_dir).parent}` to find the damaged file, then regenerate the shards"
 
 
 class ShardDataset(torch.utils.data.Dataset):
@@ -48,26 +45,16 @@ class ShardDataset(torch.utils.data.Dataset):
 
     def __init__(self, split_dir):
         self.split_dir = Path(split_dir)
-        if not self.split_dir.is_dir():
-            raise DataError(f"{self.split_dir}: split directory does not exist; write shards with "
-                            "`galcf-hpc data shard` or fix the path")
-        if not (self.split_dir / "manifest.json").is_file():
-            raise DataError(f"{self.split_dir / 'manifest.json'}: manifest is missing (shards never finished "
-                            f"writing?); {_verify_hint(self.split_dir)}")
-        self.manifest = read_manifest(self.split_dir)
+        self.manifest, shards = open_split(self.split_dir)
         self.image_size = self.manifest["image_size"]
         self.image_ext = self.manifest["image_format"]
         self._tars = []
         keys, shard_of, image_at, label_at = [], [], [], []
-        for shard_no, shard in enumerate(self.manifest["shards"]):
-            tar_path = self.split_dir / shard["tar"]["file"]
-            if not tar_path.is_file() or tar_path.stat().st_size != shard["tar"]["bytes"]:
-                raise DataError(f"{tar_path}: shard is missing or its size differs from the manifest; "
+        for shard_no, (tar_path, idx_path, num_samples) in enumerate(shards):
+            index = read_index(idx_path)
+            if len(index) != num_samples:
+                raise DataError(f"{idx_path}: {len(index)} samples, manifest says {num_samples}; "
                                 f"{_verify_hint(self.split_dir)}")
-            index = read_index(self.split_dir / shard["idx"]["file"])
-            if len(index) != shard["num_samples"]:
-                raise DataError(f"{self.split_dir / shard['idx']['file']}: {len(index)} samples, manifest "
-                                f"says {shard['num_samples']}; {_verify_hint(self.split_dir)}")
             self._tars.append(tar_path)
             for sample in index:
                 parts = {c["ext"]: c for c in sample["components"]}
@@ -78,10 +65,6 @@ class ShardDataset(torch.utils.data.Dataset):
                 shard_of.append(shard_no)
                 image_at.append((parts[self.image_ext]["offset"], parts[self.image_ext]["size"]))
                 label_at.append((parts["cls"]["offset"], parts["cls"]["size"]))
-        if len(keys) != self.manifest["num_samples"] or not keys:
-            raise DataError(f"{self.split_dir}: {len(keys)} indexed samples, manifest says "
-                            f"{self.manifest['num_samples']} (a split needs at least one); "
-                            f"{_verify_hint(self.split_dir)}")
         self.keys = keys
         self._shard_of = np.asarray(shard_of, dtype=np.int32)
         self._image_at = np.asarray(image_at, dtype=np.int64)
@@ -226,13 +209,8 @@ class ShardLoader:
         self.train = bool(train)
         self.seed = int(seed)
         n = len(dataset)
-        if self.train:
-            self.steps_per_epoch = (n // self.world_size) // self.batch_size
-            if self.steps_per_epoch == 0:
-                raise DataError(f"{dataset.split_dir}: {n} samples give no full batch of {self.batch_size} "
-                                f"on each of {self.world_size} ranks; lower the batch size")
-        else:
-            self.steps_per_epoch = math.ceil(math.ceil(n / self.world_size) / self.batch_size)
+        self.steps_per_epoch = steps_per_epoch(dataset.split_dir, n, self.batch_size, self.world_size,
+                                               self.train)
         degrees = float(rotation_degrees) if (self.train and augment) else 0.0
         self._maker = _BatchMaker(dataset, int(image_size), float(crop_fraction), degrees, self.seed)
         self.epoch = 0
@@ -245,6 +223,11 @@ class ShardLoader:
 
     def __len__(self):
         return self.steps_per_epoch
+
+    @property
+    def position(self):
+        """Batches of the current epoch already returned."""
+        return self._step
 
     def set_epoch(self, epoch):
         if epoch != self.epoch:
@@ -283,16 +266,17 @@ class ShardLoader:
 
     def state_dict(self):
         """Plain ints/bools only, so checkpoints load with ``torch.load(weights_only=True)``."""
-        return {"epoch": self.epoch, "step": self._step, "seed": self.seed, "world_size": self.world_size,
+        return {"epoch": self.epoch, "step": self._step, "backend": "torch", "seed": self.seed, "world_size": self.world_size,
                 "batch_size": self.batch_size, "num_samples": len(self.dataset), "train": self.train}
 
     def load_state_dict(self, state):
         layout = {k: state.get(k) for k in ("seed", "world_size", "batch_size", "num_samples", "train")}
         ours = {k: v for k, v in self.state_dict().items() if k in layout}
-        if state["step"] and layout != ours:
-            raise CheckpointError(f"loader state was saved for {layout}, this loader is {ours}; a run can "
-                                  "resume mid-epoch only with the same data, seed, world size and batch size "
-                                  "(restart from an epoch boundary instead)")
+        if state["step"] and (layout != ours or state.get("backend", "torch") != "torch"):
+            raise CheckpointError(f"loader state was saved by the {state.get('backend', 'torch')} back-end for "
+                                  f"{layout}, this torch loader is {ours}; a run can resume mid-epoch only "
+                                  "with the same back-end, data, seed, world size and batch size (restart "
+                                  "from an epoch boundary instead)")
         self.epoch, self._step = int(state["epoch"]), int(state["step"])
 
 

@@ -141,7 +141,7 @@ def train(cfg, resume=False):
             scheduler.step()
             step += 1
             window.append(terms)
-            position = loader.state_dict()["step"]
+            position = loader.position
             if step % cfg.train.log_every == 0 or position == loader.steps_per_epoch:
                 elapsed = time.monotonic() - t_window
                 record = {"kind": "train", "step": step, "epoch": epoch,
@@ -156,7 +156,7 @@ def train(cfg, resume=False):
                 save(loader.state_dict())
             if should_stop(cfg.train, started, step - first_step):
                 break
-        if loader.state_dict()["step"] != 0:  # stopped mid-epoch: checkpoint and leave
+        if loader.position != 0:  # stopped mid-epoch: checkpoint and leave
             save(loader.state_dict())
             log.warning("stopping at step %d (mid-epoch %d); continue with --resume", step, epoch + 1)
             break
