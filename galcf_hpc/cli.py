@@ -128,6 +128,45 @@ def cmd_demo(args):
     _print_explain(summary)
 
 
+def _mpi_world():
+    """COMM_WORLD when started by an MPI launcher with more than one rank, else None."""
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        return None
+    return MPI.COMM_WORLD if MPI.COMM_WORLD.Get_size() > 1 else None
+
+
+def cmd_catalog_run(args):
+    from .catalog.job import RankStopped, run_catalog
+
+    comm = _mpi_world()
+    try:
+        s = run_catalog(args.checkpoint, args.input, args.out, targets=args.targets, unit_size=args.unit_size,
+                        device=args.device, image_dtype=args.image_dtype, comm=comm,
+                        kill_at_unit=args.fault_kill_at_unit)
+    except RankStopped:
+        sys.exit(2)  # rank 0 reports the reason once
+    if comm and comm.Get_rank():
+        return
+    print(f"catalog: {s['num_galaxies']} galaxies in {s['num_units']} units: {s['skipped_units']} finished "
+          f"before (skipped), {s['computed_units']} computed on {s['ranks']} rank(s), {s['device']}")
+    for r in s["per_rank"]:
+        print(f"  rank {r['rank']}: {r['units']} units, {r['galaxies']} galaxies, {r['seconds']:.1f} s, "
+              f"{r['galaxies_per_s']:.2f} galaxies/s")
+    print(f"wrote {s['catalog']}; check it with `galcf-hpc catalog verify {Path(s['catalog']).parent}`")
+
+
+def cmd_catalog_verify(args):
+    from .catalog.job import verify_catalog
+
+    s = verify_catalog(args.dir)
+    for note in s["notes"]:
+        print(f"note: {note}")
+    print(f"OK: {args.dir}: {s['num_galaxies']} galaxies, {s['num_units']} parts, {len(s['targets'])} targets; "
+          "every input key once, no fill values, provenance consistent")
+
+
 def _print_eval(result):
     print(f"{result['split']} accuracy {result['accuracy']:.3f}  macro-F1 {result['macro_f1']:.3f}  "
           f"({result['num_galaxies']} galaxies)")
@@ -193,6 +232,22 @@ def build_parser():
     sp.add_argument("--device", default="auto")
     sp.add_argument("--checkpoint", default=None, help="a specific checkpoint file instead of the newest")
     sp.set_defaults(func=cmd_explain)
+
+    catalog = sub.add_parser("catalog", help="counterfactuals for a whole catalog (MPI batch job) -> HDF5").add_subparsers(
+        dest="catalog_cmd", required=True)
+    sp = catalog.add_parser("run", help="run or resume the job (start with mpiexec -n N / srun; one rank per GPU)")
+    sp.add_argument("--checkpoint", required=True, help="checkpoint file, or a run directory (newest checkpoint)")
+    sp.add_argument("--input", required=True, help="shard split directory (e.g. shards/test) or astroNN .h5")
+    sp.add_argument("--out", required=True, help="output directory (parts/, catalog.h5, run.json)")
+    sp.add_argument("--targets", default="all", help="all, or class names/numbers separated by commas")
+    sp.add_argument("--unit-size", type=int, default=256, help="galaxies per work unit (and part file)")
+    sp.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    sp.add_argument("--image-dtype", choices=("uint8", "float16"), default="uint8")
+    sp.add_argument("--fault-kill-at-unit", type=int, default=None, help=argparse.SUPPRESS)  # restart tests
+    sp.set_defaults(func=cmd_catalog_run)
+    sp = catalog.add_parser("verify", help="check a catalog directory: every key once, no holes, provenance")
+    sp.add_argument("dir")
+    sp.set_defaults(func=cmd_catalog_verify)
 
     weights = sub.add_parser("weights", help="VGG16 weights for the perceptual loss").add_subparsers(
         dest="weights_cmd", required=True)
