@@ -35,6 +35,8 @@ setup(
         # mpi4py against the site's MPI (cluster modules); mpich adds a self-contained MPI
         # (mpiexec included) for laptops and CI.
         "mpi": ["mpi4py>=3.1"],
+        # install with DS_BUILD_OPS=0: no CUDA extensions are compiled (the optimiser is torch's)
+        "deepspeed": ["deepspeed>=0.14"],
         "mpich": ["mpi4py>=3.1", "mpich"],
         "dev": ["pytest>=7", "scikit-image>=0.21", "galsim>=2.5", "matplotlib>=3.7", "scikit-learn>=1.3"],
     },

@@ -62,7 +62,8 @@ def cmd_train(args):
 
     cfg = _load(args)
     result = train(cfg, resume=args.resume)
-    _print_eval(result)
+    if result is not None:  # rank 0 of a finished run; other ranks and stopped runs print nothing more
+        _print_eval(result)
 
 
 def cmd_explain(args):

@@ -95,7 +95,12 @@ class LossConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 10
-    batch_size: int = 64  # per process
+    batch_size: int = 64  # per-GPU (per-rank) micro-batch
+    global_batch: int = 0  # 0 = batch_size x world size x grad_accumulation; else sets the micro-batch
+    grad_accumulation: int = 1  # micro-batches per optimiser step
+    engine: str = "ddp"  # ddp | deepspeed (one process per GPU either way)
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0, 1 or 2
+    collective_timeout_minutes: float = 10.0  # a collective waiting longer than this fails the job
     lr: float = 1e-3
     weight_decay: float = 1e-4
     warmup_steps: int = 100
@@ -144,6 +149,11 @@ class Config:
             (d.device in ("auto", "cpu", "gpu"), "data.device", f"must be auto, cpu or gpu, got {d.device!r}"),
             (d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}"),
             (self.train.device in ("auto", "cpu", "cuda"), "train.device", "must be auto, cpu or cuda"),
+            (self.train.engine in ("ddp", "deepspeed"), "train.engine", f"must be ddp or deepspeed, got {self.train.engine!r}"),
+            (self.train.zero_stage in (0, 1, 2), "train.zero_stage", "must be 0, 1 or 2 (ZeRO-3 shards the weights, "
+             "which this small model does not need)"),
+            (self.train.grad_accumulation >= 1, "train.grad_accumulation", "must be >= 1"),
+            (self.train.global_batch >= 0, "train.global_batch", "must be >= 0 (0 = derived)"),
             (self.train.batch_size >= 2, "train.batch_size", "must be >= 2 (MMD needs pairs)"),
             (0.0 <= self.loss.cf_fraction <= 1.0, "loss.cf_fraction", "must be in [0, 1]"),
             (self.train.eval_split in ("train", "val", "test"), "train.eval_split", "must be train, val or test"),

@@ -8,4 +8,4 @@ PY=${PYTHON:-python3}
 if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install --quiet "torch==2.13.0"
 fi
-"$PY" -m pip install --quiet -e ".[dev,dali-cuda13,mpich]"
+DS_BUILD_OPS=0 "$PY" -m pip install --quiet -e ".[dev,dali-cuda13,mpich,deepspeed]"
