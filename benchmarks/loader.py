@@ -78,6 +78,74 @@ def time_loader(make, warmup, batches, repeats):
     return {"images_per_s": statistics.median(rates), "min": min(rates), "max": max(rates), "repeats": rates}
 
 
+def _dali_stage_pipeline(split, stage, batch_size, image_size, device):
+    """The DALI pipeline of the back-end cut after ``stage`` (read, decode, rotate, crop+resize, layout)."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    from galcf_hpc.loaders.augment import crop_box
+    from galcf_hpc.loaders.split import open_split
+
+    manifest, shards = open_split(split)
+    anchor, side = crop_box(manifest["image_size"], 0.7)
+
+    @pipeline_def(batch_size=batch_size, num_threads=1, device_id=0 if device == "gpu" else None)
+    def pipe():
+        enc, _ = fn.readers.webdataset(paths=[str(t) for t, _, _ in shards], index_paths=[str(i) for _, i, _ in shards],
+                                       ext=[manifest["image_format"], "cls"], random_shuffle=True,
+                                       pad_last_batch=True)
+        if stage == "read":
+            return enc
+        img = fn.decoders.image(enc, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
+        if stage == "decode":
+            return img
+        img = fn.rotate(img, angle=fn.random.uniform(range=[-180, 180]), keep_size=True, fill_value=0)
+        if stage == "rotate":
+            return img
+        img = fn.resize(img, size=[image_size, image_size], roi_start=[anchor, anchor],
+                        roi_end=[anchor + side, anchor + side], antialias=True, dtype=types.FLOAT)
+        if stage == "crop+resize":
+            return img
+        return fn.crop_mirror_normalize(img, mean=0.0, std=255.0, output_layout="CHW", dtype=types.FLOAT)
+
+    p = pipe()
+    p.build()
+    return p
+
+
+def profile_stages(split, batch_size, image_size, device, batches=4):
+    """Milliseconds per image of each stage, one CPU thread, for both real back-ends."""
+    from galcf_hpc.loaders.augment import crop_resize, rotate, sample_angles, to_float_chw
+    from galcf_hpc.loaders.torch import ShardDataset
+
+    out = {"dali": {}, "torch": {}}
+    previous = 0.0
+    for stage in ("read", "decode", "rotate", "crop+resize", "layout"):
+        p = _dali_stage_pipeline(split, stage, batch_size, image_size, device)
+        p.run()
+        t0 = time.perf_counter()
+        for _ in range(batches):
+            p.run()
+        total = (time.perf_counter() - t0) * 1000 / (batches * batch_size)
+        out["dali"][stage] = total - previous
+        previous = total
+        del p
+    ds = ShardDataset(split)
+    n = batches * batch_size
+    t0 = time.perf_counter()
+    raw = torch.from_numpy(__import__("numpy").stack([ds[i]["image"] for i in range(n)]))
+    t1 = time.perf_counter()
+    x = to_float_chw(raw)
+    t2 = time.perf_counter()
+    x = rotate(x, sample_angles(ds.keys[:n], 0, 0, 180.0))
+    t3 = time.perf_counter()
+    crop_resize(x, 0.7, image_size).clamp_(0, 1)
+    t4 = time.perf_counter()
+    ds.close()
+    out["torch"] = {"read+decode": (t1 - t0) * 1000 / n, "to float": (t2 - t1) * 1000 / n,
+                    "rotate": (t3 - t2) * 1000 / n, "crop+resize": (t4 - t3) * 1000 / n}
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shards", type=Path, help="existing shard directory (default: render one)")
@@ -91,6 +159,7 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batches", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--profile", action="store_true", help="also time each stage on one thread")
     ap.add_argument("--out", type=Path, default=Path("runs/bench_loader.json"))
     args = ap.parse_args(argv)
 
@@ -117,6 +186,13 @@ def main(argv=None):
     for name, r in results.items():
         r["ratio_to_torch"] = r["images_per_s"] / base
         print(f"  {name:28s} {r['ratio_to_torch']:6.2f}x")
+    if args.profile:
+        report_profile = profile_stages(split, args.batch_size, args.image_size, args.device)
+        print("\nms per image and stage, one thread:")
+        for backend, stages in report_profile.items():
+            print(f"  {backend:6s} " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items())
+                  + f"; total {sum(stages.values()):.2f}")
+        results["profile_ms_per_image"] = report_profile
     report = {
         "benchmark": "loader", "shards": str(shards), "args": {k: str(v) for k, v in vars(args).items()},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
