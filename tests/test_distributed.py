@@ -151,6 +151,8 @@ def test_two_ranks_match_one_process(sharded, tmp_path, engine, zero):
     assert sorted(la) == sorted(lb) == list(range(1, steps + 1))
     assert all(abs(la[s] - lb[s]) <= 1e-3 * abs(la[s]) for s in la)
     assert abs(la[steps] - la[1]) > 0.05 * abs(la[1])  # it did train
+    if zero:  # ZeRO-1 partitions only the optimiser state: the exact check above covers it (and is slow on CPU)
+        return
     full_one = _config(sharded, tmp_path / "full_one", engine, zero_stage=zero, epochs=3)
     full_two = _config(sharded, tmp_path / "full_two", engine, zero_stage=zero, epochs=3)
     _run(full_one, 1)

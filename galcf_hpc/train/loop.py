@@ -90,6 +90,7 @@ def micro_batch(train_cfg, world_size):
 def train(cfg, resume=False):
     """Train the model described by ``cfg`` on every rank the launcher started; returns the
     final evaluation dict (on rank 0; None elsewhere, and None when stopped by a signal)."""
+    signals = distributed.StopSignals()  # first: a SIGUSR1 from now on stops cleanly instead of killing
     env = distributed.detect(cfg.train.device)
     print(env.describe(), file=sys.stderr, flush=True)
     if not env.is_main:
@@ -97,8 +98,9 @@ def train(cfg, resume=False):
     distributed.init_process_group(env, cfg.train.collective_timeout_minutes,
                                    always=cfg.train.engine == "deepspeed")
     try:
-        return _train(cfg, resume, env)
+        return _train(cfg, resume, env, signals)
     finally:
+        signals.restore()
         distributed.shutdown()
 
 
@@ -120,7 +122,7 @@ def _restore_rank_state(state, loader, env, path):
                               f"Resume with {len(ranks)} ranks, or from an epoch-boundary checkpoint")
 
 
-def _train(cfg, resume, env):
+def _train(cfg, resume, env, signals):
     run_dir = Path(cfg.run.out_dir)
     micro, global_batch = micro_batch(cfg.train, env.world_size)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=micro))
@@ -169,7 +171,6 @@ def _train(cfg, resume, env):
 
     metrics_path = run_dir / "metrics.jsonl"
     started, first_step = time.monotonic(), step
-    signals = distributed.StopSignals()
     result, stopped_by = None, None
 
     def validate():
@@ -244,7 +245,6 @@ def _train(cfg, resume, env):
             stopped_by = signals.received or "a stop signal" if signalled else None
             log.warning("stop condition reached after epoch %d; continue with --resume", epoch + 1)
             break
-    signals.restore()
     loader.close()
 
     if stopped_by:
