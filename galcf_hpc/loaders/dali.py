@@ -40,7 +40,7 @@ import torch
 
 from galcf_hpc.errors import CheckpointError, ConfigError, DataError
 from galcf_hpc.loaders.augment import crop_box
-from galcf_hpc.loaders.split import open_split, steps_per_epoch, verify_hint
+from galcf_hpc.loaders.split import EpochPosition, open_split, steps_per_epoch, verify_hint
 
 _LAYOUT = ("world_size", "rank", "batch_size", "num_samples", "train", "seed", "device")
 _SHARD_IN_MESSAGE = re.compile(r"[^\s'\"]*\.tar")
@@ -134,7 +134,7 @@ def _first_bad_sample(split_dir, start):
     return None
 
 
-class DaliLoader:
+class DaliLoader(EpochPosition):
     """Iterable of batches for one rank (see the module docstring); same interface as the
     torch back-end's ShardLoader: ``steps_per_epoch``, ``set_epoch``, ``state_dict``,
     ``load_state_dict``, ``close``, ``position``."""
@@ -170,14 +170,6 @@ class DaliLoader:
         self.epoch, self._step = 0, 0
         self._pipe, self._restore = None, None
         self._torch_device = torch.device(f"cuda:{device_id}") if self.device == "gpu" else torch.device("cpu")
-
-    def __len__(self):
-        return self.steps_per_epoch
-
-    @property
-    def position(self):
-        """Batches of the current epoch already returned."""
-        return self._step
 
     def _error(self, exc):
         """A DataError naming the shard (and sample) behind a DALI failure.

@@ -60,3 +60,20 @@ def steps_per_epoch(split_dir, num_samples, batch_size, world_size, train):
                             f"on each of {world_size} ranks; lower the batch size")
         return steps
     return -(-(-(-num_samples // world_size)) // batch_size)
+
+
+class EpochPosition:
+    """Epoch/step bookkeeping shared by the back-ends (``self.epoch``, ``self._step``,
+    ``self.steps_per_epoch``)."""
+
+    def __len__(self):
+        return self.steps_per_epoch
+
+    @property
+    def position(self):
+        """Batches of the current epoch already returned."""
+        return self._step
+
+    def set_epoch(self, epoch):
+        if epoch != self.epoch:
+            self.epoch, self._step = int(epoch), 0

@@ -11,12 +11,12 @@ import torch
 
 from galcf_hpc.data.classes import NUM_CLASSES
 from galcf_hpc.errors import CheckpointError
-from galcf_hpc.loaders.split import open_split, steps_per_epoch
+from galcf_hpc.loaders.split import EpochPosition, open_split, steps_per_epoch
 
 _POOL = 4  # distinct batches, so consecutive steps do not see identical tensors
 
 
-class SyntheticLoader:
+class SyntheticLoader(EpochPosition):
     def __init__(self, split_dir, batch_size, image_size, rank=0, world_size=1, train=True, seed=0,
                  device="cpu"):
         if world_size < 1 or not 0 <= rank < world_size:
@@ -38,16 +38,6 @@ class SyntheticLoader:
         self._rank_count = len(range(self.rank, self.num_samples, self.world_size))
         self.epoch, self._step = 0, 0
 
-    def __len__(self):
-        return self.steps_per_epoch
-
-    @property
-    def position(self):
-        return self._step
-
-    def set_epoch(self, epoch):
-        if epoch != self.epoch:
-            self.epoch, self._step = int(epoch), 0
 
     def __iter__(self):
         while self._step < self.steps_per_epoch:

@@ -30,7 +30,7 @@ from PIL import Image
 from galcf_hpc.data.shards import read_index
 from galcf_hpc.errors import CheckpointError, DataError
 from galcf_hpc.loaders.augment import augment_batch, sample_angles
-from galcf_hpc.loaders.split import open_split, steps_per_epoch
+from galcf_hpc.loaders.split import EpochPosition, open_split, steps_per_epoch
 from galcf_hpc.loaders.split import verify_hint as _verify_hint
 
 _TAR_BLOCK = 512
@@ -189,7 +189,7 @@ class _PlanSampler(torch.utils.data.Sampler):
         return self.loader.steps_per_epoch - self.loader._step
 
 
-class ShardLoader:
+class ShardLoader(EpochPosition):
     """Iterable of batches for one rank. See the module docstring for the sampling rules.
 
     Use ``set_epoch(e)`` before each epoch. Finishing an epoch moves the loader to the next
@@ -221,17 +221,6 @@ class ShardLoader:
                 self._maker, batch_size=None, sampler=_PlanSampler(self), num_workers=num_workers,
                 collate_fn=_same, persistent_workers=True, worker_init_fn=_one_thread)
 
-    def __len__(self):
-        return self.steps_per_epoch
-
-    @property
-    def position(self):
-        """Batches of the current epoch already returned."""
-        return self._step
-
-    def set_epoch(self, epoch):
-        if epoch != self.epoch:
-            self.epoch, self._step = int(epoch), 0
 
     def rank_indices(self, epoch):
         """(sample indices, valid flags) this rank reads in ``epoch``, steps_per_epoch * B long."""
