@@ -54,7 +54,7 @@ def test_site_settings_only_on_jsc_systems(slurm, site, expected):
 def train_job(slurm, sharded, tmp_path):
     """Submit jobs/train.sbatch, unmodified, on a tiny config; returns a function
     (ntasks, epochs=1, wait=True) -> (job id, sbatch exit code, Slurm log path, run directory)."""
-    def submit(ntasks, epochs=1, wait=True, timeout=240):
+    def submit(ntasks, epochs=1, wait=True, timeout=240, extra=()):
         run_dir = tmp_path / "run"
         config = tmp_path / "tiny.yaml"
         cfg = tiny_config(sharded.out, run_dir, threads=1)
@@ -63,6 +63,7 @@ def train_job(slurm, sharded, tmp_path):
         job, rc = slurm.sbatch([
             "--account=test", "--nodes=1", f"--ntasks-per-node={ntasks}", "--cpus-per-task=1", "--time=30",
             f"--output={tmp_path}/slurm-%j.out", "jobs/train.sbatch", config, "--set", f"train.epochs={epochs}",
+            *[arg for item in extra for arg in ("--set", item)],
         ], wait=wait, timeout=timeout)
         return job, rc, tmp_path / f"slurm-{job}.out", run_dir
     return submit
@@ -116,6 +117,31 @@ def test_train_job_requeues_on_usr1_and_resumes(slurm, train_job, sharded):
     logged = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()
               if json.loads(x)["kind"] == "train"]
     assert len(logged) == len(set(logged)) and logged == sorted(logged) and logged[-1] == final
+
+
+def test_killed_rank_fails_the_job_fast_and_keeps_the_checkpoint(slurm, train_job):
+    """kill -9 of one rank: the other rank's collective fails at once, srun --kill-on-bad-exit
+    ends the step, the job fails within seconds (not at its time limit), and the newest
+    checkpoint is complete."""
+    job, rc, log, run_dir = train_job(ntasks=2, epochs=50, wait=False, extra=["train.checkpoint_every=2"])
+    try:
+        deadline = time.monotonic() + 120
+        while not list((run_dir / "checkpoints").glob("step-*.pt")):
+            assert time.monotonic() < deadline, log.read_text() if log.exists() else "no log"
+            time.sleep(0.3)
+        pids = [line.split() for line in slurm.run("scontrol", "listpids", job).stdout.splitlines()[1:]]
+        victim = next(int(p[0]) for p in pids if p[2] == "0" and p[4] == "1")  # step 0, global rank 1
+        t0 = time.monotonic()
+        subprocess.run(["kill", "-9", str(victim)], check=True)
+        info = slurm.wait_state(job, {"FAILED", "COMPLETED", "CANCELLED", "TIMEOUT"}, timeout=120)
+        elapsed = time.monotonic() - t0
+    finally:
+        slurm.cancel(job)
+    text = log.read_text()
+    assert info.state == "FAILED" and info.exit_code != "0:0" and elapsed < 60, (info, elapsed, text)
+    assert re.search(r"task 1: Killed|Killed", text), text  # srun names the killed task
+    state = load_checkpoint(latest_checkpoint(run_dir))
+    assert state["step"] >= 2 and state["step"] % 2 == 0 and len(state["ranks"]) == 2
 
 
 def test_usage_error_without_config_in_default_log(slurm):
