@@ -20,3 +20,7 @@ class DataError(GalcfError):
 
 class CheckpointError(GalcfError):
     """A checkpoint is missing, corrupt or belongs to another configuration."""
+
+
+class PeerLostError(GalcfError):
+    """Another rank of a distributed job died or stopped answering."""

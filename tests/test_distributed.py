@@ -230,6 +230,6 @@ def test_killed_rank_fails_fast_and_keeps_the_checkpoint(sharded, tmp_path):
     t0 = time.monotonic()
     codes, outs = _finish(procs, timeout=120)
     assert time.monotonic() - t0 < 60 and codes[0] != 0 and codes[1] == -signal.SIGKILL
-    assert any(s in outs[0] for s in ("Connection reset", "Connection closed", "Gloo", "gloo")), outs[0][-2000:]
+    assert "rank 0/2: a collective operation failed" in outs[0] and "rerun the job with --resume" in outs[0]
     state = load_checkpoint(latest_checkpoint(tmp_path / "run"))
     assert state["step"] >= 4 and state["step"] % 2 == 0

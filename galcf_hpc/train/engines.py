@@ -67,8 +67,7 @@ class DDPEngine:
         self.module = self.objective
         if env.world_size > 1:
             self.module = nn.parallel.DistributedDataParallel(
-                self.objective, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-                broadcast_buffers=False)  # the only buffers are constants
+                self.objective, device_ids=[env.device.index] if env.device.type == "cuda" else None)
         self.optimizer, self.scheduler = _optimizer(cfg, model, lr_lambda)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if env.device.type == "cuda" and cfg.train.bf16
                          else contextlib.nullcontext())

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ..config import write_resolved_config
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, PeerLostError
 from . import distributed
 from .engines import build_engine
 from ..fileio import write_json
@@ -99,9 +100,21 @@ def train(cfg, resume=False):
                                    always=cfg.train.engine == "deepspeed")
     try:
         return _train(cfg, resume, env, signals)
+    except RuntimeError as exc:
+        if env.world_size > 1 and _PEER_LOST.search(str(exc)):
+            newest = latest_checkpoint(cfg.run.out_dir)
+            raise PeerLostError(
+                f"rank {env.rank}/{env.world_size}: a collective operation failed ({str(exc).splitlines()[0][:240]}); "
+                "another rank died or was killed (its own log says why). The newest checkpoint "
+                f"({newest or 'none yet'}) is complete: rerun the job with --resume") from None
+        raise
     finally:
         signals.restore()
         distributed.shutdown()
+
+
+_PEER_LOST = re.compile(r"Connection (reset|closed|refused)|Broken pipe|timed out|NCCL (error|communicator)|"
+                        r"ProcessGroup|unhandled system error", re.I)
 
 
 def _rank_states(loader):
