@@ -3,6 +3,7 @@ only place (with config.py) that parses arguments."""
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -94,7 +95,70 @@ def cmd_config(args):
     print(dump_config(_load(args)), end="")
 
 
+def _free_port():
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _config_argv(config, sets):
+    return ["--config", str(config)] + [x for s in sets for x in ("--set", s)]
+
+
+def _train_ranks(config, sets, ranks, cfg):
+    """Train with ``ranks`` local processes (torchrun-style environment, 1 torch thread each,
+    the same global batch as one process); False when the launch failed."""
+    import os
+    import subprocess
+
+    port = _free_port()
+    extra = ["train.threads=1", f"train.global_batch={cfg.train.global_batch or cfg.train.batch_size}"]
+    argv = [sys.executable, "-m", "galcf_hpc.cli", "train"] + _config_argv(config, list(sets) + extra) + ["--resume"]
+    procs = []
+    for r in range(ranks):
+        env = {**os.environ, "RANK": str(r), "WORLD_SIZE": str(ranks), "LOCAL_RANK": str(r),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen(argv, env=env))
+    try:
+        codes = [p.wait() for p in procs]
+    except BaseException:
+        for p in procs:
+            p.kill()
+        raise
+    if any(codes):
+        log.warning("training with %d local ranks failed (exit codes %s)", ranks, codes)
+        return False
+    return True
+
+
+def _run_catalog(run_dir, split_dir, out_dir, ranks):
+    """The catalog job on one split: ``mpiexec -n ranks`` when mpiexec is on PATH, else in process."""
+    import shutil
+    import subprocess
+
+    if (out_dir / "catalog.h5").exists():
+        log.info("catalog %s exists: reused", out_dir / "catalog.h5")
+        return
+    mpiexec = shutil.which("mpiexec")
+    args = ["catalog", "run", "--checkpoint", str(run_dir), "--input", str(split_dir), "--out", str(out_dir),
+            "--unit-size", "64", "--device", "cpu"]
+    if mpiexec and ranks > 1:
+        rc = subprocess.call([mpiexec, "-n", str(ranks), sys.executable, "-m", "galcf_hpc.cli"] + args)
+        if rc == 0:
+            return
+        log.warning("mpiexec -n %d catalog run failed (exit code %d); running it in this process", ranks, rc)
+    elif not mpiexec:
+        log.warning("mpiexec not on PATH: catalog job in a single process")
+    cmd_catalog_run(build_parser().parse_args(args))
+
+
 def cmd_demo(args):
+    import json
+    import os
+
+    from .baseline import train_baseline
     from .config import load_config
     from .data.classes import NUM_CLASSES
     from .data.galaxy10 import write_catalog
@@ -102,12 +166,16 @@ def cmd_demo(args):
     from .data.synth import generate
     from .explain.run import explain
     from .progress import Progress
+    from .report import build_report
     from .train.loop import train
 
     config = Path(args.config) if args.config else REPO_CONFIGS / "smoke.yaml"
-    cfg = load_config(config, args.set or [])
+    sets = args.set or []
+    cfg = load_config(config, sets)
     t0 = time.monotonic()
+    times = {}
     source, shards = Path(cfg.data.source), Path(cfg.data.shards)
+    run_dir = Path(cfg.run.out_dir)
     s = cfg.data.synth
     if not source.exists():
         fractions = [1.0 / NUM_CLASSES] * NUM_CLASSES if s.balanced else None
@@ -120,22 +188,103 @@ def cmd_demo(args):
         write_shards(source, shards, shard_size=cfg.data.shard_size, fractions=tuple(cfg.data.split_fractions),
                      seed=cfg.data.split_seed)
         log.info("sharded into %s (%.0f s)", shards, time.monotonic() - t0)
-    result = train(cfg, resume=True)
-    t_train = time.monotonic() - t0
-    summary = explain(cfg.run.out_dir, split=cfg.explain.split)
-    print(f"\n== galcf-hpc demo ({config.name}) finished in {time.monotonic() - t0:.0f} s "
-          f"(data + training {t_train:.0f} s) ==")
+    times["data"] = time.monotonic() - t0
+
+    t = time.monotonic()
+    ranks = args.ranks if args.ranks else (2 if (os.cpu_count() or 1) >= 2 else 1)
+    trained = False
+    if ranks > 1:
+        log.info("training with %d local ranks (torchrun-style environment, 1 thread each)", ranks)
+        trained = _train_ranks(config, sets, ranks, cfg)
+        if not trained:
+            log.warning("falling back to training in this process")
+    if not trained:
+        train(cfg, resume=True)
+    result = json.loads((run_dir / "eval.json").read_text())
+    times["train"] = time.monotonic() - t
+
+    t = time.monotonic()
+    base_eval = run_dir / "baseline" / "eval.json"
+    if base_eval.exists():
+        log.info("baseline classifier %s exists: reused", base_eval.parent)
+    else:
+        train_baseline(cfg, epochs=args.baseline_epochs)
+    times["baseline"] = time.monotonic() - t
+
+    t = time.monotonic()
+    summary = explain(run_dir, split=cfg.explain.split)
+    times["explain"] = time.monotonic() - t
+    t = time.monotonic()
+    catalog_dir = run_dir / "catalog"
+    _run_catalog(run_dir, shards / cfg.explain.split, catalog_dir, ranks)
+    times["catalog"] = time.monotonic() - t
+    t = time.monotonic()
+    report = build_report(run_dir, catalog=catalog_dir)
+    times["report"] = time.monotonic() - t
+
+    print(f"\n== galcf-hpc demo ({config.name}) finished in {time.monotonic() - t0:.0f} s ==")
+    print("  " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
     print(f"validation accuracy {result['accuracy']:.3f} (eval.json)")
     _print_explain(summary)
+    _print_report(report)
+
+
+def _print_report(rep):
+    m, b = rep["classification"]["model"], rep["classification"]["baseline"]
+    o = rep["counterfactuals"]["overall"]
+    line = f"{rep['split']}: model accuracy {m['accuracy']:.3f}"
+    if b:
+        line += f", independent baseline CNN accuracy {b['accuracy']:.3f}"
+    print(line)
+    vi = o["validity_independent"]
+    print(f"counterfactual validity: by the model {o['validity_model']:.3f}, by the independent classifier "
+          + (f"{vi:.3f}" if vi is not None else "n/a (no baseline)"))
+    sil = rep["silhouette"]
+    print("silhouette by class (original space / t-SNE): " + ", ".join(
+        f"{k} {_num(v['original'])}/{_num(v['tsne'])}" for k, v in sil.items()))
+    if rep["baseline"]["note"]:
+        print(f"note: {rep['baseline']['note']}")
+    print(f"report: {Path(rep['html']).resolve()}  (numbers: {Path(rep['run']) / 'report' / 'report.json'})")
+
+
+def _num(x):
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def cmd_baseline_train(args):
+    from .baseline import train_baseline
+
+    cfg = _load(args)
+    r = train_baseline(cfg, epochs=args.epochs, lr=args.lr, device=args.device)
+    print(f"baseline CNN ({r['settings']['epochs']} epochs, lr {r['settings']['lr']}, {r['train_seconds']:.0f} s)")
+    for split, e in r["splits"].items():
+        print(f"{split} accuracy {e['accuracy']:.3f}  macro-F1 {e['macro_f1']:.3f}  ({e['num_galaxies']} galaxies)")
+    print(f"wrote {Path(cfg.run.out_dir) / 'baseline'}/model.pt and eval.json")
+
+
+def cmd_report(args):
+    from .report import build_report
+
+    rep = build_report(args.run, catalog=args.catalog, out=args.out, max_galaxies=args.max_galaxies,
+                       device=args.device, tsne=not args.no_tsne)
+    _print_report(rep)
 
 
 def _mpi_world():
     """COMM_WORLD when started by an MPI launcher with more than one rank, else None."""
+    launched = max(int(os.environ.get(k, "1") or 1) for k in ("SLURM_STEP_NUM_TASKS", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"))
     try:
         from mpi4py import MPI
     except ImportError:
-        return None
-    return MPI.COMM_WORLD if MPI.COMM_WORLD.Get_size() > 1 else None
+        MPI = None
+    size = MPI.COMM_WORLD.Get_size() if MPI else 1
+    if launched > 1 and size == 1:
+        # every task would explain the whole catalog on its own
+        raise GalcfError(f"the launcher started {launched} tasks but each sees an MPI world of size 1"
+                         f"{'' if MPI else ' (mpi4py is not installed)'}: srun's MPI plug-in does not match the MPI "
+                         "of mpi4py. With the pip mpich wheel use `srun --mpi=pmi2` (or MpiDefault=pmi2); on JSC "
+                         "systems load the MPI module mpi4py was built against")
+    return MPI.COMM_WORLD if size > 1 else None
 
 
 def cmd_catalog_run(args):
@@ -260,9 +409,33 @@ def build_parser():
     with_config(sp)
     sp.set_defaults(func=cmd_config)
 
-    sp = sub.add_parser("demo", help="synthesise -> shard -> train -> explain on the smoke config")
+    sp = sub.add_parser("demo", help="synthesise -> shard -> train -> baseline -> explain -> catalog -> report "
+                                      "on the smoke config")
     with_config(sp, required=False)
+    sp.add_argument("--ranks", type=int, default=0, help="local training processes (default: 2 with >= 2 cores)")
+    sp.add_argument("--baseline-epochs", type=int, default=6, help=argparse.SUPPRESS)
     sp.set_defaults(func=cmd_demo)
+
+    baseline = sub.add_parser("baseline", help="independent plain CNN classifier (for independent validity)"
+                              ).add_subparsers(dest="baseline_cmd", required=True)
+    sp = baseline.add_parser("train", help="train it on the run's train split -> RUN/baseline/")
+    with_config(sp)
+    sp.add_argument("--epochs", type=int, default=6)
+    sp.add_argument("--lr", type=float, default=3e-3)
+    sp.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    sp.set_defaults(func=cmd_baseline_train)
+
+    sp = sub.add_parser("report", help="HTML report of a trained run (figures, metrics, independent validity)")
+    sp.add_argument("--run", required=True, help="run directory")
+    sp.add_argument("--catalog", default=None, help="catalog directory (with catalog.h5) to summarise")
+    sp.add_argument("--out", default=None, help="HTML file (default RUN/report/report.html; PNGs next to it)")
+    sp.add_argument("--max-galaxies", type=int, default=1000, help="galaxies of the split analysed (loader order)")
+    sp.add_argument("--device", default="auto")
+    sp.add_argument("--no-tsne", action="store_true", help="skip the t-SNE embeddings")
+    sp.set_defaults(func=cmd_report)
+    from .scaling.commands import add_scaling_parser
+
+    add_scaling_parser(sub)  # galcf_hpc/scaling/commands.py
     return p
 
 

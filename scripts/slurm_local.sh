@@ -120,7 +120,7 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
-MpiDefault=none
+MpiDefault=pmi2
 ReturnToService=2
 # the node may claim more than the hardware has
 SlurmdParameters=config_overrides

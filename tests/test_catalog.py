@@ -2,6 +2,7 @@
 verify, and clear errors for bad inputs and foreign output directories."""
 
 import hashlib
+import os
 import json
 import shutil
 import subprocess
@@ -214,3 +215,14 @@ def test_bad_inputs_fail_cleanly(run_dir, make_catalog, mpi_catalog, tmp_path, m
                         "--input", test_split, "--out", out, "--unit-size", 4)
     assert code == 2 and "another catalog run" in err and "checkpoint_sha256" in err
     assert tree_digest(out) == before
+
+
+def test_tasks_without_a_shared_mpi_world_are_refused(tmp_path):
+    """srun with an MPI plug-in that does not match mpi4py: every task would see a world of
+    one and explain the whole catalog; the job refuses before touching anything."""
+    env = dict(os.environ, SLURM_STEP_NUM_TASKS="4")
+    res = subprocess.run([sys.executable, "-m", "galcf_hpc.cli", "catalog", "run", "--checkpoint", str(tmp_path),
+                          "--input", str(tmp_path), "--out", str(tmp_path / "out")],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "started 4 tasks but each sees an MPI world of size 1" in res.stderr
+    assert not (tmp_path / "out").exists()

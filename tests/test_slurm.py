@@ -144,6 +144,29 @@ def test_killed_rank_fails_the_job_fast_and_keeps_the_checkpoint(slurm, train_jo
     assert state["step"] >= 2 and state["step"] % 2 == 0 and len(state["ranks"]) == 2
 
 
+def test_counterfactual_job_two_mpi_ranks_under_srun(slurm, sharded, tmp_path):
+    """jobs/counterfactuals.sbatch unmodified: srun starts 2 MPI ranks (pmi2, the local
+    cluster's MpiDefault), they share the units, the job verifies its own output."""
+    import h5py
+
+    from galcf_hpc.train.loop import train
+
+    run_dir = tmp_path / "run"
+    train(tiny_config(sharded.out, run_dir, epochs=1))
+    out = tmp_path / "catalog"
+    job, rc = slurm.sbatch(["--account=test", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1",
+                            "--time=30", f"--output={tmp_path}/slurm-%j.out", "jobs/counterfactuals.sbatch",
+                            str(run_dir), str(sharded.out / "test"), str(out), "--unit-size", "4"], timeout=240)
+    text = (tmp_path / f"slurm-{job}.out").read_text()
+    assert rc == 0 and slurm.job_state(job).exit_code == "0:0", text
+    assert re.search(r"computed on 2 rank\(s\)", text) and "OK: " in text, text  # verify ran in the job
+    ranks = [int(u) for u in re.findall(r"rank \d+: (\d+) units", text)]
+    n_test = json.loads((sharded.out / "test" / "manifest.json").read_text())["num_samples"]
+    assert len(ranks) == 2 and sum(ranks) == -(-n_test // 4)
+    with h5py.File(out / "catalog.h5") as f:
+        assert len(set(f["key"][:].tolist())) == n_test
+
+
 def test_usage_error_without_config_in_default_log(slurm):
     """Also the default log location: Slurm fails a job whose log directory (runs/) is missing."""
     job, rc = slurm.sbatch(["--account=test", "--ntasks-per-node=1", "--cpus-per-task=1", "jobs/train.sbatch"],
