@@ -307,6 +307,16 @@ def cmd_catalog_run(args):
     print(f"wrote {s['catalog']}; check it with `galcf-hpc catalog verify {Path(s['catalog']).parent}`")
 
 
+def cmd_catalog_pack(args):
+    from .catalog.job import verify_catalog
+    from .catalog.store import CATALOG, pack_catalog
+
+    verify_catalog(args.dir)  # never pack a catalog with holes
+    out = args.out or args.dir / "catalog_packed.h5"
+    n = pack_catalog(args.dir / CATALOG, out)
+    print(f"packed {n} galaxies into {out} (one file, no part files needed)")
+
+
 def cmd_catalog_verify(args):
     from .catalog.job import verify_catalog
 
@@ -395,6 +405,10 @@ def build_parser():
     sp.add_argument("--image-dtype", choices=("uint8", "float16"), default="uint8")
     sp.add_argument("--fault-kill-at-unit", type=int, default=None, help=argparse.SUPPRESS)  # restart tests
     sp.set_defaults(func=cmd_catalog_run)
+    sp = catalog.add_parser("pack", help="verify, then copy catalog.h5 into one self-contained file (no parts)")
+    sp.add_argument("dir", type=Path)
+    sp.add_argument("--out", type=Path, help="default: DIR/catalog_packed.h5")
+    sp.set_defaults(func=cmd_catalog_pack)
     sp = catalog.add_parser("verify", help="check a catalog directory: every key once, no holes, provenance")
     sp.add_argument("dir")
     sp.set_defaults(func=cmd_catalog_verify)

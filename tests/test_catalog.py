@@ -178,6 +178,25 @@ def test_verify_finds_deleted_part(mpi_catalog, tmp_path, monkeypatch, capsys):
     assert "'pred' holds its fill value -32768 for 4 galaxies, first index 8" in err
 
 
+def test_pack_copies_every_field_into_one_file(mpi_catalog, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(mpi_catalog[0], out)
+    code, _ = run_cli(monkeypatch, capsys, "catalog", "pack", out, "--out", tmp_path / "packed.h5")
+    assert code == 0
+    shutil.rmtree(out / "parts")  # the packed file needs no part files
+    with h5py.File(tmp_path / "packed.h5", "r") as packed, h5py.File(mpi_catalog[0] / "catalog.h5", "r") as vds:
+        assert set(packed) == set(vds) and not packed["pred"].is_virtual
+        for name in vds:
+            a, b = packed[name][()], vds[name][()]
+            assert a.dtype == b.dtype and np.array_equal(a, b, equal_nan=a.dtype.kind == "f"), name
+        assert packed.attrs["checkpoint_sha256"] == vds.attrs["checkpoint_sha256"]
+    (out / "catalog.h5").unlink()
+    shutil.copytree(mpi_catalog[0], tmp_path / "holey")
+    (tmp_path / "holey" / "parts" / "unit-000001.h5").unlink()
+    code, err = run_cli(monkeypatch, capsys, "catalog", "pack", tmp_path / "holey")
+    assert code == 2 and "is missing" in err and not (tmp_path / "holey" / "catalog_packed.h5").exists()
+
+
 def test_bad_inputs_fail_cleanly(run_dir, make_catalog, mpi_catalog, tmp_path, monkeypatch, capsys):
     ckpt = latest_checkpoint(run_dir)
     cat = make_catalog(n=8, size=32)

@@ -166,3 +166,24 @@ def read_attrs(path):
         raise DataError(f"{path}: attribute 'format' is {attrs.get('format')!r}, expected {FORMAT!r}; "
                         "not a galcf-hpc catalog")
     return attrs
+
+
+def pack_catalog(catalog_path, out_path, block=_VERIFY_BLOCK):
+    """Copy a (verified) virtual ``catalog.h5`` into one self-contained file with contiguous
+    storage per field (same names, shapes, chunking per galaxy, compression and attributes),
+    written under a temporary name and renamed: a single file to archive or move without
+    its parts. Returns the number of galaxies."""
+    with h5py.File(catalog_path, "r") as src, atomic_path(Path(out_path)) as tmp:
+        with h5py.File(tmp, "w") as dst:
+            for name, ds in src.items():
+                n = ds.shape[0]
+                step = max(1, block // max(1, int(np.prod(ds.shape[1:]))))
+                chunks = (1,) + ds.shape[1:] if ds.ndim > 2 else (min(n, step),) + ds.shape[1:]
+                out = dst.create_dataset(name, ds.shape, ds.dtype, chunks=chunks, fillvalue=ds.fillvalue,
+                                         **_COMPRESSION)
+                out.attrs.update(ds.attrs)
+                for start in range(0, n, step):
+                    out[start:start + step] = ds[start:start + step]
+            dst.attrs.update(src.attrs)
+            dst.attrs["packed_from"] = str(Path(catalog_path).resolve())
+            return len(src["key"])
