@@ -1,6 +1,6 @@
 import torch
 
-from galcf_hpc.explain.counterfactual import boundary_distance, counterfactual_h
+from galcf_hpc.model.counterfactual import boundary_distance, counterfactual_h
 from galcf_hpc.model.flow import build_flow, flow_forward, flow_inverse
 from galcf_hpc.model.gmm import class_logits, initial_means
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..data.classes import NUM_CLASSES
-from ..explain.counterfactual import counterfactual_h
+from .counterfactual import counterfactual_h
 from .autoencoder import Decoder, Encoder
 from .flow import build_flow, flow_forward, flow_inverse
 from .gmm import class_logits, initial_means
