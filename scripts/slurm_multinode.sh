@@ -22,34 +22,17 @@
 # SlurmdParameters=config_overrides), like scripts/slurm_local.sh, on other ports (6827/6828,
 # or GALCF_SLURM2_CTLD_PORT/GALCF_SLURM2_SLURMD_PORT), so both clusters can run at once.
 set -euo pipefail
-
-usage() {
-    sed -n '6,8p' "$0" | sed 's/^# \{0,1\}//' >&2
-    exit 2
-}
-
-cmd=start
-case "${1:-}" in
-    start|stop|status) cmd=$1; shift ;;
-    -h|--help) usage ;;
-esac
-[ $# -le 1 ] || usage
-DIR=${1:-${GALCF_SLURM2_DIR:-/tmp/galcf-slurm2}}
-mkdir -p "$DIR"
-DIR=$(cd "$DIR" && pwd)
-CONF=$DIR/slurm.conf
-export SLURM_CONF=$CONF
-export PATH=$PATH:/usr/sbin:/sbin
-TIMEOUT=${GALCF_SLURM_TIMEOUT:-60}
+# shellcheck disable=SC2034  # read by slurm_common.sh
+SCRIPT=slurm_multinode.sh
+USAGE_LINES=7,9
+DEFAULT_DIR=${GALCF_SLURM2_DIR:-/tmp/galcf-slurm2}
+# shellcheck source=scripts/slurm_common.sh
+source "$(dirname "$0")/slurm_common.sh"
+slurm_args "$@"
 BRIDGE=galcfbr0
 NET=10.77.0
 NODES=(n1 n2)
 CTLD_HOST=$(hostname -s)
-
-fail() {
-    echo "slurm_multinode.sh: $*" >&2
-    exit 1
-}
 
 ns() { echo "galcf-$1"; }            # network namespace of node n1 -> galcf-n1
 addr() { echo "$NET.1${1#n}"; }      # n1 -> 10.77.0.11
@@ -106,23 +89,14 @@ if [ "$cmd" = stop ]; then
     exit 0
 fi
 if [ "$cmd" = status ]; then
-    [ -f "$CONF" ] || fail "no cluster configured in $DIR (run: $0 start $DIR)"
-    sinfo -N -o '%N %P %T %c %m %G'
-    squeue
+    show_status
     exit 0
 fi
 
 [ "$(id -u)" = 0 ] || fail "network namespaces and the daemons (SlurmUser=root) need root: run this script as root"
 command -v ip >/dev/null || fail "no 'ip' command (install iproute2)"
 { command -v unshare && command -v nsenter; } >/dev/null || fail "no 'unshare'/'nsenter' command (util-linux)"
-if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v sbatch >/dev/null; then
-    command -v apt-get >/dev/null || fail "Slurm is not installed and there is no apt-get to install it with"
-    echo "installing Slurm (slurmctld slurmd slurm-client) from the distribution"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends slurmctld slurmd slurm-client \
-        >"$DIR/apt.log" 2>&1 || { DEBIAN_FRONTEND=noninteractive apt-get update >>"$DIR/apt.log" 2>&1 || true
-        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends slurmctld slurmd slurm-client \
-            >>"$DIR/apt.log" 2>&1 || fail "apt-get install of Slurm failed; see $DIR/apt.log"; }
-fi
+install_slurm
 
 # --- network ---------------------------------------------------------------------------------
 if ! ip link show "$BRIDGE" >/dev/null 2>&1; then
@@ -158,71 +132,34 @@ done
 # --- configuration ---------------------------------------------------------------------------
 mkdir -p "$DIR/state" "$DIR/log"
 for node in "${NODES[@]}"; do mkdir -p "$DIR/spool-$node"; done
-for i in 0 1 2 3; do
-    dev=$DIR/fakegpu$i
-    if [ ! -c "$dev" ]; then
-        rm -f "$dev"
-        mknod "$dev" c 1 3 || fail "mknod $dev c 1 3 failed (a GPU GRES needs a device file)"
-    fi
-done
+make_fake_gpus
 node_lines=
 for node in "${NODES[@]}"; do
     node_lines="${node_lines}NodeName=$node NodeAddr=$(addr "$node") NodeHostname=$node Sockets=2 CoresPerSocket=64 ThreadsPerCore=1 RealMemory=512000 Gres=gpu:4 State=UNKNOWN
 "
 done
+ALL=$(IFS=,; echo "${NODES[*]}")
 new_conf=$(cat <<EOF
 # Written by scripts/slurm_multinode.sh: two nodes in network namespaces posing as JURECA-DC GPU nodes.
 ClusterName=galcf-multi
 SlurmctldHost=$CTLD_HOST($NET.1)
-SlurmUser=root
-AuthType=auth/none
-CredType=cred/none
-StateSaveLocation=$DIR/state
+$(common_conf)
 SlurmdSpoolDir=$DIR/spool-%n
-SlurmctldPidFile=$DIR/slurmctld.pid
 SlurmdPidFile=$DIR/slurmd-%n.pid
-SlurmctldLogFile=$DIR/log/slurmctld.log
 SlurmdLogFile=$DIR/log/slurmd-%n.log
 SlurmctldPort=${GALCF_SLURM2_CTLD_PORT:-6827}
 SlurmdPort=${GALCF_SLURM2_SLURMD_PORT:-6828}
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core_Memory
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
 MpiDefault=none
-ReturnToService=2
-SlurmdParameters=config_overrides
-GresTypes=gpu
-JobRequeue=1
-KillWait=2
-MinJobAge=600
-SchedulerParameters=sched_interval=2
-${node_lines}PartitionName=dc-gpu Nodes=$(IFS=,; echo "${NODES[*]}") Default=YES MaxTime=24:00:00 DefMemPerCPU=4000 State=UP
+${node_lines}PartitionName=dc-gpu Nodes=$ALL Default=YES MaxTime=24:00:00 DefMemPerCPU=4000 State=UP
 EOF
 )
-new_gres="NodeName=$(IFS=,; echo "${NODES[*]}") Name=gpu File=$DIR/fakegpu[0-3]"
-
-changed=0
-if [ "$new_conf" != "$(cat "$CONF" 2>/dev/null)" ]; then
-    printf '%s\n' "$new_conf" >"$CONF"
-    changed=1
-fi
-if [ "$new_gres" != "$(cat "$DIR/gres.conf" 2>/dev/null)" ]; then
-    printf '%s\n' "$new_gres" >"$DIR/gres.conf"
-    changed=1
-fi
-if [ "$changed" = 1 ]; then
+if write_conf "$new_conf" "NodeName=$ALL Name=gpu File=$DIR/fakegpu[0-3]"; then
     for node in "${NODES[@]}"; do stop_daemon "slurmd $node" "$DIR/slurmd-$node.pid" >/dev/null; done
     stop_daemon slurmctld "$DIR/slurmctld.pid" >/dev/null
 fi
 
 # --- daemons ---------------------------------------------------------------------------------
-if ! running_pid "$DIR/slurmctld.pid" >/dev/null; then
-    slurmctld -f "$CONF" >>"$DIR/log/slurmctld.stderr" 2>&1 \
-        || fail "slurmctld did not start; see $DIR/log/slurmctld.log and $DIR/log/slurmctld.stderr"
-fi
+start_slurmctld
 for node in "${NODES[@]}"; do
     if ! running_pid "$DIR/slurmd-$node.pid" >/dev/null; then
         # own network namespace, host name and /etc/hosts (a private mount namespace). Not `ip
@@ -233,20 +170,7 @@ for node in "${NODES[@]}"; do
             || fail "slurmd $node did not start; see $DIR/log/slurmd-$node.log and $DIR/log/slurmd-$node.stderr"
     fi
 done
-
-deadline=$((SECONDS + TIMEOUT))
-while :; do
-    idle=$(sinfo -h -N -p dc-gpu -o '%N %T' 2>/dev/null | grep -cE ' (idle|mixed|allocated)' || true)
-    [ "$idle" -ge "${#NODES[@]}" ] && break
-    state=$(sinfo -h -N -o '%N:%T' 2>/dev/null | tr '\n' ' ' || true)
-    if [ "$SECONDS" -ge "$deadline" ]; then
-        fail "nodes ${NODES[*]} not idle after ${TIMEOUT}s (state: '${state:-no answer from slurmctld}'); see $DIR/log/slurmctld.log and $DIR/log/slurmd-n*.log"
-    fi
-    if [[ "$state" == *down* || "$state" == *drain* || "$state" == *inval* ]]; then
-        scontrol update NodeName="$(IFS=,; echo "${NODES[*]}")" State=RESUME >/dev/null 2>&1 || true
-    fi
-    sleep 0.5
-done
+wait_idle "$ALL" "${#NODES[@]}" "$DIR/log/slurmctld.log and $DIR/log/slurmd-n*.log"
 running_pid "$DIR/slurmctld.pid" >/dev/null \
     || fail "slurmctld exited after starting (port in use? set GALCF_SLURM2_CTLD_PORT); see $DIR/log/slurmctld.log"
 for node in "${NODES[@]}"; do

@@ -112,7 +112,12 @@ class LocalSlurm:
             time.sleep(poll)
 
     def requeue_now(self, job_id):
-        """Start a requeued job at once instead of after Slurm's ~2 minute BeginTime delay."""
+        """Start a requeued job soon instead of after Slurm's ~2 minute BeginTime delay.
+
+        Not within the second of the requeue: slurmd revokes the old job credential with a
+        one-second resolution and rejects a relaunch in that second ("Job credential
+        revoked", the job then FAILS with exit code 1)."""
+        time.sleep(2.0)
         self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
 
     def cancel(self, job_id):

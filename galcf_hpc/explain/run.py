@@ -58,6 +58,19 @@ def counterfactual_metrics(images, recon, x_cf, pred_cf, target, border):
     }
 
 
+def iter_counterfactuals(model, images, recon, z, h, pred, targets, margin, border):
+    """For each target t: (t, sel, x_cf, metrics) for the galaxies not predicted as t
+    (``sel`` selects them; metrics as ``counterfactual_metrics``)."""
+    for t in targets:
+        sel = pred != t
+        if not bool(sel.any()):
+            continue
+        target = torch.full_like(pred[sel], t)
+        x_cf, _ = model.counterfactual(z[sel], h[sel], pred[sel], target, margin)
+        pred_cf = model.classify(x_cf)[0]
+        yield t, sel, x_cf, counterfactual_metrics(images[sel], recon[sel], x_cf, pred_cf, target, border)
+
+
 class _Sums:
     def __init__(self):
         self.sums = {k: 0.0 for k in METRICS}
@@ -128,14 +141,8 @@ def explain(run_dir, split=None, targets=None, max_galaxies=None, device="auto",
         recon_ssim += float(ssim(recon, images).sum())
         recon_msd += float(msd(recon, images).sum())
         n_gal += len(labels)
-        for t in targets:
-            sel = pred != t
-            if not bool(sel.any()):
-                continue
-            target = torch.full_like(pred[sel], t)
-            x_cf, _ = model.counterfactual(z[sel], h[sel], pred[sel], target, margin)
-            pred_cf = model.classify(x_cf)[0]
-            per_target[t].add(counterfactual_metrics(images[sel], recon[sel], x_cf, pred_cf, target, border))
+        for t, _, _, metrics in iter_counterfactuals(model, images, recon, z, h, pred, targets, margin, border):
+            per_target[t].add(metrics)
         fig_pool = _grow_pool(fig_pool, images, labels, pred, z, h)
         bar(i + 1)
         if limit and n_gal >= limit:
