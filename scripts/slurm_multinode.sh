@@ -37,26 +37,6 @@ CTLD_HOST=$(hostname -s)
 ns() { echo "galcf-$1"; }            # network namespace of node n1 -> galcf-n1
 addr() { echo "$NET.1${1#n}"; }      # n1 -> 10.77.0.11
 
-running_pid() {
-    local pid
-    [ -f "$1" ] || return 1
-    pid=$(cat "$1" 2>/dev/null) || return 1
-    [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && echo "$pid"
-}
-
-stop_daemon() {  # name pidfile
-    local pid
-    if pid=$(running_pid "$2"); then
-        kill "$pid"
-        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        if kill -0 "$pid" 2>/dev/null; then
-            kill -9 "$pid" 2>/dev/null || true
-        fi
-        echo "stopped $1 (pid $pid)"
-    fi
-    rm -f "$2"
-}
-
 stop_all() {
     local node pids
     for node in "${NODES[@]}"; do
