@@ -208,7 +208,7 @@ def cmd_demo(args):
     if base_eval.exists():
         log.info("baseline classifier %s exists: reused", base_eval.parent)
     else:
-        train_baseline(cfg, epochs=args.baseline_epochs)
+        train_baseline(cfg, **({"epochs": args.baseline_epochs} if args.baseline_epochs else {}))
     times["baseline"] = time.monotonic() - t
 
     t = time.monotonic()
@@ -427,15 +427,15 @@ def build_parser():
                                       "on the smoke config")
     with_config(sp, required=False)
     sp.add_argument("--ranks", type=int, default=0, help="local training processes (default: 2 with >= 2 cores)")
-    sp.add_argument("--baseline-epochs", type=int, default=10, help=argparse.SUPPRESS)
+    sp.add_argument("--baseline-epochs", type=int, default=None, help=argparse.SUPPRESS)
     sp.set_defaults(func=cmd_demo)
 
     baseline = sub.add_parser("baseline", help="independent plain CNN classifier (for independent validity)"
                               ).add_subparsers(dest="baseline_cmd", required=True)
     sp = baseline.add_parser("train", help="train it on the run's train split -> RUN/baseline/")
     with_config(sp)
-    sp.add_argument("--epochs", type=int, default=10)
-    sp.add_argument("--lr", type=float, default=3e-3)
+    sp.add_argument("--epochs", type=int, default=25)
+    sp.add_argument("--lr", type=float, default=1e-3)
     sp.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     sp.set_defaults(func=cmd_baseline_train)
 

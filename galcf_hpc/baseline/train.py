@@ -19,8 +19,8 @@ from .classifier import BaselineCNN, predict, save_baseline
 
 log = logging.getLogger("galcf_hpc")
 
-DEFAULT_EPOCHS = 10
-DEFAULT_LR = 3e-3
+DEFAULT_EPOCHS = 25
+DEFAULT_LR = 1e-3
 DEFAULT_CHANNELS = (16, 32, 64)
 
 
