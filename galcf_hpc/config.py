@@ -59,6 +59,7 @@ class DataConfig:
 
 
 LOADERS = ("torch", "dali", "synthetic")
+ENGINES = ("ddp", "deepspeed")
 
 
 @dataclass
@@ -149,7 +150,7 @@ class Config:
             (d.device in ("auto", "cpu", "gpu"), "data.device", f"must be auto, cpu or gpu, got {d.device!r}"),
             (d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}"),
             (self.train.device in ("auto", "cpu", "cuda"), "train.device", "must be auto, cpu or cuda"),
-            (self.train.engine in ("ddp", "deepspeed"), "train.engine", f"must be ddp or deepspeed, got {self.train.engine!r}"),
+            (self.train.engine in ENGINES, "train.engine", f"must be ddp or deepspeed, got {self.train.engine!r}"),
             (self.train.zero_stage in (0, 1, 2), "train.zero_stage", "must be 0, 1 or 2 (ZeRO-3 shards the weights, "
              "which this small model does not need)"),
             (self.train.grad_accumulation >= 1, "train.grad_accumulation", "must be >= 1"),

@@ -2,6 +2,7 @@
 harness.py, analyze.py and projection.py."""
 
 
+from ..config import ENGINES, LOADERS
 from . import projection as P
 
 
@@ -49,8 +50,8 @@ def add_scaling_parser(sub):
     sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     sp.add_argument("--mode", choices=("weak", "strong"), default="weak",
                     help="weak: fixed micro-batch per GPU; strong: fixed train.global_batch")
-    sp.add_argument("--engine", choices=("ddp", "deepspeed"), default="ddp")
-    sp.add_argument("--loader", choices=("dali", "torch", "synthetic"), default="synthetic")
+    sp.add_argument("--engine", choices=ENGINES, default="ddp")
+    sp.add_argument("--loader", choices=LOADERS, default="synthetic")
     sp.add_argument("--steps", type=int, default=20, help="timed steps per repeat")
     sp.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     sp.add_argument("--repeats", type=int, default=3)

@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..config import ENGINES, LOADERS
 from ..errors import ConfigError
 from ..loaders import build_loader
 from ..model.galcf import GalaxyCF
@@ -57,8 +58,6 @@ from ..train.loop import build_perceptual, micro_batch
 log = logging.getLogger("galcf_hpc")
 
 MODES = ("weak", "strong")
-ENGINES = ("ddp", "deepspeed")
-LOADERS = ("dali", "torch", "synthetic")
 
 
 def configure(cfg, mode, engine, loader):
