@@ -32,6 +32,7 @@ from ..explain.run import load_run
 from ..fileio import file_sha256, write_json
 from ..loaders.augment import augment_batch
 from ..train.checkpoint import latest_checkpoint
+from ..train.distributed import resolve_device
 from . import store
 from .source import open_source
 
@@ -118,7 +119,7 @@ def _to_numpy(out, image_dtype):
 
 
 def _prepare(checkpoint, input_path, out_dir, targets, unit_size, image_dtype, device):
-    _device(device, 0)
+    resolve_device(device, 0, option="--device")
     if unit_size < 1:
         raise ConfigError(f"--unit-size must be at least 1, got {unit_size}")
     if image_dtype not in IMAGE_DTYPES:
@@ -215,14 +216,6 @@ def _bcast_json(comm, obj):
 # The job
 
 
-def _device(name, local_rank):
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no GPU is visible; use auto or cpu")
-    return torch.device("cuda", local_rank % torch.cuda.device_count())
-
-
 def _cpu_threads(local_size):
     cpus = len(os.sched_getaffinity(0))
     # A launcher that binds each rank to its own cores (srun --cpus-per-task) already split
@@ -291,7 +284,7 @@ def run_catalog(checkpoint, input_path, out_dir, targets=None, unit_size=256, de
     if error:
         raise error
     try:
-        dev = _device(device, local_rank)
+        dev = resolve_device(device, local_rank, option="--device")
         if rank:
             model, cfg, _ = load_run(None, plan["checkpoint_path"], "cpu")
             source = open_source(plan["input"])

@@ -94,10 +94,10 @@ def _mpi_master(environ):
     return comm.bcast(mine, root=0)
 
 
-def resolve_device(name, local_rank=0):
-    """``train.device`` (auto | cpu | cuda) -> torch.device for this rank."""
+def resolve_device(name, local_rank=0, option="config key 'train.device'"):
+    """``auto | cpu | cuda`` (``option`` names the setting in errors) -> torch.device for this rank."""
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("config key 'train.device': cuda requested but no GPU is visible; use auto or cpu")
+        raise ConfigError(f"{option}: cuda requested but no GPU is visible; use auto or cpu")
     if name == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda", local_rank % torch.cuda.device_count())
