@@ -95,14 +95,6 @@ def cmd_config(args):
     print(dump_config(_load(args)), end="")
 
 
-def _free_port():
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _config_argv(config, sets):
     return ["--config", str(config)] + [x for s in sets for x in ("--set", s)]
 
@@ -110,10 +102,11 @@ def _config_argv(config, sets):
 def _train_ranks(config, sets, ranks, cfg):
     """Train with ``ranks`` local processes (torchrun-style environment, 1 torch thread each,
     the same global batch as one process); False when the launch failed."""
-    import os
     import subprocess
 
-    port = _free_port()
+    from .train.distributed import free_port
+
+    port = free_port()
     extra = ["train.threads=1", f"train.global_batch={cfg.train.global_batch or cfg.train.batch_size}"]
     argv = [sys.executable, "-m", "galcf_hpc.cli", "train"] + _config_argv(config, list(sets) + extra) + ["--resume"]
     procs = []

@@ -67,7 +67,8 @@ def first_host(nodelist):
     return prefix + ranges.split(",")[0].split("-")[0]
 
 
-def _free_port():
+def free_port():
+    """A TCP port that is free now (for a rendezvous started right after)."""
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
@@ -90,7 +91,7 @@ def _mpi_master(environ):
         raise ConfigError("started by mpiexec without MASTER_ADDR/MASTER_PORT, and mpi4py is not installed to "
                           "share them; pip install 'galcf-hpc[mpi]' or export both variables") from None
     comm = MPI.COMM_WORLD
-    mine = (socket.gethostname(), _free_port()) if comm.Get_rank() == 0 else None
+    mine = (socket.gethostname(), free_port()) if comm.Get_rank() == 0 else None
     return comm.bcast(mine, root=0)
 
 
@@ -136,7 +137,7 @@ def init_process_group(env, timeout_minutes=10.0, always=False):
     closed connection at once, NCCL after ``timeout_minutes``."""
     if dist.is_initialized() or (env.world_size == 1 and not always):
         return
-    port = env.master_port or _free_port()
+    port = env.master_port or free_port()
     for key, value in (("MASTER_ADDR", env.master_addr), ("MASTER_PORT", str(port)), ("RANK", str(env.rank)),
                        ("WORLD_SIZE", str(env.world_size)), ("LOCAL_RANK", str(env.local_rank))):
         os.environ[key] = value  # DeepSpeed reads these instead of probing with mpi4py
