@@ -99,7 +99,10 @@ def train(cfg, resume=False):
     distributed.init_process_group(env, cfg.train.collective_timeout_minutes,
                                    always=cfg.train.engine == "deepspeed")
     try:
-        return _train(cfg, resume, env, signals)
+        result = _train(cfg, resume, env, signals)
+        # leave together: a rank that tears gloo down while rank 0 still evaluates can abort
+        distributed.barrier()
+        return result
     except RuntimeError as exc:
         if env.world_size > 1 and _PEER_LOST.search(str(exc)):
             newest = latest_checkpoint(cfg.run.out_dir)
