@@ -15,7 +15,7 @@ setup(
     long_description=Path("README.md").read_text() if Path("README.md").exists() else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["galcf_hpc", "galcf_hpc.*"]),
-    package_data={"galcf_hpc": ["configs/*.yaml"]},
+    package_data={"galcf_hpc": ["configs/*.yaml"], "galcf_hpc.report": ["templates/*.j2"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4,<=2.14.1",
@@ -24,7 +24,11 @@ setup(
         "webdataset>=1.0",
         "h5py>=3.8",
         "pyyaml>=6.0",
+        "scipy>=1.9",
         "pillow>=9.0",
+        # the report page's template engine; small and pure Python, so required rather than in
+        # the report extra (scripts/setup.sh installs the dev extra, not report)
+        "jinja2>=3.0",
     ],
     extras_require={
         "synth": ["galsim>=2.5"],
@@ -38,7 +42,10 @@ setup(
         # install with DS_BUILD_OPS=0: no CUDA extensions are compiled (the optimiser is torch's)
         "deepspeed": ["deepspeed>=0.14"],
         "mpich": ["mpi4py>=3.1", "mpich"],
-        "dev": ["pytest>=7", "scikit-image>=0.21", "galsim>=2.5", "matplotlib>=3.7", "scikit-learn>=1.3"],
+        # ruff and import-linter: .ci/run lints and checks the import contracts before the
+        # tests. ruff within one minor release: its formatter's style changes between them.
+        "dev": ["pytest>=7", "scikit-image>=0.21", "galsim>=2.5", "matplotlib>=3.7", "scikit-learn>=1.3",
+                "ruff~=0.17.6", "import-linter>=2.17,<3"],
     },
     entry_points={"console_scripts": ["galcf-hpc=galcf_hpc.cli:main"]},
 )

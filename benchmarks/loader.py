@@ -43,8 +43,9 @@ def make_shards(root, galaxies, size, workers):
         return out
     print(f"rendering {galaxies} galaxies at {size} px into {root} (once; reused later)", flush=True)
     cat = generate(galaxies, size, seed=11, workers=workers)
-    write_catalog(root / "catalog.h5", cat["images"], cat["ans"], cat["ra"], cat["dec"], cat["redshift"],
-                  cat["pxscale"])
+    write_catalog(
+        root / "catalog.h5", cat["images"], cat["ans"], cat["ra"], cat["dec"], cat["redshift"], cat["pxscale"]
+    )
     write_shards(root / "catalog.h5", out, shard_size=200, fractions=(0.9, 0.05, 0.05), seed=0)
     return out
 
@@ -90,9 +91,13 @@ def _dali_stage_pipeline(split, stage, batch_size, image_size, device):
 
     @pipeline_def(batch_size=batch_size, num_threads=1, device_id=0 if device == "gpu" else None)
     def pipe():
-        enc, _ = fn.readers.webdataset(paths=[str(t) for t, _, _ in shards], index_paths=[str(i) for _, i, _ in shards],
-                                       ext=[manifest["image_format"], "cls"], random_shuffle=True,
-                                       pad_last_batch=True)
+        enc, _ = fn.readers.webdataset(
+            paths=[str(t) for t, _, _ in shards],
+            index_paths=[str(i) for _, i, _ in shards],
+            ext=[manifest["image_format"], "cls"],
+            random_shuffle=True,
+            pad_last_batch=True,
+        )
         if stage == "read":
             return enc
         img = fn.decoders.image(enc, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
@@ -101,8 +106,14 @@ def _dali_stage_pipeline(split, stage, batch_size, image_size, device):
         img = fn.rotate(img, angle=fn.random.uniform(range=[-180, 180]), keep_size=True, fill_value=0)
         if stage == "rotate":
             return img
-        img = fn.resize(img, size=[image_size, image_size], roi_start=[anchor, anchor],
-                        roi_end=[anchor + side, anchor + side], antialias=True, dtype=types.FLOAT)
+        img = fn.resize(
+            img,
+            size=[image_size, image_size],
+            roi_start=[anchor, anchor],
+            roi_end=[anchor + side, anchor + side],
+            antialias=True,
+            dtype=types.FLOAT,
+        )
         if stage == "crop+resize":
             return img
         return fn.crop_mirror_normalize(img, mean=0.0, std=255.0, output_layout="CHW", dtype=types.FLOAT)
@@ -141,8 +152,12 @@ def profile_stages(split, batch_size, image_size, device, batches=4):
     crop_resize(x, 0.7, image_size).clamp_(0, 1)
     t4 = time.perf_counter()
     ds.close()
-    out["torch"] = {"read+decode": (t1 - t0) * 1000 / n, "to float": (t2 - t1) * 1000 / n,
-                    "rotate": (t3 - t2) * 1000 / n, "crop+resize": (t4 - t3) * 1000 / n}
+    out["torch"] = {
+        "read+decode": (t1 - t0) * 1000 / n,
+        "to float": (t2 - t1) * 1000 / n,
+        "rotate": (t3 - t2) * 1000 / n,
+        "crop+resize": (t4 - t3) * 1000 / n,
+    }
     return out
 
 
@@ -164,23 +179,30 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     torch.set_num_threads(1)
-    shards = args.shards or make_shards(args.cache / f"{args.size}px-{args.galaxies}", args.galaxies, args.size,
-                                        args.threads)
+    shards = args.shards or make_shards(
+        args.cache / f"{args.size}px-{args.galaxies}", args.galaxies, args.size, args.threads
+    )
     split = shards / "train"
     common = dict(batch_size=args.batch_size, image_size=args.image_size, train=True)
     runs = {
         f"torch ({args.threads} workers)": lambda: build_torch_loader(
-            split, augment=True, num_workers=args.threads, **common),
+            split, augment=True, num_workers=args.threads, **common
+        ),
         f"dali-{args.device} ({args.threads} threads)": lambda: DaliLoader(
-            split, augment=True, num_threads=args.threads, device=args.device, **common),
+            split, augment=True, num_threads=args.threads, device=args.device, **common
+        ),
         f"synthetic ({args.device})": lambda: SyntheticLoader(
-            split, device="cuda" if args.device == "gpu" else "cpu", **common),
+            split, device="cuda" if args.device == "gpu" else "cpu", **common
+        ),
     }
     results = {}
     for name, make in runs.items():
         results[name] = time_loader(make, args.warmup, args.batches, args.repeats)
-        print(f"{name:28s} {results[name]['images_per_s']:9.1f} images/s "
-              f"(min {results[name]['min']:.1f}, max {results[name]['max']:.1f})", flush=True)
+        print(
+            f"{name:28s} {results[name]['images_per_s']:9.1f} images/s "
+            f"(min {results[name]['min']:.1f}, max {results[name]['max']:.1f})",
+            flush=True,
+        )
     base = next(iter(results.values()))["images_per_s"]
     print("\nratio to the torch back-end:")
     for name, r in results.items():
@@ -190,13 +212,21 @@ def main(argv=None):
         report_profile = profile_stages(split, args.batch_size, args.image_size, args.device)
         print("\nms per image and stage, one thread:")
         for backend, stages in report_profile.items():
-            print(f"  {backend:6s} " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items())
-                  + f"; total {sum(stages.values()):.2f}")
+            print(
+                f"  {backend:6s} "
+                + ", ".join(f"{k} {v:.2f}" for k, v in stages.items())
+                + f"; total {sum(stages.values()):.2f}"
+            )
         results["profile_ms_per_image"] = report_profile
     report = {
-        "benchmark": "loader", "shards": str(shards), "args": {k: str(v) for k, v in vars(args).items()},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
+        "benchmark": "loader",
+        "shards": str(shards),
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        },
         "results": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -39,9 +39,12 @@ def make_shards(root, n=4000, size=64):
     if not (out / "splits.json").is_file():
         rng = np.random.default_rng(0)
         yy, xx = np.mgrid[:size, :size] - size / 2
-        blob = np.exp(-(xx ** 2 + yy ** 2) / (2 * (size / 8) ** 2))
-        images = (rng.uniform(0.3, 1.0, (n, 1, 1, 3)) * 200 * blob[None, :, :, None]
-                  + rng.normal(8, 3, (n, size, size, 3))).clip(0, 255).astype(np.uint8)
+        blob = np.exp(-(xx**2 + yy**2) / (2 * (size / 8) ** 2))
+        images = (
+            (rng.uniform(0.3, 1.0, (n, 1, 1, 3)) * 200 * blob[None, :, :, None] + rng.normal(8, 3, (n, size, size, 3)))
+            .clip(0, 255)
+            .astype(np.uint8)
+        )
         write_catalog(root / "cat.h5", images, rng.integers(0, 10, n), rng.uniform(0, 360, n), rng.uniform(-60, 60, n))
         write_shards(root / "cat.h5", out, shard_size=300, fractions=(0.9, 0.05, 0.05))
     return out
@@ -53,10 +56,24 @@ def run(config_path, world):
         port = s.getsockname()[1]
     procs = []
     for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, "-m", "galcf_hpc.cli", "train", "--config", str(config_path)],
-                                      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            WORLD_SIZE=str(world),
+            LOCAL_RANK=str(rank),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            OMP_NUM_THREADS="1",
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "galcf_hpc.cli", "train", "--config", str(config_path)],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     for p in procs:
         _, err = p.communicate()
         if p.returncode:
@@ -84,26 +101,58 @@ def main(argv=None):
     results = []
     for engine in args.engines:
         rates = {}
-        for world in (1, args.ranks):
+        for world in sorted({1, args.ranks}):  # --ranks 1: the 1-rank run alone
             run_dir = args.work / f"{engine}-{world}"
             shutil.rmtree(run_dir, ignore_errors=True)
-            cfg = load_config(ROOT / "configs" / "smoke.yaml", [
-                f"run.out_dir={run_dir}", f"data.shards={shards}", f"data.loader={args.loader}", "data.device=cpu",
-                f"train.engine={engine}", f"train.batch_size={args.micro_batch}", "train.global_batch=0",
-                "train.threads=1", f"train.stop_after_steps={args.steps}", "train.log_every=5", "train.epochs=100"])
+            cfg = load_config(
+                ROOT / "configs" / "smoke.yaml",
+                [
+                    f"run.out_dir={run_dir}",
+                    f"data.shards={shards}",
+                    f"data.loader={args.loader}",
+                    "data.device=cpu",
+                    f"train.engine={engine}",
+                    f"train.batch_size={args.micro_batch}",
+                    "train.global_batch=0",
+                    "train.threads=1",
+                    f"train.stop_after_steps={args.steps}",
+                    "train.log_every=5",
+                    "train.epochs=100",
+                ],
+            )
             path = args.work / f"{engine}-{world}.yaml"
             path.write_text(dump_config(cfg))
             run(path, world)
             rates[world] = throughput(run_dir)
-            print(f"{engine:10s} {world} rank(s): {rates[world][0]:8.1f} images/s "
-                  f"(windows {rates[world][1]:.1f}-{rates[world][2]:.1f})", flush=True)
+            print(
+                f"{engine:10s} {world} rank(s): {rates[world][0]:8.1f} images/s "
+                f"(windows {rates[world][1]:.1f}-{rates[world][2]:.1f})",
+                flush=True,
+            )
         eff = rates[args.ranks][0] / (args.ranks * rates[1][0])
         print(f"{engine:10s} weak-scaling efficiency 1 -> {args.ranks} ranks: {eff:.2f}", flush=True)
-        results.append({"engine": engine, "loader": args.loader, "micro_batch": args.micro_batch,
-                        "images_per_s": {str(k): v[0] for k, v in rates.items()}, "efficiency": eff})
+        results.append(
+            {
+                "engine": engine,
+                "loader": args.loader,
+                "micro_batch": args.micro_batch,
+                "images_per_s": {str(k): v[0] for k, v in rates.items()},
+                "efficiency": eff,
+            }
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"benchmark": "train_weak_scaling", "cpus": os.cpu_count(),
-                                    "platform": platform.platform(), "results": results}, indent=2) + "\n")
+    args.out.write_text(
+        json.dumps(
+            {
+                "benchmark": "train_weak_scaling",
+                "cpus": os.cpu_count(),
+                "platform": platform.platform(),
+                "results": results,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"written: {args.out}")
 
 

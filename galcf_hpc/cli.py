@@ -1,11 +1,10 @@
-"""``galcf-hpc``: the command line. Subcommands call into the package modules; this is the
-only place (with config.py) that parses arguments."""
+"""``galcf-hpc``: the command line. Subcommands call into the package modules (pipelines in
+demo.py); this is the only place (with config.py) that parses arguments."""
 
 import argparse
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
 from . import __version__
@@ -13,7 +12,15 @@ from .errors import GalcfError
 
 log = logging.getLogger("galcf_hpc")
 
-REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+DESCRIPTION = (
+    "Explainable galaxy-morphology classification with counterfactual explanations (Cao, Krieger, "
+    "Scharr & Assent, NeurIPS 2024 ML4PS), built to train on many GPUs and explain whole sky catalogs: "
+    "synthesise or shard data, train (one process per GPU under srun, torchrun or mpiexec), explain, "
+    "run the catalog job, build reports."
+)
+EPILOG = "Start with `galcf-hpc demo` (CPU only, minutes); `galcf-hpc COMMAND --help` for each command."
+# device.DEVICES, written out so that --help does not import torch (tests/test_cli.py checks they agree)
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
 def _load(args):
@@ -29,10 +36,15 @@ def cmd_synth(args):
     from .progress import Progress
 
     fractions = [1.0 / NUM_CLASSES] * NUM_CLASSES if args.balanced else None
-    cat = generate(args.n, args.size, args.seed, workers=args.workers, class_fractions=fractions,
-                   progress=Progress(args.n, "synth"))
-    write_catalog(args.out, **cat, attrs={"generator": f"galcf-hpc {__version__} GalSim synthetic",
-                                           "seed": args.seed})
+    cat = generate(
+        args.n,
+        args.size,
+        args.seed,
+        workers=args.workers,
+        class_fractions=fractions,
+        progress=Progress(args.n, "synth"),
+    )
+    write_catalog(args.out, **cat, attrs={"generator": f"galcf-hpc {__version__} GalSim synthetic", "seed": args.seed})
     print(f"wrote {args.n} synthetic galaxies ({args.size} px) to {args.out}")
 
 
@@ -40,14 +52,22 @@ def cmd_shard(args):
     from .data.shards import write_shards
     from .progress import Progress
 
-    summary = write_shards(args.input, args.out, shard_size=args.shard_size, seed=args.seed,
-                           image_format=args.format, progress=Progress(1, "shard"))
+    summary = write_shards(
+        args.input,
+        args.out,
+        shard_size=args.shard_size,
+        seed=args.seed,
+        image_format=args.format,
+        progress=Progress(1, "shard"),
+    )
     for split, info in summary["splits"].items():
         print(f"{split:5s}: {info['num_samples']} galaxies in {info['num_shards']} shards")
     conflicts = summary["conflicting_groups"]
     if conflicts:
-        print(f"{len(conflicts)} groups of repeated cutouts carry conflicting labels (kept in one split each; "
-              f"listed in {Path(args.out) / 'splits.json'})")
+        print(
+            f"{len(conflicts)} groups of repeated cutouts carry conflicting labels (kept in one split each; "
+            f"listed in {Path(args.out) / 'splits.json'})"
+        )
     print(f"wrote {args.out}; check it with `galcf-hpc data verify {args.out}`")
 
 
@@ -77,16 +97,28 @@ def cmd_explain(args):
             targets = [class_index(t) for t in args.targets]
         except ValueError as exc:
             raise GalcfError(f"--targets: {exc}") from None
-    summary = explain(args.run, split=args.split, targets=targets, max_galaxies=args.max_galaxies,
-                      device=args.device, checkpoint=args.checkpoint)
+    summary = explain(
+        args.run,
+        split=args.split,
+        targets=targets,
+        max_galaxies=args.max_galaxies,
+        device=args.device,
+        checkpoint=args.checkpoint,
+        placement=args.placement,
+    )
     _print_explain(summary)
 
 
 def cmd_weights_fetch(args):
-    from .model.vgg import fetch_vgg16
+    from .model.weights import fetch_vgg16
 
     path = fetch_vgg16(args.out)
-    print(f"VGG16 ImageNet weights saved to {path}; set model.vgg_weights: {path}")
+    where = (
+        "training finds it there when model.vgg_weights is not set"
+        if args.out is None
+        else f"set model.vgg_weights: {path}"
+    )
+    print(f"VGG16 ImageNet weights saved to {path}; {where}")
 
 
 def cmd_config(args):
@@ -95,177 +127,58 @@ def cmd_config(args):
     print(dump_config(_load(args)), end="")
 
 
-def _config_argv(config, sets):
-    return ["--config", str(config)] + [x for s in sets for x in ("--set", s)]
-
-
-def _train_ranks(config, sets, ranks, cfg):
-    """Train with ``ranks`` local processes (torchrun-style environment, 1 torch thread each,
-    the same global batch as one process); False when the launch failed."""
-    import subprocess
-
-    from .train.distributed import free_port
-
-    port = free_port()
-    extra = ["train.threads=1", f"train.global_batch={cfg.train.global_batch or cfg.train.batch_size}"]
-    argv = [sys.executable, "-m", "galcf_hpc.cli", "train"] + _config_argv(config, list(sets) + extra) + ["--resume"]
-    procs = []
-    for r in range(ranks):
-        env = {**os.environ, "RANK": str(r), "WORLD_SIZE": str(ranks), "LOCAL_RANK": str(r),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen(argv, env=env))
-    try:
-        codes = [p.wait() for p in procs]
-    except BaseException:
-        for p in procs:
-            p.kill()
-        raise
-    if any(codes):
-        log.warning("training with %d local ranks failed (exit codes %s)", ranks, codes)
-        return False
-    return True
-
-
-def _run_catalog(run_dir, split_dir, out_dir, ranks):
-    """The catalog job on one split: ``mpiexec -n ranks`` when mpiexec is on PATH, else in process."""
-    import shutil
-    import subprocess
-
-    if (out_dir / "catalog.h5").exists():
-        log.info("catalog %s exists: reused", out_dir / "catalog.h5")
-        return
-    mpiexec = shutil.which("mpiexec")
-    args = ["catalog", "run", "--checkpoint", str(run_dir), "--input", str(split_dir), "--out", str(out_dir),
-            "--unit-size", "64", "--device", "cpu"]
-    if mpiexec and ranks > 1:
-        rc = subprocess.call([mpiexec, "-n", str(ranks), sys.executable, "-m", "galcf_hpc.cli"] + args)
-        if rc == 0:
-            return
-        log.warning("mpiexec -n %d catalog run failed (exit code %d); running it in this process", ranks, rc)
-    elif not mpiexec:
-        log.warning("mpiexec not on PATH: catalog job in a single process")
-    cmd_catalog_run(build_parser().parse_args(args))
-
-
 def cmd_demo(args):
-    import json
-    import os
+    from .demo import run_demo
 
-    from .baseline import train_baseline
-    from .config import load_config
-    from .data.classes import NUM_CLASSES
-    from .data.galaxy10 import write_catalog
-    from .data.shards import write_shards
-    from .data.synth import generate
-    from .explain.run import explain
-    from .progress import Progress
-    from .report import build_report
-    from .train.loop import train
-
-    config = Path(args.config) if args.config else REPO_CONFIGS / "smoke.yaml"
-    sets = args.set or []
-    cfg = load_config(config, sets)
-    t0 = time.monotonic()
-    times = {}
-    source, shards = Path(cfg.data.source), Path(cfg.data.shards)
-    run_dir = Path(cfg.run.out_dir)
-    s = cfg.data.synth
-    if not source.exists():
-        fractions = [1.0 / NUM_CLASSES] * NUM_CLASSES if s.balanced else None
-        cat = generate(s.n, s.size, s.seed, workers=s.workers, class_fractions=fractions,
-                       progress=Progress(s.n, "synth"))
-        write_catalog(source, **cat, attrs={"generator": f"galcf-hpc {__version__} GalSim synthetic",
-                                             "seed": s.seed})
-        log.info("synthesised %d galaxies into %s (%.0f s)", s.n, source, time.monotonic() - t0)
-    if not (shards / "train" / "manifest.json").exists():
-        write_shards(source, shards, shard_size=cfg.data.shard_size, fractions=tuple(cfg.data.split_fractions),
-                     seed=cfg.data.split_seed)
-        log.info("sharded into %s (%.0f s)", shards, time.monotonic() - t0)
-    times["data"] = time.monotonic() - t0
-
-    t = time.monotonic()
-    ranks = args.ranks if args.ranks else (2 if (os.cpu_count() or 1) >= 2 else 1)
-    trained = False
-    if ranks > 1:
-        log.info("training with %d local ranks (torchrun-style environment, 1 thread each)", ranks)
-        trained = _train_ranks(config, sets, ranks, cfg)
-        if not trained:
-            log.warning("falling back to training in this process")
-    if not trained:
-        train(cfg, resume=True)
-    result = json.loads((run_dir / "eval.json").read_text())
-    times["train"] = time.monotonic() - t
-
-    t = time.monotonic()
-    base_eval = run_dir / "baseline" / "eval.json"
-    if base_eval.exists():
-        log.info("baseline classifier %s exists: reused", base_eval.parent)
-    else:
-        train_baseline(cfg, **({"epochs": args.baseline_epochs} if args.baseline_epochs else {}))
-    times["baseline"] = time.monotonic() - t
-
-    t = time.monotonic()
-    summary = explain(run_dir, split=cfg.explain.split)
-    times["explain"] = time.monotonic() - t
-    t = time.monotonic()
-    catalog_dir = run_dir / "catalog"
-    _run_catalog(run_dir, shards / cfg.explain.split, catalog_dir, ranks)
-    times["catalog"] = time.monotonic() - t
-    t = time.monotonic()
-    report = build_report(run_dir, catalog=catalog_dir)
-    times["report"] = time.monotonic() - t
-
-    print(f"\n== galcf-hpc demo ({config.name}) finished in {time.monotonic() - t0:.0f} s ==")
-    print("  " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
-    print(f"validation accuracy {result['accuracy']:.3f} (eval.json)")
-    _print_explain(summary)
-    _print_report(report)
+    r = run_demo(args.config, args.set, ranks=args.ranks, judge_epochs=args.judge_epochs)
+    print(
+        f"\n== galcf-hpc demo ({r['config'].name}, {r['ranks']} training rank(s)) finished in "
+        f"{r['total_seconds']:.0f} s =="
+    )
+    print("  " + ", ".join(f"{k} {v:.0f} s" for k, v in r["times"].items()))
+    print(f"validation accuracy {r['train']['accuracy']:.3f} (eval.json)")
+    _print_explain(r["explain"])
+    _print_report(r["report"])
 
 
 def _print_report(rep):
-    m, b = rep["classification"]["model"], rep["classification"]["baseline"]
-    o = rep["counterfactuals"]["overall"]
-    line = f"{rep['split']}: model accuracy {m['accuracy']:.3f}"
-    if b:
-        line += f", independent baseline CNN accuracy {b['accuracy']:.3f}"
-    print(line)
-    vi = o["validity_independent"]
-    print(f"counterfactual validity: by the model {o['validity_model']:.3f}, by the independent classifier "
-          + (f"{vi:.3f}" if vi is not None else "n/a (no baseline)"))
-    sil = rep["silhouette"]
-    print("silhouette by class (original space / t-SNE): " + ", ".join(
-        f"{k} {_num(v['original'])}/{_num(v['tsne'])}" for k, v in sil.items()))
-    if rep["baseline"]["note"]:
-        print(f"note: {rep['baseline']['note']}")
-    print(f"report: {Path(rep['html']).resolve()}  (numbers: {Path(rep['run']) / 'report' / 'report.json'})")
+    from .report import summary_lines
+
+    print("\n".join(summary_lines(rep)))
 
 
-def _num(x):
-    return "n/a" if x is None else f"{x:.3f}"
-
-
-def cmd_baseline_train(args):
-    from .baseline import train_baseline
+def cmd_judges_train(args):
+    from .judges import train_judges
 
     cfg = _load(args)
-    r = train_baseline(cfg, epochs=args.epochs, lr=args.lr, device=args.device)
-    print(f"baseline CNN ({r['settings']['epochs']} epochs, lr {r['settings']['lr']}, {r['train_seconds']:.0f} s)")
-    for split, e in r["splits"].items():
-        print(f"{split} accuracy {e['accuracy']:.3f}  macro-F1 {e['macro_f1']:.3f}  ({e['num_galaxies']} galaxies)")
-    print(f"wrote {Path(cfg.run.out_dir) / 'baseline'}/model.pt and eval.json")
+    results = train_judges(cfg, names=args.only, device=args.device, epochs=args.epochs)
+    for name, r in results.items():
+        print(
+            f"judge {name} ({r['model']}; {r['settings']['epochs']} epochs, {r['train_seconds']:.0f} s): "
+            f"{r['split']} accuracy {r['accuracy']:.3f}  macro-F1 {r['macro_f1']:.3f}  "
+            f"({r['num_galaxies']} galaxies)"
+        )
+    print(f"wrote {Path(cfg.run.out_dir) / 'judges'}/<judge>/model.pt, eval.json and panel.json")
 
 
 def cmd_report(args):
     from .report import build_report
 
-    rep = build_report(args.run, catalog=args.catalog, out=args.out, max_galaxies=args.max_galaxies,
-                       device=args.device, tsne=not args.no_tsne)
+    rep = build_report(
+        args.run,
+        catalog=args.catalog,
+        out=args.out,
+        max_galaxies=args.max_galaxies,
+        device=args.device,
+        tsne=not args.no_tsne,
+    )
     _print_report(rep)
 
 
 def _mpi_world():
     """COMM_WORLD when started by an MPI launcher with more than one rank, else None."""
-    launched = max(int(os.environ.get(k, "1") or 1) for k in ("SLURM_STEP_NUM_TASKS", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"))
+    sizes = ("SLURM_STEP_NUM_TASKS", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
+    launched = max(int(os.environ.get(k, "1") or 1) for k in sizes)
     try:
         from mpi4py import MPI
     except ImportError:
@@ -273,10 +186,12 @@ def _mpi_world():
     size = MPI.COMM_WORLD.Get_size() if MPI else 1
     if launched > 1 and size == 1:
         # every task would explain the whole catalog on its own
-        raise GalcfError(f"the launcher started {launched} tasks but each sees an MPI world of size 1"
-                         f"{'' if MPI else ' (mpi4py is not installed)'}: srun's MPI plug-in does not match the MPI "
-                         "of mpi4py. With the pip mpich wheel use `srun --mpi=pmi2` (or MpiDefault=pmi2); on JSC "
-                         "systems load the MPI module mpi4py was built against")
+        raise GalcfError(
+            f"the launcher started {launched} tasks but each sees an MPI world of size 1"
+            f"{'' if MPI else ' (mpi4py is not installed)'}: srun's MPI plug-in does not match the MPI "
+            "of mpi4py. With the pip mpich wheel use `srun --mpi=pmi2` (or MpiDefault=pmi2); on JSC "
+            "systems load the MPI module mpi4py was built against"
+        )
     return MPI.COMM_WORLD if size > 1 else None
 
 
@@ -285,18 +200,30 @@ def cmd_catalog_run(args):
 
     comm = _mpi_world()
     try:
-        s = run_catalog(args.checkpoint, args.input, args.out, targets=args.targets, unit_size=args.unit_size,
-                        device=args.device, image_dtype=args.image_dtype, comm=comm,
-                        kill_at_unit=args.fault_kill_at_unit)
+        s = run_catalog(
+            args.checkpoint,
+            args.input,
+            args.out,
+            targets=args.targets,
+            unit_size=args.unit_size,
+            device=args.device,
+            image_dtype=args.image_dtype,
+            comm=comm,
+            kill_at_unit=args.fault_kill_at_unit,
+        )
     except RankStopped:
         sys.exit(2)  # rank 0 reports the reason once
     if comm and comm.Get_rank():
         return
-    print(f"catalog: {s['num_galaxies']} galaxies in {s['num_units']} units: {s['skipped_units']} finished "
-          f"before (skipped), {s['computed_units']} computed on {s['ranks']} rank(s), {s['device']}")
+    print(
+        f"catalog: {s['num_galaxies']} galaxies in {s['num_units']} units: {s['skipped_units']} finished "
+        f"before (skipped), {s['computed_units']} computed on {s['ranks']} rank(s), {s['device']}"
+    )
     for r in s["per_rank"]:
-        print(f"  rank {r['rank']}: {r['units']} units, {r['galaxies']} galaxies, {r['seconds']:.1f} s, "
-              f"{r['galaxies_per_s']:.2f} galaxies/s")
+        print(
+            f"  rank {r['rank']}: {r['units']} units, {r['galaxies']} galaxies, {r['seconds']:.1f} s, "
+            f"{r['galaxies_per_s']:.2f} galaxies/s"
+        )
     print(f"wrote {s['catalog']}; check it with `galcf-hpc catalog verify {Path(s['catalog']).parent}`")
 
 
@@ -316,128 +243,314 @@ def cmd_catalog_verify(args):
     s = verify_catalog(args.dir)
     for note in s["notes"]:
         print(f"note: {note}")
-    print(f"OK: {args.dir}: {s['num_galaxies']} galaxies, {s['num_units']} parts, {len(s['targets'])} targets; "
-          "every input key once, no fill values, provenance consistent")
+    print(
+        f"OK: {args.dir}: {s['num_galaxies']} galaxies, {s['num_units']} parts, {len(s['targets'])} targets; "
+        "every input key once, no fill values, provenance consistent"
+    )
+
+
+def _num(x, digits=3):
+    """A value for the terminal; None (a metric without cases) as n/a. Not report.render.num:
+    train and explain print without the report's dependencies (jinja2)."""
+    return "n/a" if x is None else f"{x:.{digits}f}" if abs(x) >= 10**-digits or x == 0 else f"{x:.2e}"
 
 
 def _print_eval(result):
-    print(f"{result['split']} accuracy {result['accuracy']:.3f}  macro-F1 {result['macro_f1']:.3f}  "
-          f"({result['num_galaxies']} galaxies)")
+    print(
+        f"{result['split']} accuracy {_num(result['accuracy'])}  macro-F1 {_num(result['macro_f1'])}  "
+        f"({result['num_galaxies']} galaxies)"
+    )
     for name, acc in result["per_class_accuracy"].items():
-        print(f"  {name:26s} {acc:.3f}")
+        print(f"  {name:26s} {_num(acc)}")
 
 
 def _print_explain(summary):
     o = summary["overall"]
-    print(f"{summary['split']} accuracy {summary['accuracy']:.3f}  macro-F1 {summary['macro_f1']:.3f}  "
-          f"({summary['num_galaxies']} galaxies)")
-    for name, acc in summary["per_class_accuracy"].items():
-        print(f"  {name:26s} {acc:.3f}")
-    print(f"counterfactuals ({summary['split']}, {summary['num_galaxies']} galaxies, {o['n']} counterfactuals): "
-          f"validity {o['validity']:.3f}  SSIM(x_cf, x~) {o['ssim_rec']:.3f}  MSD(x_cf, x~) {o['msd_rec']:.5f}  "
-          f"SSIM(x_cf, x) {o['ssim_input']:.3f}  background/centre change {o['background_msd']:.2e}/"
-          f"{o['center_msd']:.2e}")
+    _print_eval(summary)
+    print(
+        f"counterfactuals ({summary['split']}, {summary['num_galaxies']} galaxies, {o['n']} counterfactuals): "
+        f"SSIM(x_cf, x~) {_num(o['ssim_rec'])}  MSD(x_cf, x~) {_num(o['msd_rec'], 5)}  "
+        f"SSIM(x_cf, x) {_num(o['ssim_input'])}  luminance share {_num(o['luminance_share'])}  "
+        f"background/centre change {_num(o['background_msd'])}/{_num(o['center_msd'])}"
+    )
+    # DESIGN.md: validity by the model (trained against) is necessary, never sufficient; the
+    # judges' validity (nothing trained against them) stands next to it
+    names = summary["judge_names"]
+    print(
+        f"counterfactual validity: by the model {_num(o['validity_model'])} (trained against); "
+        + (
+            "judged by "
+            + ", ".join(f"{n} {_num(o[f'validity_{n}'])}" for n in names)
+            + f"; panel mean {_num(o['validity_panel'])}"
+            if names
+            else "judged by: no judges"
+        )
+    )
+    if summary["judge_note"]:
+        print(f"note: {summary['judge_note']}")
     rec = summary["reconstruction"]
-    print(f"reconstruction x~ vs input x: MSD {rec['msd']:.5f}  SSIM {rec['ssim']:.3f}")
+    print(f"reconstruction x~ vs input x: MSD {_num(rec['msd'], 5)}  SSIM {_num(rec['ssim'])}")
     print(f"written: {Path(summary['run']) / 'counterfactuals.json'}, counterfactual_grid.png, saliency_grid.png")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" after every option's help, except where there is nothing to show
+    (no default, a flag) or the help text says it already."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action.default, bool) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """ArgumentParser whose sub-commands (also those registered elsewhere) show defaults."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def _command(sub, name, help, description=None):
+    """A sub-command with a one-line ``help`` (in the list of commands) and a ``description``
+    (at the top of its own --help; default: the one-line help)."""
+    return sub.add_parser(name, help=help, description=description or help[0].upper() + help[1:] + ".")
+
+
+def _with_config(sp, required=True, default_help=None):
+    sp.add_argument(
+        "--config",
+        required=required,
+        help="YAML run configuration" + (f" (default: {default_help})" if default_help else ""),
+    )
+    sp.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.epochs=5 (repeatable)"
+    )
+
+
+def _device(sp, what):
+    sp.add_argument(
+        "--device",
+        choices=DEVICE_CHOICES,
+        default="auto",
+        help=f"where {what} runs; auto: a GPU when one is visible, else the CPU",
+    )
+
+
 def build_parser():
-    p = argparse.ArgumentParser(prog="galcf-hpc", description=__doc__.split("\n")[0])
+    p = _Parser(prog="galcf-hpc", description=DESCRIPTION, epilog=EPILOG)
     p.add_argument("--version", action="version", version=f"galcf-hpc {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
-    def with_config(sp, required=True):
-        sp.add_argument("--config", required=required, help="YAML run configuration")
-        sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
-
-    data = sub.add_parser("data", help="synthesise, shard and verify data").add_subparsers(dest="data_cmd", required=True)
-    sp = data.add_parser("synth", help="render a Galaxy10-like catalog with GalSim (astroNN .h5 format)")
-    sp.add_argument("--out", required=True)
-    sp.add_argument("--n", type=int, required=True)
-    sp.add_argument("--size", type=int, default=64)
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--workers", type=int, default=2)
+    data = _command(
+        sub,
+        "data",
+        "synthesise, shard and verify data",
+        "Turn a Galaxy10-format catalog (astroNN .h5, real or rendered with GalSim) into "
+        "WebDataset shards with DALI index files and manifests, and check them.",
+    ).add_subparsers(dest="data_cmd", required=True, metavar="COMMAND")
+    sp = _command(
+        data,
+        "synth",
+        "render a Galaxy10-like catalog with GalSim (astroNN .h5 format)",
+        "Render synthetic galaxies of the ten Galaxy10 classes with GalSim and write them in "
+        "the astroNN Galaxy10 .h5 format (images, ans, ra, dec, redshift, pxscale).",
+    )
+    sp.add_argument("--out", required=True, help="astroNN-format .h5 file to write")
+    sp.add_argument("--n", type=int, required=True, help="number of galaxies")
+    sp.add_argument("--size", type=int, default=64, help="image size in pixels")
+    sp.add_argument("--seed", type=int, default=0, help="random seed (same seed, same catalog)")
+    sp.add_argument("--workers", type=int, default=2, help="rendering processes")
     sp.add_argument("--balanced", action="store_true", help="equal class fractions instead of Galaxy10's")
     sp.set_defaults(func=cmd_synth)
-    sp = data.add_parser("shard", help="split an astroNN .h5 into WebDataset shards + DALI index + manifests")
-    sp.add_argument("--input", required=True)
-    sp.add_argument("--out", required=True)
-    sp.add_argument("--shard-size", type=int, default=1000)
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--format", choices=("png", "jpg"), default="png")
+    sp = _command(
+        data,
+        "shard",
+        "split an astroNN .h5 into WebDataset shards + DALI index + manifests",
+        "Split an astroNN-format catalog into train/val/test (repeated cutouts of one galaxy "
+        "stay in one split) and write each split as WebDataset tars with DALI index files, "
+        "a manifest (counts, sha256) and splits.json.",
+    )
+    sp.add_argument("--input", required=True, help="astroNN-format .h5 catalog (Galaxy10 DECaLS or `data synth`)")
+    sp.add_argument("--out", required=True, help="output directory (one subdirectory per split)")
+    sp.add_argument("--shard-size", type=int, default=1000, help="galaxies per tar")
+    sp.add_argument("--seed", type=int, default=0, help="seed of the train/val/test split")
+    sp.add_argument("--format", choices=("png", "jpg"), default="png", help="image encoding (png is lossless)")
     sp.set_defaults(func=cmd_shard)
-    sp = data.add_parser("verify", help="re-check shards, index files and manifests")
-    sp.add_argument("dir")
+    sp = _command(
+        data,
+        "verify",
+        "re-check shards, index files and manifests",
+        "Re-read every shard of a directory written by `data shard`: sha256 against the "
+        "manifest, index files against the tars, every key once.",
+    )
+    sp.add_argument("dir", help="shard directory written by `data shard`")
     sp.set_defaults(func=cmd_verify)
 
-    sp = sub.add_parser("train", help="train the model (single process)")
-    with_config(sp)
+    sp = _command(
+        sub,
+        "train",
+        "train the model on every rank the launcher started (srun, torchrun, mpiexec)",
+        "Train the model of a configuration. Started plainly it is one process; under srun, "
+        "torchrun or mpiexec every process is one rank (one GPU each) of a DDP or DeepSpeed "
+        "job (train.engine). Checkpoints land in run.out_dir; SIGUSR1/SIGTERM stop cleanly "
+        "with a checkpoint.",
+    )
+    _with_config(sp)
     sp.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of run.out_dir")
     sp.set_defaults(func=cmd_train)
 
-    sp = sub.add_parser("explain", help="counterfactuals and their metrics for a split of a trained run")
+    sp = _command(
+        sub,
+        "explain",
+        "counterfactuals and their metrics for a split of a trained run",
+        "Classify every galaxy of a split with a trained run and compute its counterfactuals "
+        "towards the target classes; writes RUN/counterfactuals.json and the figure grids.",
+    )
     sp.add_argument("--run", required=True, help="run directory (with checkpoints/)")
-    sp.add_argument("--split", default=None)
-    sp.add_argument("--targets", nargs="+", help="target classes (names or numbers); default all")
-    sp.add_argument("--max-galaxies", type=int, default=None)
-    sp.add_argument("--device", default="auto")
-    sp.add_argument("--checkpoint", default=None, help="a specific checkpoint file instead of the newest")
+    sp.add_argument("--split", default=None, help="split to explain (default: the run's explain.split)")
+    sp.add_argument("--targets", nargs="+", help="target classes, names or numbers (default: all)")
+    sp.add_argument("--max-galaxies", type=int, default=None, help="only the first N galaxies (default: all)")
+    _device(sp, "the model")
+    sp.add_argument("--checkpoint", default=None, help="a checkpoint file (default: the run's newest)")
+    sp.add_argument(
+        "--placement",
+        choices=("boundary", "translate"),
+        default=None,
+        help="where h_cf lands: margin past the boundary, or h - mu_p + mu_t (default: the run's explain.placement)",
+    )
     sp.set_defaults(func=cmd_explain)
 
-    catalog = sub.add_parser("catalog", help="counterfactuals for a whole catalog (MPI batch job) -> HDF5").add_subparsers(
-        dest="catalog_cmd", required=True)
-    sp = catalog.add_parser("run", help="run or resume the job (start with mpiexec -n N / srun; one rank per GPU)")
+    catalog = _command(
+        sub,
+        "catalog",
+        "counterfactuals for a whole catalog (MPI batch job) -> HDF5",
+        "Predict and explain every galaxy of a catalog with an MPI batch job (one rank per "
+        "GPU, resumable work units) and write one HDF5 catalog.",
+    ).add_subparsers(dest="catalog_cmd", required=True, metavar="COMMAND")
+    sp = _command(
+        catalog,
+        "run",
+        "run or resume the job (start with mpiexec -n N / srun; one rank per GPU)",
+        "Run or resume the catalog job: work units of --unit-size galaxies are shared out to "
+        "the MPI ranks, each written as a part file; finished units are skipped on restart. "
+        "Writes OUT/catalog.h5 (a virtual dataset over the parts) and OUT/run.json.",
+    )
     sp.add_argument("--checkpoint", required=True, help="checkpoint file, or a run directory (newest checkpoint)")
     sp.add_argument("--input", required=True, help="shard split directory (e.g. shards/test) or astroNN .h5")
     sp.add_argument("--out", required=True, help="output directory (parts/, catalog.h5, run.json)")
     sp.add_argument("--targets", default="all", help="all, or class names/numbers separated by commas")
     sp.add_argument("--unit-size", type=int, default=256, help="galaxies per work unit (and part file)")
-    sp.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    sp.add_argument("--image-dtype", choices=("uint8", "float16"), default="uint8")
+    _device(sp, "the model")
+    sp.add_argument(
+        "--image-dtype", choices=("uint8", "float16"), default="uint8", help="storage type of the counterfactual images"
+    )
     sp.add_argument("--fault-kill-at-unit", type=int, default=None, help=argparse.SUPPRESS)  # restart tests
     sp.set_defaults(func=cmd_catalog_run)
-    sp = catalog.add_parser("pack", help="verify, then copy catalog.h5 into one self-contained file (no parts)")
-    sp.add_argument("dir", type=Path)
-    sp.add_argument("--out", type=Path, help="default: DIR/catalog_packed.h5")
+    sp = _command(
+        catalog,
+        "pack",
+        "verify, then copy catalog.h5 into one self-contained file (no parts)",
+        "Verify a finished catalog, then copy it into one self-contained HDF5 file that needs "
+        "no part files (for sharing).",
+    )
+    sp.add_argument("dir", type=Path, help="catalog directory written by `catalog run`")
+    sp.add_argument("--out", type=Path, help="packed file (default: DIR/catalog_packed.h5)")
     sp.set_defaults(func=cmd_catalog_pack)
-    sp = catalog.add_parser("verify", help="check a catalog directory: every key once, no holes, provenance")
-    sp.add_argument("dir")
+    sp = _command(
+        catalog,
+        "verify",
+        "check a catalog directory: every key once, no holes, provenance",
+        "Check a catalog directory: every input key exactly once, no fill values, provenance "
+        "(config, checkpoint hash, version) consistent across parts.",
+    )
+    sp.add_argument("dir", help="catalog directory written by `catalog run`")
     sp.set_defaults(func=cmd_catalog_verify)
 
-    weights = sub.add_parser("weights", help="VGG16 weights for the perceptual loss").add_subparsers(
-        dest="weights_cmd", required=True)
-    sp = weights.add_parser("fetch", help="download torchvision's VGG16 ImageNet weights (needs internet)")
-    sp.add_argument("--out", default="weights/vgg16-397923af.pth")
+    weights = _command(
+        sub,
+        "weights",
+        "VGG16 weights for the perceptual loss",
+        "Get torchvision's ImageNet VGG16 file for the perceptual loss (compute nodes "
+        "usually have no internet: fetch on a login node).",
+    ).add_subparsers(dest="weights_cmd", required=True, metavar="COMMAND")
+    sp = _command(
+        weights,
+        "fetch",
+        "download torchvision's VGG16 ImageNet weights (needs internet)",
+        "Download torchvision's vgg16-397923af.pth, check its sha256 prefix and move it into place only when complete.",
+    )
+    sp.add_argument(
+        "--out",
+        default=None,
+        help="file or directory to write (default: the torch hub cache, "
+        "$TORCH_HOME/hub/checkpoints/, where training finds it when model.vgg_weights is not set)",
+    )
     sp.set_defaults(func=cmd_weights_fetch)
 
-    sp = sub.add_parser("config", help="print the resolved configuration (validates it)")
-    with_config(sp)
+    sp = _command(
+        sub,
+        "config",
+        "print the resolved configuration (validates it)",
+        "Load a configuration with its overrides, validate it and print it resolved, as it "
+        "will be written next to every output.",
+    )
+    _with_config(sp)
     sp.set_defaults(func=cmd_config)
 
-    sp = sub.add_parser("demo", help="synthesise -> shard -> train -> baseline -> explain -> catalog -> report "
-                                      "on the smoke config")
-    with_config(sp, required=False)
-    sp.add_argument("--ranks", type=int, default=0, help="local training processes (default: 2 with >= 2 cores)")
-    sp.add_argument("--baseline-epochs", type=int, default=None, help=argparse.SUPPRESS)
+    sp = _command(
+        sub,
+        "demo",
+        "the whole pipeline on this machine: data -> train -> judges -> explain -> catalog -> report",
+        "Synthesise galaxies with GalSim, shard them, train on local ranks, train the judge panel, "
+        "explain a split (explain.split), run the catalog job (mpiexec) and write the HTML "
+        "report. Stages whose output exists are reused.",
+    )
+    _with_config(sp, required=False, default_help="configs/smoke.yaml")
+    sp.add_argument(
+        "--ranks",
+        type=int,
+        default=None,
+        help="local training processes (default: 2, or 1 on one core; at most one per visible GPU)",
+    )
+    sp.add_argument("--judge-epochs", type=int, default=None, help=argparse.SUPPRESS)  # quick tests
     sp.set_defaults(func=cmd_demo)
 
-    baseline = sub.add_parser("baseline", help="independent plain CNN classifier (for independent validity)"
-                              ).add_subparsers(dest="baseline_cmd", required=True)
-    sp = baseline.add_parser("train", help="train it on the run's train split -> RUN/baseline/")
-    with_config(sp)
-    sp.add_argument("--epochs", type=int, default=25)
-    sp.add_argument("--lr", type=float, default=1e-3)
-    sp.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    sp.set_defaults(func=cmd_baseline_train)
+    judges = _command(
+        sub,
+        "judges",
+        "the judge panel: independent classifiers that check counterfactuals",
+        "Classifiers trained on the same data but never trained against (two architecture "
+        "families, one on luminance only): they judge whether a counterfactual looks like its "
+        "target class to someone other than the model.",
+    ).add_subparsers(dest="judges_cmd", required=True, metavar="COMMAND")
+    sp = _command(
+        judges,
+        "train",
+        "train the panel on the run's train split -> RUN/judges/",
+        "Train the judges of the panel on the train split of a configuration's data; writes "
+        "RUN/judges/<judge>/model.pt, eval.json and RUN/judges/panel.json.",
+    )
+    _with_config(sp)
+    sp.add_argument("--only", nargs="+", metavar="JUDGE", help="train only these judges of the panel (default: all)")
+    sp.add_argument("--epochs", type=int, default=None, help="epochs for every judge (default: each judge's own)")
+    _device(sp, "training")
+    sp.set_defaults(func=cmd_judges_train)
 
-    sp = sub.add_parser("report", help="HTML report of a trained run (figures, metrics, independent validity)")
+    sp = _command(
+        sub,
+        "report",
+        "HTML report of a trained run (figures, metrics, independent validity)",
+        "Write the HTML report of a trained run: classification metrics, counterfactual "
+        "validity by the model and by the independent judges, figure grids, t-SNE, and a "
+        "catalog summary.",
+    )
     sp.add_argument("--run", required=True, help="run directory")
     sp.add_argument("--catalog", default=None, help="catalog directory (with catalog.h5) to summarise")
-    sp.add_argument("--out", default=None, help="HTML file (default RUN/report/report.html; PNGs next to it)")
+    sp.add_argument("--out", default=None, help="HTML file (default: RUN/report/report.html; PNGs next to it)")
     sp.add_argument("--max-galaxies", type=int, default=1000, help="galaxies of the split analysed (loader order)")
-    sp.add_argument("--device", default="auto")
+    _device(sp, "the model")
     sp.add_argument("--no-tsne", action="store_true", help="skip the t-SNE embeddings")
     sp.set_defaults(func=cmd_report)
     from .scaling.commands import add_scaling_parser

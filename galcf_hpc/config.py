@@ -91,6 +91,12 @@ class LossConfig:
     cf_margin: float = 1.0  # margin past the decision boundary for training counterfactuals
     cf_proximity: float = 0.0  # L1 distance |x_cf - x~| (minimal, sparse change)
     cf_z2: float = 0.0  # re-encoded z2 of x_cf must stay the galaxy's z2 (class-free content kept)
+    cf_placement: str = "boundary"  # boundary | translate | interpolate (random fraction between them)
+    cf_augment: bool = False  # re-encode x_cf under random rot90/flip, shift and noise (no pixel codes)
+    z2_adversary: float = 0.0  # gradient-reversed class critic on z2: class information must live in z1
+    cf_critic: float = 0.0  # a luminance-only critic (trained on real galaxies) must also put x_cf into t
+    cf_realism: bool = False  # the critic also learns to tell decoded counterfactuals from galaxies
+    cf_critic_colour: float = 0.0  # a second critic, on colour images, must also put x_cf into t
 
 
 @dataclass
@@ -118,9 +124,15 @@ class TrainConfig:
 
 
 @dataclass
+class JudgesConfig:
+    epochs: int = 0  # epochs of every judge of the panel; 0 = each judge's own (20-25)
+
+
+@dataclass
 class ExplainConfig:
     split: str = "test"
     margin: float = 1.0  # distance past the decision boundary in h (unit-variance Gaussians)
+    placement: str = "boundary"  # boundary | translate: where h_cf lands (docs/method.md)
     max_galaxies: int = 0  # 0 = every galaxy of the split
     batch_size: int = 64
     background_fraction: float = 0.25  # outer border (side fraction) used for the background check
@@ -134,31 +146,55 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     explain: ExplainConfig = field(default_factory=ExplainConfig)
+    judges: JudgesConfig = field(default_factory=JudgesConfig)
 
     def validate(self):
         m, d = self.model, self.data
         checks = [
             (0 < m.z1_dim < m.z_dim, "model.z1_dim", f"must be in 1..z_dim-1 (z_dim={m.z_dim}), got {m.z1_dim}"),
             (m.z1_dim >= 2, "model.z1_dim", "must be at least 2 (the flow splits z1 in halves)"),
-            (d.image_size % (2 ** len(m.channels)) == 0 and d.image_size >= 2 ** len(m.channels) * 2,
-             "model.channels", f"{len(m.channels)} downsamplings need data.image_size divisible by "
-             f"{2 ** len(m.channels)} and >= {2 ** len(m.channels) * 2}, got {d.image_size}"),
+            (
+                d.image_size % (2 ** len(m.channels)) == 0 and d.image_size >= 2 ** len(m.channels) * 2,
+                "model.channels",
+                f"{len(m.channels)} downsamplings need data.image_size divisible by "
+                f"{2 ** len(m.channels)} and >= {2 ** len(m.channels) * 2}, got {d.image_size}",
+            ),
             (0.1 <= d.crop_fraction <= 1.0, "data.crop_fraction", f"must be in [0.1, 1], got {d.crop_fraction}"),
-            (len(d.split_fractions) == 3 and abs(sum(d.split_fractions) - 1) < 1e-6 and min(d.split_fractions) >= 0,
-             "data.split_fractions", f"must be three non-negative numbers summing to 1, got {d.split_fractions}"),
+            (
+                len(d.split_fractions) == 3 and abs(sum(d.split_fractions) - 1) < 1e-6 and min(d.split_fractions) >= 0,
+                "data.split_fractions",
+                f"must be three non-negative numbers summing to 1, got {d.split_fractions}",
+            ),
             (d.loader in LOADERS, "data.loader", f"unknown loader {d.loader!r}; available: {', '.join(LOADERS)}"),
             (d.device in ("auto", "cpu", "gpu"), "data.device", f"must be auto, cpu or gpu, got {d.device!r}"),
             (d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}"),
             (self.train.device in ("auto", "cpu", "cuda"), "train.device", "must be auto, cpu or cuda"),
             (self.train.engine in ENGINES, "train.engine", f"must be ddp or deepspeed, got {self.train.engine!r}"),
-            (self.train.zero_stage in (0, 1, 2), "train.zero_stage", "must be 0, 1 or 2 (ZeRO-3 shards the weights, "
-             "which this small model does not need)"),
+            (
+                self.train.zero_stage in (0, 1, 2),
+                "train.zero_stage",
+                "must be 0, 1 or 2 (ZeRO-3 shards the weights, which this small model does not need)",
+            ),
             (self.train.grad_accumulation >= 1, "train.grad_accumulation", "must be >= 1"),
             (self.train.global_batch >= 0, "train.global_batch", "must be >= 0 (0 = derived)"),
             (self.train.batch_size >= 2, "train.batch_size", "must be >= 2 (MMD needs pairs)"),
             (0.0 <= self.loss.cf_fraction <= 1.0, "loss.cf_fraction", "must be in [0, 1]"),
             (self.train.eval_split in ("train", "val", "test"), "train.eval_split", "must be train, val or test"),
             (self.explain.split in ("train", "val", "test"), "explain.split", "must be train, val or test"),
+            (
+                self.explain.placement in ("boundary", "translate"),
+                "explain.placement",
+                f"must be boundary or translate, got {self.explain.placement!r}",
+            ),
+            (
+                self.loss.cf_placement in ("boundary", "translate", "interpolate"),
+                "loss.cf_placement",
+                f"must be boundary, translate or interpolate, got {self.loss.cf_placement!r}",
+            ),
+            (self.loss.z2_adversary >= 0, "loss.z2_adversary", "must be >= 0"),
+            (self.loss.cf_critic >= 0, "loss.cf_critic", "must be >= 0"),
+            (self.judges.epochs >= 0, "judges.epochs", "must be >= 0 (0 = each judge's own)"),
+            (self.loss.cf_critic_colour >= 0, "loss.cf_critic_colour", "must be >= 0"),
         ]
         for ok, key, msg in checks:
             if not ok:
@@ -180,14 +216,13 @@ def _coerce(value, tp, key):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(value, arg, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
+            except ConfigError:
+                pass  # try the next member of the union; the error below names them all
         raise ConfigError(f"config key '{key}': expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
     if origin is list:
         (item_tp,) = typing.get_args(tp)

@@ -26,8 +26,10 @@ class Progress:
         if self.tty:
             width = 28
             filled = int(width * min(done, self.total) / self.total)
-            self.stream.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} "
-                              f"{rate:.1f}/s eta {eta:.0f}s {info}   ")
+            self.stream.write(
+                f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} "
+                f"{rate:.1f}/s eta {eta:.0f}s {info}   "
+            )
             if done >= self.total:
                 self.stream.write("\n")
             self.stream.flush()

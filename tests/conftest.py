@@ -31,8 +31,17 @@ def make_images(labels, size, rng):
     return np.clip(np.rint(images), 0, 255).astype(np.uint8)
 
 
-def write_astronn_h5(path, n=60, size=32, seed=0, duplicate_pairs=0, conflicting_pairs=0,
-                     triplets=0, float_images=False, keys=("images", "ans", "ra", "dec", "redshift", "pxscale")):
+def write_astronn_h5(
+    path,
+    n=60,
+    size=32,
+    seed=0,
+    duplicate_pairs=0,
+    conflicting_pairs=0,
+    triplets=0,
+    float_images=False,
+    keys=("images", "ans", "ra", "dec", "redshift", "pxscale"),
+):
     """Write an astroNN Galaxy10-format file with plain h5py (independent of the package).
 
     Planted duplicates: ``duplicate_pairs`` galaxies re-observed 2-6" away with the same
@@ -45,8 +54,11 @@ def write_astronn_h5(path, n=60, size=32, seed=0, duplicate_pairs=0, conflicting
     dec = np.degrees(np.arcsin(rng.uniform(-0.5, 0.9, n)))
     groups, conflicting = [], []
     free = iter(rng.permutation(n).tolist())
-    for kind, count, copies in (("same", duplicate_pairs, 2), ("conflict", conflicting_pairs, 2),
-                                ("same", triplets, 3)):
+    for kind, count, copies in (
+        ("same", duplicate_pairs, 2),
+        ("conflict", conflicting_pairs, 2),
+        ("same", triplets, 3),
+    ):
         for _ in range(count):
             members = [next(free) for _ in range(copies)]
             first = members[0]
@@ -61,20 +73,37 @@ def write_astronn_h5(path, n=60, size=32, seed=0, duplicate_pairs=0, conflicting
     images = make_images(labels, size, rng)
     redshift = rng.uniform(0.01, 0.3, n)
     pxscale = np.where(rng.uniform(size=n) < 0.05, 0.524, 0.262)
-    data = {"images": images.astype(np.float32) / 255 if float_images else images,
-            "ans": labels.astype(np.uint8), "ra": ra, "dec": dec, "redshift": redshift, "pxscale": pxscale}
+    data = {
+        "images": images.astype(np.float32) / 255 if float_images else images,
+        "ans": labels.astype(np.uint8),
+        "ra": ra,
+        "dec": dec,
+        "redshift": redshift,
+        "pxscale": pxscale,
+    }
     with h5py.File(path, "w") as f:
         for key in keys:
             f.create_dataset(key, data=data[key])
-    return SimpleNamespace(path=path, images=images, labels=labels.astype(np.int64), ra=ra, dec=dec,
-                           redshift=redshift, pxscale=pxscale, groups=groups, conflicting=conflicting)
+    return SimpleNamespace(
+        path=path,
+        images=images,
+        labels=labels.astype(np.int64),
+        ra=ra,
+        dec=dec,
+        redshift=redshift,
+        pxscale=pxscale,
+        groups=groups,
+        conflicting=conflicting,
+    )
 
 
 @pytest.fixture
 def make_catalog(tmp_path):
     """Factory: ``make_catalog(name="cat.h5", **kwargs)`` -> catalog namespace."""
+
     def make(name="cat.h5", **kwargs):
         return write_astronn_h5(tmp_path / name, **kwargs)
+
     return make
 
 
@@ -87,8 +116,9 @@ def sharded(tmp_path_factory):
     from galcf_hpc.data.shards import write_shards
 
     root = tmp_path_factory.mktemp("sharded")
-    catalog = write_astronn_h5(root / "galaxies.h5", n=240, size=32, seed=1, duplicate_pairs=4,
-                               conflicting_pairs=2, triplets=1)
+    catalog = write_astronn_h5(
+        root / "galaxies.h5", n=240, size=32, seed=1, duplicate_pairs=4, conflicting_pairs=2, triplets=1
+    )
     out = root / "shards"
     summary = write_shards(catalog.path, out, shard_size=50, seed=0)
     return SimpleNamespace(catalog=catalog, out=out, summary=summary)
@@ -118,4 +148,5 @@ def patch_member():
         raw[start:stop] = new
         tar_path.write_bytes(bytes(raw))
         return sample["key"]
+
     return patch

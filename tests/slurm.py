@@ -44,13 +44,20 @@ class JobInfo:
 def parse_job(text, job_id=""):
     """``scontrol show job`` output -> JobInfo (values are taken by key, as they never hold
     spaces for these keys)."""
+
     def field(key, default=""):
         m = re.search(rf"(?:^|\s){key}=(\S*)", text)
         return m.group(1) if m else default
 
-    return JobInfo(job_id=field("JobId", job_id), state=field("JobState"), reason=field("Reason"),
-                   restarts=int(field("Restarts") or field("RestartCnt") or 0), exit_code=field("ExitCode"),
-                   stdout=field("StdOut"), text=text)
+    return JobInfo(
+        job_id=field("JobId", job_id),
+        state=field("JobState"),
+        reason=field("Reason"),
+        restarts=int(field("Restarts") or field("RestartCnt") or 0),
+        exit_code=field("ExitCode"),
+        stdout=field("StdOut"),
+        text=text,
+    )
 
 
 class LocalSlurm:
@@ -58,8 +65,9 @@ class LocalSlurm:
 
     def __init__(self, conf):
         self.conf = Path(conf)
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))}  # pytest inside a real job
+        env = {
+            k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))
+        }  # pytest inside a real job
         env["SLURM_CONF"] = str(self.conf)
         env["PATH"] = os.pathsep.join([env.get("PATH", ""), "/usr/sbin", "/sbin"])
         env["PYTHON"] = sys.executable  # the interpreter jobs/*.sbatch start (${PYTHON:-python3})
@@ -69,8 +77,10 @@ class LocalSlurm:
     def run(self, *cmd, timeout=60, check=True, cwd=REPO):
         done = subprocess.run(list(cmd), env=self.env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
         if check and done.returncode != 0:
-            raise RuntimeError(f"{' '.join(map(str, cmd))} exited {done.returncode}: {done.stderr.strip()} "
-                               f"(Slurm logs: {self.log_dir})")
+            raise RuntimeError(
+                f"{' '.join(map(str, cmd))} exited {done.returncode}: {done.stderr.strip()} "
+                f"(Slurm logs: {self.log_dir})"
+            )
         return done
 
     def sbatch(self, args, wait=True, timeout=300, cwd=REPO):
@@ -78,8 +88,7 @@ class LocalSlurm:
         code): with ``wait`` the job's exit code (sbatch --wait), else sbatch's. A job still
         running after ``timeout`` seconds is cancelled and TimeoutError raised."""
         cmd = ["sbatch", "--parsable"] + (["--wait"] if wait else []) + [str(a) for a in args]
-        proc = subprocess.Popen(cmd, env=self.env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
+        proc = subprocess.Popen(cmd, env=self.env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         first = proc.stdout.readline().strip()  # printed at submission, before the wait
         job_id = first.split(";")[0]
         try:
@@ -107,8 +116,10 @@ class LocalSlurm:
             if info.state in states:
                 return info
             if time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id} is {info.state} (reason {info.reason}) after {timeout}s, "
-                                   f"waiting for {sorted(states)}")
+                raise TimeoutError(
+                    f"job {job_id} is {info.state} (reason {info.reason}) after {timeout}s, "
+                    f"waiting for {sorted(states)}"
+                )
             time.sleep(poll)
 
     def requeue_now(self, job_id):
@@ -130,17 +141,21 @@ def start_local_slurm(state_dir=None):
     state_dir = Path(state_dir or os.environ.get("GALCF_SLURM_DIR") or "/tmp/galcf-slurm")
     conf = state_dir / "slurm.conf"
     cluster = LocalSlurm(conf)
-    was_up = conf.exists() and shutil.which("scontrol") and subprocess.run(
-        ["scontrol", "ping"], env=cluster.env, capture_output=True, timeout=30).returncode == 0
+    was_up = (
+        conf.exists()
+        and shutil.which("scontrol")
+        and subprocess.run(["scontrol", "ping"], env=cluster.env, capture_output=True, timeout=30).returncode == 0
+    )
     if was_up and os.geteuid() != 0:  # a cluster root started earlier (.ci/run): use it as it is
         return cluster, False
     try:
-        done = subprocess.run(["bash", str(SETUP_SCRIPT), "start", str(state_dir)], capture_output=True, text=True,
-                              timeout=600)
+        done = subprocess.run(
+            ["bash", str(SETUP_SCRIPT), "start", str(state_dir)], capture_output=True, text=True, timeout=600
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise RuntimeError(f"{SETUP_SCRIPT} failed: {exc}") from None
     if done.returncode != 0:
-        raise RuntimeError((done.stderr.strip() or done.stdout.strip() or f"{SETUP_SCRIPT} exited {done.returncode}"))
+        raise RuntimeError(done.stderr.strip() or done.stdout.strip() or f"{SETUP_SCRIPT} exited {done.returncode}")
     return cluster, not was_up
 
 

@@ -1,34 +1,43 @@
-"""The catalog job: MPI run vs single process vs the model itself, kill -9 and resume,
-verify, and clear errors for bad inputs and foreign output directories."""
+"""The catalog job: MPI run vs single process vs the model itself and the shared
+counterfactual pass (judges included), kill -9 and resume, verify, and clear errors for bad
+inputs and foreign output directories."""
 
 import hashlib
-import os
 import json
+import logging
+import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from galcf_hpc import cli
-from galcf_hpc.catalog.job import run_catalog
+from galcf_hpc.catalog.job import run_catalog, verify_catalog
 from galcf_hpc.data.classes import NUM_CLASSES
 from galcf_hpc.explain.run import load_run
+from galcf_hpc.judges import load_judges
+from galcf_hpc.judges.nets import build_judge, save_judge
 from galcf_hpc.loaders.augment import augment_batch
 from galcf_hpc.loaders.torch import ShardDataset
+from galcf_hpc.model.evaluation import explain_batch
 from galcf_hpc.train.checkpoint import latest_checkpoint, load_checkpoint
 from galcf_hpc.train.loop import train
-
 from test_train import tiny_config
 
 CLI = [sys.executable, "-m", "galcf_hpc.cli"]
+# two tiny judges trained next to the test run: one colour CNN, one luminance-only ResNet
+JUDGES = (("cnn", "plain_cnn", "colour"), ("resnet_grey", "resnet", "luminance"))
 
 
-def galcf(*args, ranks=None, timeout=180):
-    """Run the CLI in a subprocess, under ``mpiexec -n ranks`` if given."""
+def galcf(*args, ranks=None, timeout=600):
+    """Run the CLI in a subprocess, under ``mpiexec -n ranks`` if given (the timeout only guards
+    against a hang: on 2 cores shared with other work a run can take minutes)."""
     launcher = ["mpiexec", "-n", str(ranks)] if ranks else []
     return subprocess.run(launcher + CLI + [str(a) for a in args], capture_output=True, text=True, timeout=timeout)
 
@@ -41,8 +50,11 @@ def run_cli(monkeypatch, capsys, *args):
 
 
 def tree_digest(root):
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def read_all(path):
@@ -50,10 +62,35 @@ def read_all(path):
         return {k: f[k][()] for k in f}, dict(f.attrs)
 
 
+def write_judges(run_dir, cfg, images, labels, specs=JUDGES, steps=30, seed=0):
+    """Train tiny judges on the evaluation transform of ``images`` and save them where
+    ``galcf-hpc judges train`` puts them (RUN/judges/<name>/model.pt)."""
+    x = augment_batch(torch.from_numpy(images), cfg.data.image_size, cfg.data.crop_fraction)
+    y = torch.as_tensor(labels)
+    for i, (name, family, input) in enumerate(specs):
+        torch.manual_seed(seed + i)
+        judge = build_judge(family, (8, 16), input)
+        opt = torch.optim.Adam(judge.parameters(), lr=3e-3)
+        for _ in range(steps):
+            loss = F.cross_entropy(judge(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        (run_dir / "judges" / name).mkdir(parents=True, exist_ok=True)
+        save_judge(
+            run_dir / "judges" / name / "model.pt",
+            judge.eval(),
+            {"family": family, "channels": [8, 16], "input": input, "num_classes": NUM_CLASSES},
+            {"name": name},
+        )
+
+
 @pytest.fixture(scope="module")
 def run_dir(sharded, tmp_path_factory):
     out = tmp_path_factory.mktemp("catalog_run") / "run"
-    train(tiny_config(sharded.out, out, epochs=1))
+    cfg = tiny_config(sharded.out, out, epochs=1)
+    train(cfg)
+    write_judges(out, cfg, sharded.catalog.images, sharded.catalog.labels)
     return out
 
 
@@ -61,8 +98,19 @@ def run_dir(sharded, tmp_path_factory):
 def mpi_catalog(run_dir, sharded, tmp_path_factory):
     """The test split (24 galaxies) through ``mpiexec -n 2`` in units of 4 galaxies (6 units)."""
     out = tmp_path_factory.mktemp("catalog_mpi") / "out"
-    res = galcf("catalog", "run", "--checkpoint", run_dir, "--input", sharded.out / "test", "--out", out,
-                "--unit-size", 4, ranks=2)
+    res = galcf(
+        "catalog",
+        "run",
+        "--checkpoint",
+        run_dir,
+        "--input",
+        sharded.out / "test",
+        "--out",
+        out,
+        "--unit-size",
+        4,
+        ranks=2,
+    )
     assert res.returncode == 0, res.stderr
     return out, res
 
@@ -81,20 +129,24 @@ def test_mpi_run_matches_single_process_and_model(mpi_catalog, run_dir, sharded,
     assert summary["ranks"] == 2 and sum(r["units"] for r in summary["per_rank"]) == 6
     assert single["computed_units"] == 6 and "6 computed on 2 rank(s)" in res.stdout
 
+    assert set(mpi) == set(ref) >= {"validity_cnn", "validity_resnet_grey", "luminance_share", "z"}
     np.testing.assert_array_equal(mpi["pred"], ref["pred"])
-    np.testing.assert_array_equal(mpi["validity"], ref["validity"])
-    for name in ("distance", "h", "msd", "ssim"):
+    for name in ("validity", "validity_cnn", "validity_resnet_grey"):
+        np.testing.assert_array_equal(mpi[name], ref[name])
+    for name in ("distance", "h", "z", "msd", "ssim", "luminance_share"):
         np.testing.assert_allclose(mpi[name], ref[name], atol=1e-4, rtol=1e-4, equal_nan=True)
     assert np.abs(mpi["image"].astype(int) - ref["image"]).max() <= 1
 
     # the model itself, on the evaluation transform of the same galaxies
     model, cfg, _ = load_run(run_dir)
     samples = [dataset[i] for i in range(len(dataset))]
-    x = augment_batch(torch.from_numpy(np.stack([s["image"] for s in samples])), cfg.data.image_size,
-                      cfg.data.crop_fraction)
+    x = augment_batch(
+        torch.from_numpy(np.stack([s["image"] for s in samples])), cfg.data.image_size, cfg.data.crop_fraction
+    )
     pred, _, h, z = model.classify(x)
     np.testing.assert_array_equal(mpi["pred"], pred.numpy())
     np.testing.assert_allclose(mpi["h"], h.numpy(), atol=1e-4)
+    np.testing.assert_allclose(mpi["z"], z.numpy(), atol=1e-4)
     np.testing.assert_allclose(mpi["distance"], torch.cdist(h, model.means).detach().numpy(), atol=1e-4)
     np.testing.assert_array_equal(mpi["label"], [s["label"] for s in samples])
     source = [int(k[1:]) for k in keys]
@@ -106,27 +158,87 @@ def test_mpi_run_matches_single_process_and_model(mpi_catalog, run_dir, sharded,
     assert (mpi["validity"][own] == -1).all() and set(np.unique(mpi["validity"][~own])) <= {0, 1}
     assert np.isnan(mpi["msd"][own]).all() and np.isfinite(mpi["msd"][~own]).all()
     assert (mpi["msd"][~own] >= 0).all() and (mpi["ssim"][~own] <= 1).all()
+    for name in ("validity_cnn", "validity_resnet_grey"):
+        assert (mpi[name][own] == -1).all() and set(np.unique(mpi[name][~own])) <= {0, 1}
+    share = mpi["luminance_share"]
+    assert np.isnan(share[own]).all() and (np.isnan(share[~own]) | ((share[~own] >= 0) & (share[~own] <= 1))).all()
     recon = (model.decoder(z).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
     rows = np.arange(n)
     assert np.abs(mpi["image"][rows, mpi["pred"]].astype(int) - recon).max() <= 1
     # validity recomputed from the stored counterfactual of one galaxy and target
     i, t = np.argwhere(~own)[0]
-    x_cf, _ = model.counterfactual(z[i:i + 1], h[i:i + 1], pred[i:i + 1], torch.tensor([t]), cfg.explain.margin)
+    x_cf, _ = model.counterfactual(z[i : i + 1], h[i : i + 1], pred[i : i + 1], torch.tensor([t]), cfg.explain.margin)
     assert mpi["validity"][i, t] == int(model.classify(x_cf)[0][0] == t)
 
     assert attrs["num_galaxies"] == n and list(attrs["targets"]) == list(range(NUM_CLASSES))
     assert attrs["checkpoint_sha256"] == hashlib.sha256(latest_checkpoint(run_dir).read_bytes()).hexdigest()
     assert "model:" in attrs["config"] and attrs["input"] == str((sharded.out / "test").resolve())
+    judge_files = [run_dir / "judges" / name / "model.pt" for name, _, _ in JUDGES]
+    assert list(attrs["judge_names"]) == [name for name, _, _ in JUDGES]
+    assert list(attrs["judge_sha256"]) == [hashlib.sha256(f.read_bytes()).hexdigest() for f in judge_files]
+    assert json.loads((out / "run.json").read_text())["judges"] == dict(
+        zip(attrs["judge_names"], attrs["judge_sha256"])
+    )
     ok = galcf("catalog", "verify", out)
     assert ok.returncode == 0 and "OK" in ok.stdout, ok.stderr
 
 
-def test_h5_input_targets_and_float16(run_dir, make_catalog, tmp_path):
+def test_catalog_matches_explain_batch_with_judges(mpi_catalog, run_dir, sharded):
+    """validity (model and every judge), luminance share, z and the images of the catalog are
+    what the shared counterfactual pass gives for the same galaxies in the same batches."""
+    data, attrs = read_all(mpi_catalog[0] / "catalog.h5")
+    model, cfg, _ = load_run(run_dir)
+    judges, note = load_judges(run_dir)
+    assert list(judges) == list(attrs["judge_names"]) == ["cnn", "resnet_grey"] and "resnet" in note
+    dataset = ShardDataset(sharded.out / "test")
+    x = augment_batch(
+        torch.from_numpy(np.stack([dataset[i]["image"] for i in range(len(dataset))])),
+        cfg.data.image_size,
+        cfg.data.crop_fraction,
+    )
+    targets = [int(t) for t in attrs["targets"]]
+    for s in range(0, len(x), 4):  # the catalog's batches: units of 4 galaxies
+        rows = slice(s, s + 4)
+        ref = explain_batch(
+            model,
+            x[rows],
+            targets,
+            cfg.explain.margin,
+            judges,
+            cfg.explain.background_fraction,
+            keep_images=True,
+            chunk=cfg.explain.batch_size,
+            placement=cfg.explain.placement,
+        )
+        np.testing.assert_array_equal(data["validity"][rows], ref.valid["model"].numpy())
+        for name in judges:
+            np.testing.assert_array_equal(data[f"validity_{name}"][rows], ref.valid[name].numpy())
+        np.testing.assert_allclose(
+            data["luminance_share"][rows], ref.change["luminance_share"].numpy(), atol=1e-4, equal_nan=True
+        )
+        np.testing.assert_allclose(data["msd"][rows], ref.change["msd_rec"].numpy(), atol=1e-5, equal_nan=True)
+        np.testing.assert_allclose(data["z"][rows], ref.z.numpy(), atol=1e-4)
+        cf = (ref.cf_images.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+        assert np.abs(data["image"][rows].astype(int) - cf).max() <= 1
+    counted = data["validity_cnn"][data["validity_cnn"] >= 0]
+    assert counted.size == len(x) * (NUM_CLASSES - 1)
+
+
+def test_h5_input_targets_and_float16(run_dir, make_catalog, tmp_path, caplog):
     cat = make_catalog(n=13, size=32, keys=("images", "ra", "dec"))  # unlabelled
     out = tmp_path / "out"
-    s = run_catalog(run_dir, cat.path, out, targets="Merging,3", unit_size=5, image_dtype="float16")
-    assert (s["num_units"], s["skipped_units"]) == (3, 0)
+    # a checkpoint with no judges next to it: validity by the model only, and a warning
+    ckpt = tmp_path / "elsewhere" / "checkpoints" / "step.pt"
+    ckpt.parent.mkdir(parents=True)
+    shutil.copy(latest_checkpoint(run_dir), ckpt)
+    with caplog.at_level(logging.WARNING, logger="galcf_hpc"):
+        s = run_catalog(ckpt, cat.path, out, targets="Merging,3", unit_size=5, image_dtype="float16")
+    assert "galcf-hpc judges train" in caplog.text and "no judges" in caplog.text
+    assert (s["num_units"], s["skipped_units"], s["judges"]) == (3, 0, [])
     data, attrs = read_all(out / "catalog.h5")
+    assert not [k for k in data if k.startswith("validity_")] and len(attrs["judge_names"]) == 0
+    assert data["luminance_share"].shape == (13, 2) and data["z"].dtype == np.float32
+    assert verify_catalog(out)["num_galaxies"] == 13
     assert [k.decode() for k in data["key"]] == [f"g{i:07d}" for i in range(13)]
     assert (data["label"] == -1).all() and np.allclose(data["ra"], cat.ra)
     assert data["image"].shape == (13, 2, 3, 16, 16) and data["image"].dtype == np.float16
@@ -135,43 +247,60 @@ def test_h5_input_targets_and_float16(run_dir, make_catalog, tmp_path):
     assert ((data["validity"] == -1) == own).all()
     # a rerun with the same arguments computes nothing and leaves the parts as they were
     before = {p.name: p.stat().st_mtime_ns for p in (out / "parts").iterdir()}
-    again = run_catalog(run_dir, cat.path, out, targets="Merging,3", unit_size=5, image_dtype="float16")
+    again = run_catalog(ckpt, cat.path, out, targets="Merging,3", unit_size=5, image_dtype="float16")
     assert (again["skipped_units"], again["computed_units"]) == (3, 0)
     assert {p.name: p.stat().st_mtime_ns for p in (out / "parts").iterdir()} == before
 
 
 def test_kill_one_rank_then_resume(run_dir, sharded, tmp_path):
     out = tmp_path / "out"
-    args = ["catalog", "run", "--checkpoint", run_dir, "--input", sharded.catalog.path, "--out", out,
-            "--unit-size", 16]
+    args = ["catalog", "run", "--checkpoint", run_dir, "--input", sharded.catalog.path, "--out", out, "--unit-size", 16]
     killed = galcf(*args, "--fault-kill-at-unit", 5, ranks=2)  # the rank that gets unit 5 dies (SIGKILL) mid-unit
     assert killed.returncode != 0
     parts = out / "parts"
     done = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in parts.glob("unit-*.h5")}
-    # unit 5 is handed out only after some rank finished a unit; units >= 5 never finish
-    assert 1 <= len(done) <= 5 and all(int(name[5:11]) < 5 for name in done)
+    finished = {int(name[5:11]) for name in done}
+    # What must hold whatever the timing: a rank asks for a unit only after finishing its
+    # last one, and the other rank holds at most one, so when unit 5 is handed out at least
+    # four of units 0-4 are finished. Unit 5 never finishes. The other rank may still finish
+    # its unit (one of 0-4, or 6, 7, ...) before the abort reaches it: no bound from above.
+    assert 5 not in finished and len(finished & set(range(5))) >= 4
     assert list(parts.glob(".unit-000005.h5.*.tmp"))  # the killed rank's half-written part
 
     resumed = galcf(*args, ranks=2)
     assert resumed.returncode == 0, resumed.stderr
     assert f"{len(done)} finished before (skipped), {15 - len(done)} computed" in resumed.stdout
+    # finished units are untouched (same inode, same modification time); the rest recomputed
     assert {n: (parts / n).stat().st_ino for n in done} == {n: v[0] for n, v in done.items()}
     assert {n: (parts / n).stat().st_mtime_ns for n in done} == {n: v[1] for n, v in done.items()}
     assert len(list(parts.glob("unit-*.h5"))) == 15 and not list(parts.glob(".*.tmp"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["skipped_units"], summary["computed_units"]) == (len(done), 15 - len(done))
+    assert sum(r["units"] for r in summary["per_rank"]) == 15 - len(done)
     ok = galcf("catalog", "verify", out)
     assert ok.returncode == 0, ok.stderr
     with h5py.File(out / "catalog.h5", "r") as f:
         keys = f["key"][()]
-    assert sorted(keys.tolist()) == sorted(f"g{i:07d}".encode() for i in range(240))
+    assert keys.tolist() == [f"g{i:07d}".encode() for i in range(240)]  # every key exactly once, in order
 
 
-def test_verify_finds_deleted_part(mpi_catalog, tmp_path, monkeypatch, capsys):
+def test_verify_finds_deleted_part_and_changed_judge(mpi_catalog, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     shutil.copytree(mpi_catalog[0], out)
+    # the judges recorded in the catalog are no longer the files they were
+    judges = tmp_path / "judges"
+    (judges / "cnn").mkdir(parents=True)
+    with h5py.File(out / "catalog.h5", "a") as f:
+        shutil.copy(Path(f.attrs["judges_dir"]) / "resnet_grey" / "model.pt", judges / "cnn" / "model.pt")
+        f.attrs["judges_dir"] = str(judges)
+    code, err = run_cli(monkeypatch, capsys, "catalog", "verify", out)
+    assert code == 2 and f"judge {judges / 'cnn' / 'model.pt'} has changed since the catalog was made" in err
+    assert "is missing" not in err
+
     (out / "parts" / "unit-000002.h5").unlink()
     with h5py.File(out / "catalog.h5", "r") as f:  # what a reader sees: fill values, silently
         assert (f["pred"][8:12] == -32768).all() and (f["key"][8:12] == b"").all()
-        assert (f["pred"][:8] >= 0).all()
+        assert (f["validity_cnn"][8:12] == -128).all() and (f["pred"][:8] >= 0).all()
     code, err = run_cli(monkeypatch, capsys, "catalog", "verify", out)
     assert code == 2
     assert "unit-000002.h5 (galaxies 8-11) is missing" in err
@@ -202,23 +331,46 @@ def test_bad_inputs_fail_cleanly(run_dir, make_catalog, mpi_catalog, tmp_path, m
     cat = make_catalog(n=8, size=32)
     truncated = tmp_path / "truncated.h5"
     truncated.write_bytes(cat.path.read_bytes()[:3000])
-    code, err = run_cli(monkeypatch, capsys, "catalog", "run", "--checkpoint", ckpt, "--input", truncated,
-                        "--out", tmp_path / "o1")
+    code, err = run_cli(
+        monkeypatch, capsys, "catalog", "run", "--checkpoint", ckpt, "--input", truncated, "--out", tmp_path / "o1"
+    )
     assert code == 2 and str(truncated) in err and "truncated" in err
     assert not (tmp_path / "o1").exists()
     # under MPI: rank 0 finds the problem, every rank stops with exit code 2, one message
     res = galcf("catalog", "run", "--checkpoint", ckpt, "--input", truncated, "--out", tmp_path / "o1", ranks=2)
     assert res.returncode == 2 and res.stderr.count(f"galcf-hpc: error: {truncated}") == 1
     assert not (tmp_path / "o1").exists()
-    code, err = run_cli(monkeypatch, capsys, "catalog", "run", "--checkpoint", ckpt, "--input", cat.path,
-                        "--out", tmp_path / "o1", "--targets", "Merging,Spiral")
+    code, err = run_cli(
+        monkeypatch,
+        capsys,
+        "catalog",
+        "run",
+        "--checkpoint",
+        ckpt,
+        "--input",
+        cat.path,
+        "--out",
+        tmp_path / "o1",
+        "--targets",
+        "Merging,Spiral",
+    )
     assert code == 2 and "unknown class 'Spiral'" in err and not (tmp_path / "o1").exists()
 
     state = load_checkpoint(ckpt)
     state["config"]["model"]["z_dim"] = 16  # weights no longer fit the config
     torch.save(state, tmp_path / "mismatch.pt")
-    code, err = run_cli(monkeypatch, capsys, "catalog", "run", "--checkpoint", tmp_path / "mismatch.pt",
-                        "--input", cat.path, "--out", tmp_path / "o2")
+    code, err = run_cli(
+        monkeypatch,
+        capsys,
+        "catalog",
+        "run",
+        "--checkpoint",
+        tmp_path / "mismatch.pt",
+        "--input",
+        cat.path,
+        "--out",
+        tmp_path / "o2",
+    )
     assert code == 2 and "another model configuration" in err and "mismatch.pt" in err
     assert not (tmp_path / "o2").exists()
 
@@ -230,9 +382,42 @@ def test_bad_inputs_fail_cleanly(run_dir, make_catalog, mpi_catalog, tmp_path, m
     other["step"] += 1
     torch.save(other, tmp_path / "other.pt")
     test_split = json.loads((out / "run.json").read_text())["input"]
-    code, err = run_cli(monkeypatch, capsys, "catalog", "run", "--checkpoint", tmp_path / "other.pt",
-                        "--input", test_split, "--out", out, "--unit-size", 4)
+    code, err = run_cli(
+        monkeypatch,
+        capsys,
+        "catalog",
+        "run",
+        "--checkpoint",
+        tmp_path / "other.pt",
+        "--input",
+        test_split,
+        "--out",
+        out,
+        "--unit-size",
+        4,
+    )
     assert code == 2 and "another catalog run" in err and "checkpoint_sha256" in err
+    assert tree_digest(out) == before
+    # the same checkpoint with other judges next to it (one of the two): refused the same way
+    other_run = tmp_path / "other_run"
+    (other_run / "checkpoints").mkdir(parents=True)
+    shutil.copy(ckpt, other_run / "checkpoints" / ckpt.name)
+    shutil.copytree(run_dir / "judges" / "cnn", other_run / "judges" / "cnn")
+    code, err = run_cli(
+        monkeypatch,
+        capsys,
+        "catalog",
+        "run",
+        "--checkpoint",
+        other_run / "checkpoints" / ckpt.name,
+        "--input",
+        test_split,
+        "--out",
+        out,
+        "--unit-size",
+        4,
+    )
+    assert code == 2 and "another catalog run" in err and "judges:" in err and "checkpoint_sha256" not in err
     assert tree_digest(out) == before
 
 
@@ -240,8 +425,24 @@ def test_tasks_without_a_shared_mpi_world_are_refused(tmp_path):
     """srun with an MPI plug-in that does not match mpi4py: every task would see a world of
     one and explain the whole catalog; the job refuses before touching anything."""
     env = dict(os.environ, SLURM_STEP_NUM_TASKS="4")
-    res = subprocess.run([sys.executable, "-m", "galcf_hpc.cli", "catalog", "run", "--checkpoint", str(tmp_path),
-                          "--input", str(tmp_path), "--out", str(tmp_path / "out")],
-                         env=env, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "galcf_hpc.cli",
+            "catalog",
+            "run",
+            "--checkpoint",
+            str(tmp_path),
+            "--input",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 2 and "started 4 tasks but each sees an MPI world of size 1" in res.stderr
     assert not (tmp_path / "out").exists()

@@ -27,13 +27,16 @@ def test_unknown_section():
         config_from_dict({"trian": {}})
 
 
-@pytest.mark.parametrize("data, key", [
-    ({"train": {"epochs": "ten"}}, "train.epochs"),
-    ({"train": {"lr": True}}, "train.lr"),
-    ({"model": {"channels": [32, "x"]}}, "model.channels[1]"),
-    ({"model": {"vgg_weights": 3}}, "model.vgg_weights"),
-    ({"data": "nope"}, "data"),
-])
+@pytest.mark.parametrize(
+    "data, key",
+    [
+        ({"train": {"epochs": "ten"}}, "train.epochs"),
+        ({"train": {"lr": True}}, "train.lr"),
+        ({"model": {"channels": [32, "x"]}}, "model.channels[1]"),
+        ({"model": {"vgg_weights": 3}}, "model.vgg_weights"),
+        ({"data": "nope"}, "data"),
+    ],
+)
 def test_wrong_type_names_key(data, key):
     with pytest.raises(ConfigError) as err:
         config_from_dict(data)
@@ -46,8 +49,9 @@ def test_int_widens_to_float_and_none_allowed():
 
 
 def test_overrides_typed_and_validated():
-    cfg = config_from_dict({}, ["train.epochs=7", "model.channels=[8, 16]", "data.image_size=32",
-                                "model.vgg_weights=/x/vgg.pth"])
+    cfg = config_from_dict(
+        {}, ["train.epochs=7", "model.channels=[8, 16]", "data.image_size=32", "model.vgg_weights=/x/vgg.pth"]
+    )
     assert cfg.train.epochs == 7 and cfg.model.channels == [8, 16] and cfg.model.vgg_weights == "/x/vgg.pth"
     with pytest.raises(ConfigError, match="train.epochs"):
         config_from_dict({}, ["train.epochs=many"])

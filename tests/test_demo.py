@@ -1,25 +1,46 @@
 """The README's first command, end to end at toy scale: synth -> shard -> train (2 local
-ranks) -> baseline -> explain -> catalog job -> report."""
+ranks) -> judges -> explain -> catalog job -> report; and the demo's rank launcher."""
 
 import json
+import logging
 
 import h5py
+import pytest
 import torch
 from PIL import Image
 
+from galcf_hpc import demo
 from galcf_hpc.cli import main
+from galcf_hpc.config import load_config
 from galcf_hpc.data.shards import verify_shards
+from galcf_hpc.errors import ConfigError
+from galcf_hpc.judges import DEFAULT_PANEL
 from galcf_hpc.train.checkpoint import latest_checkpoint
-from test_report import assert_images_ok
 
 
 def test_demo_pipeline_end_to_end(tmp_path, capsys):
-    sets = [f"data.source={tmp_path}/syn.h5", f"data.shards={tmp_path}/shards", f"run.out_dir={tmp_path}/run",
-            "data.synth.n=200", "data.synth.size=32", "data.synth.workers=1", "data.shard_size=64",
-            "data.image_size=16", "model.channels=[8, 16]", "model.z_dim=12", "model.z1_dim=6",
-            "model.flow_blocks=2", "model.flow_hidden=16", "train.epochs=2", "train.batch_size=32",
-            "train.warmup_steps=2", "train.time_limit_minutes=0"]
-    argv = ["demo", "--config", "configs/smoke.yaml", "--baseline-epochs", "2"] + [x for s in sets for x in ("--set", s)]
+    from test_report import assert_images_ok  # here: the launcher tests below need none of the report's imports
+
+    sets = [
+        f"data.source={tmp_path}/syn.h5",
+        f"data.shards={tmp_path}/shards",
+        f"run.out_dir={tmp_path}/run",
+        "data.synth.n=200",
+        "data.synth.size=32",
+        "data.synth.workers=1",
+        "data.shard_size=64",
+        "data.image_size=16",
+        "model.channels=[8, 16]",
+        "model.z_dim=12",
+        "model.z1_dim=6",
+        "model.flow_blocks=2",
+        "model.flow_hidden=16",
+        "train.epochs=2",
+        "train.batch_size=32",
+        "train.warmup_steps=2",
+        "train.time_limit_minutes=0",
+    ]
+    argv = ["demo", "--config", "configs/smoke.yaml", "--judge-epochs", "2"] + [x for s in sets for x in ("--set", s)]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "test accuracy" in out and "validity" in out and "report: " in out
@@ -34,21 +55,66 @@ def test_demo_pipeline_end_to_end(tmp_path, capsys):
     state = torch.load(latest_checkpoint(run), weights_only=True)
     assert state["world_size"] == 2 and state["config"]["train"]["global_batch"] == 32
     assert state["config"]["train"]["batch_size"] == 16
-    # baseline, catalog job on the test split, report
-    base = json.loads((run / "baseline" / "eval.json").read_text())
-    assert base["settings"]["epochs"] == 2 and base["splits"]["test"]["num_galaxies"] == counts["test"]
+    # the judge panel, catalog job on the test split, report
+    panel = json.loads((run / "judges" / "panel.json").read_text())
+    assert sorted(panel) == sorted(spec.name for spec in DEFAULT_PANEL)
+    for name, judge in panel.items():
+        assert judge["split"] == "test" and judge["num_galaxies"] == counts["test"]
+        assert json.loads((run / "judges" / name / "eval.json").read_text())["settings"]["epochs"] == 2
     with h5py.File(run / "catalog" / "catalog.h5", "r") as f:
         assert len(f["pred"]) == counts["test"]
     rep = json.loads((run / "report" / "report.json").read_text())
-    assert rep["catalog"]["num_galaxies"] == counts["test"] and rep["baseline"]["available"]
-    assert rep["num_galaxies"] == counts["test"] and 0.0 <= rep["counterfactuals"]["overall"]["validity_independent"] <= 1.0
+    assert rep["catalog"]["num_galaxies"] == counts["test"] and rep["num_galaxies"] == counts["test"]
     assert abs(rep["classification"]["model"]["accuracy"] - cf["accuracy"]) < 1e-9
+    # every judge's validity next to the model's, in explain's summary and in the report
+    for name in panel:
+        for numbers in (cf["overall"], rep["counterfactuals"]["overall"]):
+            assert 0.0 <= numbers[f"validity_{name}"] <= 1.0
+    assert cf["overall"]["validity_panel"] == pytest.approx(
+        sum(cf["overall"][f"validity_{name}"] for name in panel) / len(panel)
+    )
     html = run / "report" / "report.html"
     srcs = assert_images_ok(html)
     assert "counterfactual_grid.png" in srcs and "tsne.png" in srcs
-    # a second run reuses catalog, shards, the finished run, baseline and catalog instead of redoing them
-    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "syn.h5", run / "baseline" / "model.pt",
-                                                run / "catalog" / "catalog.h5")}
+    # a second run reuses catalog, shards, the finished run, judges and catalog job instead of redoing them
+    mtimes = {
+        p: p.stat().st_mtime_ns
+        for p in (
+            tmp_path / "syn.h5",
+            run / "judges" / "panel.json",
+            run / "judges" / "cnn" / "model.pt",
+            run / "catalog" / "catalog.h5",
+        )
+    }
     assert main(argv) == 0
     assert all(p.stat().st_mtime_ns == m for p, m in mtimes.items())
     assert Image.open(run / "report" / "tsne.png").format == "PNG"
+
+
+def test_stages_in_pipeline_order():
+    assert [name for name, _ in demo.STAGES] == ["data", "train", "judges", "explain", "catalog", "report"]
+
+
+def test_never_more_local_ranks_than_visible_gpus(monkeypatch, caplog):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert demo.local_ranks(None, "auto") == 1  # one-GPU machine: one rank
+    with caplog.at_level(logging.WARNING, logger="galcf_hpc"):
+        assert demo.local_ranks(4, "cuda") == 1
+    assert "only 1 GPU(s) visible" in caplog.text
+    assert demo.local_ranks(3, "cpu") == 3  # training on the CPU: GPUs do not count
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert demo.local_ranks(None, "auto") == 2 and demo.local_ranks(3, "auto") == 3
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: 1)
+    assert demo.local_ranks(None, "auto") == 1
+    with pytest.raises(ConfigError, match="--ranks"):
+        demo.local_ranks(-1, "auto")
+
+
+def test_failed_rank_launch_reports_false(tmp_path, caplog):
+    cfg = load_config("configs/smoke.yaml", [])
+    missing = tmp_path / "missing.yaml"  # every rank exits 2 with a config error
+    with caplog.at_level(logging.WARNING, logger="galcf_hpc"):
+        assert demo.train_ranks(missing, [], 2, cfg, poll_seconds=0.1) is False
+    assert "exit codes [2, 2]" in caplog.text

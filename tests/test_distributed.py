@@ -14,28 +14,55 @@ import torch
 
 from galcf_hpc.config import config_from_dict, dump_config
 from galcf_hpc.errors import ConfigError
-from galcf_hpc.train.checkpoint import latest_checkpoint, load_checkpoint
-from galcf_hpc.train.distributed import detect, first_host
-from galcf_hpc.train.loop import micro_batch
+from galcf_hpc.train import engines
+from galcf_hpc.train.build import micro_batch
+from galcf_hpc.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state
+from galcf_hpc.train.distributed import detect, first_host, local_rank_of
 
-LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID",
-              "SLURM_STEP_NUM_TASKS", "PMI_RANK", "OMPI_COMM_WORLD_RANK")
+LAUNCH_ENV = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "SLURM_PROCID",
+    "SLURM_STEP_NUM_TASKS",
+    "PMI_RANK",
+    "OMPI_COMM_WORLD_RANK",
+)
 
 
 def _config(sharded, out, engine="ddp", exact=False, **train):
     loss = {"cf_warmup_epochs": 1, "cf_fraction": 0.5}
     if exact:  # only per-sample terms: the gradient of the global batch is the mean over ranks
         loss = {"mmd": 0.0, "cf_consistency": 0.0, "cf_proximity": 0.0, "cf_z2": 0.0, "z1_noise": 0.0}
-    cfg = config_from_dict({
-        "run": {"out_dir": str(out), "seed": 3, "deterministic": True},
-        "data": {"shards": str(sharded.out), "image_size": 16, "crop_fraction": 0.7},
-        "model": {"channels": [8, 16], "z_dim": 12, "z1_dim": 6, "flow_blocks": 2, "flow_hidden": 16,
-                  "vgg_random": True, "vgg_layers": ["relu1_2"]},
-        "loss": loss,
-        "train": {"epochs": 2, "global_batch": 16, "lr": 3e-3, "warmup_steps": 2, "log_every": 1, "threads": 1,
-                  "engine": engine, **train},
-        "explain": {"batch_size": 32},
-    })
+    cfg = config_from_dict(
+        {
+            "run": {"out_dir": str(out), "seed": 3, "deterministic": True},
+            "data": {"shards": str(sharded.out), "image_size": 16, "crop_fraction": 0.7},
+            "model": {
+                "channels": [8, 16],
+                "z_dim": 12,
+                "z1_dim": 6,
+                "flow_blocks": 2,
+                "flow_hidden": 16,
+                "vgg_random": True,
+                "vgg_layers": ["relu1_2"],
+            },
+            "loss": loss,
+            "train": {
+                "epochs": 2,
+                "global_batch": 16,
+                "lr": 3e-3,
+                "warmup_steps": 2,
+                "log_every": 1,
+                "threads": 1,
+                "engine": engine,
+                **train,
+            },
+            "explain": {"batch_size": 32},
+        }
+    )
     path = out.parent / f"{out.name}.yaml"
     path.write_text(dump_config(cfg))
     return path
@@ -50,17 +77,25 @@ def _free_port():
 def _env(rank, world, port):
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
     if world > 1:
-        env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port))
+        env.update(
+            RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+        )
     env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.expanduser("~"), ".cache", "galcf-torch-ext"))
     return env
 
 
 def _start(config, world, *args):
     port = _free_port()
-    return [subprocess.Popen([sys.executable, "-m", "galcf_hpc.cli", "train", "--config", str(config), *args],
-                             env=_env(rank, world, port), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            for rank in range(world)]
+    return [
+        subprocess.Popen(
+            [sys.executable, "-m", "galcf_hpc.cli", "train", "--config", str(config), *args],
+            env=_env(rank, world, port),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(world)
+    ]
 
 
 def _finish(procs, timeout=400):
@@ -98,24 +133,79 @@ def _train_losses(run_dir):
 
 
 def test_launcher_detection():
-    torchrun = detect(environ={"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "n1",
-                               "MASTER_PORT": "1234"})
-    assert (torchrun.rank, torchrun.world_size, torchrun.local_rank, torchrun.master_addr, torchrun.master_port) == \
-        (3, 8, 1, "n1", 1234)
+    torchrun = detect(
+        environ={"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "n1", "MASTER_PORT": "1234"}
+    )
+    assert (torchrun.rank, torchrun.world_size, torchrun.local_rank, torchrun.master_addr, torchrun.master_port) == (
+        3,
+        8,
+        1,
+        "n1",
+        1234,
+    )
     assert torchrun.launcher == "torchrun/env" and torchrun.backend == ("nccl" if torch.cuda.is_available() else "gloo")
-    srun = detect(environ={"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "1",
-                           "SLURM_STEP_NODELIST": "jrc[0041-0042,0107]", "SLURM_JOB_ID": "1234567"})
-    assert (srun.rank, srun.world_size, srun.local_rank, srun.master_addr, srun.master_port, srun.launcher) == \
-        (5, 8, 1, "jrc0041", 24567, "srun")
+    srun = detect(
+        environ={
+            "SLURM_PROCID": "5",
+            "SLURM_STEP_NUM_TASKS": "8",
+            "SLURM_LOCALID": "1",
+            "SLURM_STEP_NODELIST": "jrc[0041-0042,0107]",
+            "SLURM_JOB_ID": "1234567",
+        }
+    )
+    assert (srun.rank, srun.world_size, srun.local_rank, srun.master_addr, srun.master_port, srun.launcher) == (
+        5,
+        8,
+        1,
+        "jrc0041",
+        24567,
+        "srun",
+    )
     batch_shell = detect(environ={"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_ID": "7"})
     assert (batch_shell.world_size, batch_shell.launcher) == (1, "single")
-    mpi = detect(environ={"PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALRANKID": "1", "MASTER_ADDR": "h",
-                          "MASTER_PORT": "99"})
+    mpi = detect(
+        environ={"PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALRANKID": "1", "MASTER_ADDR": "h", "MASTER_PORT": "99"}
+    )
     assert (mpi.rank, mpi.world_size, mpi.local_rank, mpi.master_addr, mpi.launcher) == (1, 2, 1, "h", "mpiexec")
     assert detect("cpu", environ={}).device == torch.device("cpu")
     assert first_host("jwb0001") == "jwb0001" and first_host("a[7,9-12],b3") == "a7"
     with pytest.raises(ConfigError, match="rank 4 of world size 2"):
         detect(environ={"RANK": "4", "WORLD_SIZE": "2"})
+
+
+def test_deepspeed_sees_the_local_rank_of_its_device():
+    """One GPU visible per task: DeepSpeed must set_device(0), not the launcher's local rank."""
+    environ = {"LOCAL_RANK": "3", "OMPI_COMM_WORLD_LOCAL_RANK": "3"}
+    with local_rank_of(torch.device("cuda", 0), environ):
+        assert environ == {"LOCAL_RANK": "0", "OMPI_COMM_WORLD_LOCAL_RANK": "0"}
+    assert environ == {"LOCAL_RANK": "3", "OMPI_COMM_WORLD_LOCAL_RANK": "3"}
+    environ = {}
+    with pytest.raises(KeyError):
+        with local_rank_of(torch.device("cuda", 1), environ):
+            assert environ == {"LOCAL_RANK": "1"}
+            raise KeyError  # restored also when initialisation fails
+    assert environ == {}
+    environ = {"LOCAL_RANK": "2"}
+    with local_rank_of(torch.device("cpu"), environ):
+        assert environ == {"LOCAL_RANK": "2"}
+    assert set(rng_state(torch.device("cpu"))) == {"torch"}  # no GPU generator of other ranks' GPUs
+
+
+def test_deepspeed_config_reduces_in_fp32_and_needs_torch_autocast(monkeypatch):
+    train = config_from_dict({"train": {"zero_stage": 2, "grad_accumulation": 2}}).train
+    ds = engines.deepspeed_config(train, 8, 64, bf16=True)
+    assert ds["communication_data_type"] == "fp32" and ds["zero_optimization"] == {"stage": 2}
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+    batches = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+    assert [ds[k] for k in batches] == [8, 2, 64]
+    deepspeed = pytest.importorskip("deepspeed")
+    assert engines._import_deepspeed() is deepspeed
+    from deepspeed.runtime import constants
+
+    monkeypatch.delattr(constants, "TORCH_AUTOCAST")
+    monkeypatch.setattr(deepspeed, "__version__", "0.15.4")
+    with pytest.raises(ConfigError, match=r"DeepSpeed 0\.15\.4 does not know the 'torch_autocast' setting"):
+        engines._import_deepspeed()
 
 
 def test_global_batch_must_divide(sharded, tmp_path):
@@ -192,7 +282,8 @@ def _wait_for_step(run_dir, step, procs, timeout=120):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if (run_dir / "metrics.jsonl").exists() and any(
-                json.loads(x).get("step", 0) >= step for x in (run_dir / "metrics.jsonl").read_text().splitlines()):
+            json.loads(x).get("step", 0) >= step for x in (run_dir / "metrics.jsonl").read_text().splitlines()
+        ):
             return
         assert all(p.poll() is None for p in procs), "training ended before the signal"
         time.sleep(0.2)
@@ -222,8 +313,7 @@ def test_signal_to_one_rank_stops_all_with_a_checkpoint(sharded, tmp_path):
 
 
 def test_killed_rank_fails_fast_and_keeps_the_checkpoint(sharded, tmp_path):
-    config = _config(sharded, tmp_path / "run", epochs=30, checkpoint_every=2,
-                     collective_timeout_minutes=5.0)
+    config = _config(sharded, tmp_path / "run", epochs=30, checkpoint_every=2, collective_timeout_minutes=5.0)
     procs = _start(config, 2)
     _wait_for_step(tmp_path / "run", 5, procs)
     procs[1].kill()

@@ -1,4 +1,5 @@
-"""Counterfactual and saliency grids: valid PNGs, predictable layout, right cell content."""
+"""Counterfactual, luminance-change and colour-change grids: valid PNGs, predictable layout, right
+cell content."""
 
 import numpy as np
 import pytest
@@ -7,9 +8,12 @@ from matplotlib.image import imread
 
 from galcf_hpc.explain.figures import (
     EMPTY_FACE,
+    GRIDS,
+    colour_grid,
     counterfactual_grid,
     grid_layout,
     saliency_grid,
+    write_grids,
 )
 
 TOL = 2.5 / 255  # PNG quantisation
@@ -114,3 +118,50 @@ def test_saliency_grid_colours(tmp_path):
     grey = int(EMPTY_FACE[1:3], 16) / 255
     for i in range(n):
         np.testing.assert_allclose(_pixel(img, layout, i, i), [grey] * 3, atol=TOL)
+
+
+def _recolour_and_brighten(n=3, size=10):
+    """Cell (0, 1) only recolours (flux moved from band 2 to band 0, band mean unchanged);
+    cell (1, 0) only brightens (the same change in every band); the rest is unchanged."""
+    change = np.zeros((n, n, 3, size, size), dtype=np.float32)
+    change[0, 1, 0], change[0, 1, 2] = 0.3, -0.3
+    change[1, 0] = 0.3
+    change[2, 2] = 50.0  # diagonal: ignored
+    return change
+
+
+def test_luminance_grid_does_not_see_a_pure_recolouring(tmp_path):
+    change = _recolour_and_brighten()
+    path = tmp_path / "lum.png"
+    saliency_grid(path, change, ["Merging", "Round Smooth", "Cigar Shaped Smooth"])
+    img, layout = imread(path), grid_layout(3, colorbar=True)
+    assert np.all(_pixel(img, layout, 0, 1) > 0.9)  # recolouring: white, no luminance change
+    brighter = _pixel(img, layout, 1, 0)
+    assert brighter[0] > 0.3 and brighter[2] < 0.2  # brightening: red
+
+
+def test_colour_grid_shows_what_the_luminance_grid_cannot(tmp_path):
+    change = _recolour_and_brighten()
+    path = tmp_path / "colour.png"
+    colour_grid(path, torch.tensor(change), [0, 1, 2])
+    _only(tmp_path, "colour.png")
+    img = imread(path)
+    layout = grid_layout(3, title="colour change")  # the grid's own explanation as its title
+    assert img.shape[:2] == layout.size_px[::-1]
+    np.testing.assert_allclose(_pixel(img, layout, 0, 1), [1.0, 0.5, 0.0], atol=TOL)  # band 0 up, band 2 down
+    np.testing.assert_allclose(_pixel(img, layout, 1, 0), [0.5] * 3, atol=TOL)  # brightening: no colour change
+    np.testing.assert_allclose(_pixel(img, layout, 2, 0), [0.5] * 3, atol=TOL)
+    grey = int(EMPTY_FACE[1:3], 16) / 255
+    np.testing.assert_allclose(_pixel(img, layout, 2, 2), [grey] * 3, atol=TOL)
+    with pytest.raises(ValueError, match="change"):
+        colour_grid(path, change.mean(axis=2), [0, 1, 2])
+
+
+def test_write_grids_draws_all_three(tmp_path):
+    originals, overlays, _, _ = _constant_images(3)
+    overlays[0, 0] = 0.0
+    names = write_grids(tmp_path / "figs", originals, overlays, _recolour_and_brighten(), [0, 4, 9])
+    assert names == GRIDS
+    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == sorted(GRIDS.values())
+    for name in GRIDS.values():
+        assert imread(tmp_path / "figs" / name).shape[0] > 300

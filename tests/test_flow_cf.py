@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from galcf_hpc.model.counterfactual import boundary_distance, counterfactual_h
@@ -71,3 +72,36 @@ def test_counterfactual_h_multiclass_always_reaches_target():
     # same-class requests leave h untouched
     same = counterfactual_h(h, pred, pred, means, lw, margin=0.3)
     assert torch.equal(same, h)
+
+
+def test_translate_placement_keeps_the_offset_from_the_mean():
+    means = torch.tensor([[0.0, 0.0], [6.0, 0.0]])
+    h = torch.tensor([[-0.5, 1.0]])
+    out = counterfactual_h(h, torch.tensor([0]), torch.tensor([1]), means, torch.zeros(2), margin=0.5, mode="translate")
+    assert torch.allclose(out, torch.tensor([[5.5, 1.0]]))  # h - mu_0 + mu_1
+    # a translated point that would still sit short of the boundary is moved on to margin past it
+    h = torch.tensor([[2.9, 0.0]])  # near the boundary at x=3, on class 0's side
+    out = counterfactual_h(h, torch.tensor([0]), torch.tensor([1]), means, torch.zeros(2), margin=0.5, mode="translate")
+    assert torch.allclose(out, torch.tensor([[8.9, 0.0]]))
+    half = counterfactual_h(
+        torch.tensor([[-0.5, 1.0]]), torch.tensor([0]), torch.tensor([1]), means, torch.zeros(2), margin=0.5, mode=0.5
+    )
+    # boundary placement (3.5, 1) and translated (5.5, 1): half way
+    assert torch.allclose(half, torch.tensor([[4.5, 1.0]]))
+
+
+def test_translate_placement_multiclass_reaches_target_and_is_in_distribution():
+    torch.manual_seed(1)
+    means = initial_means(10, 16, 5.0)
+    lw = torch.full((10,), -torch.log(torch.tensor(10.0)))
+    src = torch.arange(2000) % 10
+    h = means[src] + torch.randn(2000, 16)
+    pred = class_logits(h, means, lw).argmax(1)
+    target = (pred + 1 + torch.randint(0, 9, (2000,))) % 10
+    out = counterfactual_h(h, pred, target, means, lw, margin=0.3, mode="translate")
+    assert torch.equal(class_logits(out, means, lw).argmax(1), target)
+    # offsets from the target mean are as spread as real class members' offsets (unit variance)
+    spread = (out - means[target]).std(0).mean()
+    assert 0.9 < float(spread) < 1.15
+    with pytest.raises(ValueError, match="placement"):
+        counterfactual_h(h, pred, target, means, lw, mode="far")

@@ -12,9 +12,14 @@ from galcf_hpc.errors import DataError
 
 def _columns(n, seed=0, size=16):
     rng = np.random.default_rng(seed)
-    return dict(images=rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
-                ans=rng.integers(0, 10, n), ra=rng.uniform(0, 360, n), dec=rng.uniform(-60, 60, n),
-                redshift=rng.uniform(0, 0.3, n), pxscale=np.full(n, 0.262))
+    return dict(
+        images=rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+        ans=rng.integers(0, 10, n),
+        ra=rng.uniform(0, 360, n),
+        dec=rng.uniform(-60, 60, n),
+        redshift=rng.uniform(0, 0.3, n),
+        pxscale=np.full(n, 0.262),
+    )
 
 
 def _sha(path):
@@ -95,12 +100,16 @@ BAD_AT_OPEN = {
     "not_hdf5": (lambda p: p.write_text("ra,dec\n1,2\n"), ["not HDF5"]),
     "missing_images": (_drop_images, ["'images' is missing"]),
     "label_out_of_range": (_bad_label, ["'ans'", "sample 7", "12"]),
-    "wrong_image_shape": (lambda p: _rewrite(p, "images", np.zeros((20, 16, 12, 3), np.uint8)),
-                          ["'images'", "(20, 16, 12, 3)"]),
+    "wrong_image_shape": (
+        lambda p: _rewrite(p, "images", np.zeros((20, 16, 12, 3), np.uint8)),
+        ["'images'", "(20, 16, 12, 3)"],
+    ),
     "wrong_image_rank": (lambda p: _rewrite(p, "images", np.zeros((20, 16, 16), np.uint8)), ["'images'", "shape"]),
     "int16_images": (lambda p: _rewrite(p, "images", np.zeros((20, 16, 16, 3), np.int16)), ["'images'", "int16"]),
-    "complex_images": (lambda p: _rewrite(p, "images", np.zeros((20, 16, 16, 3), np.complex64)),
-                       ["'images'", "complex"]),
+    "complex_images": (
+        lambda p: _rewrite(p, "images", np.zeros((20, 16, 16, 3), np.complex64)),
+        ["'images'", "complex"],
+    ),
     "string_images": (lambda p: _rewrite(p, "images", np.full((20, 16, 16, 3), b"x")), ["'images'", "dtype"]),
     "labels_too_short": (lambda p: _rewrite(p, "ans", np.zeros(19, np.uint8)), ["'ans'", "20 images"]),
     "ra_too_long": (lambda p: _rewrite(p, "ra", np.zeros(21)), ["'ra'", "20 images"]),
@@ -166,13 +175,16 @@ def test_cut_data_chunks_raise_on_read_naming_the_samples(tmp_path):
     assert 2 <= first_bad < 40
 
 
-@pytest.mark.parametrize("bad", [
-    {"images": np.zeros((5, 16, 16, 3), np.float32)},
-    {"images": np.zeros((5, 16, 8, 3), np.uint8)},
-    {"ans": np.array([0, 1, 2, 3, 10])},
-    {"ra": np.zeros(4)},
-    {"dec": np.array([0, 0, np.nan, 0, 0])},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"images": np.zeros((5, 16, 16, 3), np.float32)},
+        {"images": np.zeros((5, 16, 8, 3), np.uint8)},
+        {"ans": np.array([0, 1, 2, 3, 10])},
+        {"ra": np.zeros(4)},
+        {"dec": np.array([0, 0, np.nan, 0, 0])},
+    ],
+)
 def test_failing_write_leaves_existing_file_intact(tmp_path, bad):
     path = tmp_path / "cat.h5"
     write_catalog(path, **_columns(5))

@@ -59,8 +59,7 @@ def test_equals_torch_backend_without_augmentation(sharded, train):
     training: no repeats and the same count) and images equal within 1/255."""
     split = sharded.out / "val"
     dali = _by_key(_dali(split, batch_size=5, image_size=20, train=train, augment=False, crop_fraction=0.7))
-    ref = _by_key(build_torch_loader(split, batch_size=5, image_size=20, train=train, augment=False,
-                                     crop_fraction=0.7))
+    ref = _by_key(build_torch_loader(split, batch_size=5, image_size=20, train=train, augment=False, crop_fraction=0.7))
     if train:
         assert len(dali) == len(ref) and set(dali) <= set(_split_keys(split))
     else:
@@ -69,8 +68,11 @@ def test_equals_torch_backend_without_augmentation(sharded, train):
     where = {k: i for i, k in enumerate(dataset.keys)}
     worst = 0.0
     for key, (image, label) in dali.items():
-        expected = ref[key][0] if key in ref else augment_batch(
-            torch.from_numpy(dataset[where[key]]["image"][None]), 20, 0.7)[0]
+        expected = (
+            ref[key][0]
+            if key in ref
+            else augment_batch(torch.from_numpy(dataset[where[key]]["image"][None]), 20, 0.7)[0]
+        )
         worst = max(worst, float((image - expected).abs().max()))
         assert label == int(sharded.catalog.labels[int(key[1:])])
     assert worst <= TOL, f"largest pixel difference {worst * 255:.3f}/255"
@@ -109,8 +111,9 @@ def test_rotation_angles_cover_the_range_and_match_torch_rotation(sharded):
 def _run_ranks(split_dir, world, train, batch_size, epochs=1):
     per_rank = []
     for rank in range(world):
-        loader = _dali(split_dir, batch_size=batch_size, image_size=8, rank=rank, world_size=world,
-                       train=train, augment=False)
+        loader = _dali(
+            split_dir, batch_size=batch_size, image_size=8, rank=rank, world_size=world, train=train, augment=False
+        )
         per_rank.append((loader.steps_per_epoch, [list(loader) for _ in range(epochs)]))
     return per_rank
 
@@ -169,7 +172,8 @@ def test_state_dict_resumes_mid_epoch_with_same_samples_and_angles(sharded, tmp_
         resumed.set_epoch(5)
     with pytest.raises(CheckpointError, match="batch_size"):
         _dali(sharded.out / "train", batch_size=4, image_size=12, seed=4).load_state_dict(
-            torch.load(path, weights_only=True))
+            torch.load(path, weights_only=True)
+        )
     torch_loader = build_torch_loader(sharded.out / "train", batch_size=8, image_size=12, seed=4)
     with pytest.raises(CheckpointError, match="dali back-end"):
         torch_loader.load_state_dict(torch.load(path, weights_only=True))
@@ -198,9 +202,13 @@ def test_corrupt_image_names_shard_and_sample(sharded_copy, patch_member, damage
 
 
 def _cfg(sharded, loader, **data):
-    return config_from_dict({"data": {"shards": str(sharded.out), "image_size": 16, "loader": loader,
-                                      "device": "cpu", **data},
-                             "model": {"channels": [8, 16]}, "train": {"batch_size": 8}})
+    return config_from_dict(
+        {
+            "data": {"shards": str(sharded.out), "image_size": 16, "loader": loader, "device": "cpu", **data},
+            "model": {"channels": [8, 16]},
+            "train": {"batch_size": 8},
+        }
+    )
 
 
 def test_config_selects_backends(sharded):
@@ -220,8 +228,7 @@ def test_synthetic_backend_contract_and_steps(sharded):
     cfg = _cfg(sharded, "synthetic")
     for world in (1, 3):
         loader = build_loader(cfg, "train", rank=world - 1, world_size=world)
-        real = build_torch_loader(sharded.out / "train", batch_size=8, image_size=16, rank=world - 1,
-                                  world_size=world)
+        real = build_torch_loader(sharded.out / "train", batch_size=8, image_size=16, rank=world - 1, world_size=world)
         batches = list(loader)
         assert len(batches) == loader.steps_per_epoch == real.steps_per_epoch
         b = batches[0]

@@ -64,8 +64,9 @@ def test_dataset_returns_exact_pixels(sharded):
 
 @pytest.mark.parametrize("train", [False, True])
 def test_without_augmentation_is_crop_and_resize(sharded, train):
-    loader = build_torch_loader(sharded.out / "val", batch_size=5, image_size=16, train=train,
-                                augment=False, crop_fraction=0.7)
+    loader = build_torch_loader(
+        sharded.out / "val", batch_size=5, image_size=16, train=train, augment=False, crop_fraction=0.7
+    )
     first, second = _epoch(loader), _epoch(loader)
     for a, b in zip(first, second):
         assert a["keys"] == b["keys"] or train  # training reshuffles per epoch
@@ -110,8 +111,9 @@ def test_rotate_is_counter_clockwise_about_the_centre():
 def _run_ranks(split_dir, world, train, batch_size=4, epoch=0):
     per_rank = []
     for rank in range(world):
-        loader = build_torch_loader(split_dir, batch_size=batch_size, image_size=8, rank=rank,
-                                    world_size=world, train=train, augment=False)
+        loader = build_torch_loader(
+            split_dir, batch_size=batch_size, image_size=8, rank=rank, world_size=world, train=train, augment=False
+        )
         loader.set_epoch(epoch)
         per_rank.append((loader.steps_per_epoch, _epoch(loader)))
     return per_rank

@@ -17,7 +17,10 @@ def test_mmd_unbiased_hand_computed():
     z = torch.tensor([[0.0], [1.0]])
     n = torch.tensor([[0.0], [2.0], [3.0]])
     bw = 2.0
-    k = lambda d2: math.exp(-d2 / bw)
+
+    def k(d2):
+        return math.exp(-d2 / bw)
+
     zz = 2 * k(1) / (2 * 1)
     nn = 2 * (k(4) + k(9) + k(1)) / (3 * 2)
     zn = (k(0) + k(4) + k(9) + k(1) + k(1) + k(4)) / 6
@@ -43,7 +46,10 @@ def test_ib_loss_hand_computed():
     # logits per sample: -1/2 d^2 + log w
     l0 = [-0.0 + math.log(0.25), -2.0 + math.log(0.75)]
     l1 = [-2.5 + math.log(0.25), -0.5 + math.log(0.75)]
-    lse = lambda v: math.log(sum(math.exp(x) for x in v))
+
+    def lse(v):
+        return math.log(sum(math.exp(x) for x in v))
+
     lx = ((-lse(l0) - 0.5) / 2 + (-lse(l1) + 1.0) / 2) / 2
     ly = ((l0[0] - lse(l0) - math.log(0.25)) + (l1[1] - lse(l1) - math.log(0.75))) / 2
     expected = 2 / (1 + beta) * lx - 2 * beta / (1 + beta) * ly

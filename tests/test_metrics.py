@@ -5,7 +5,7 @@ import pytest
 import torch
 from skimage.metrics import structural_similarity
 
-from galcf_hpc.explain.metrics import msd, ssim, validity
+from galcf_hpc.metrics import msd, ssim, validity
 
 
 def _ref_ssim(a, b, gaussian):
@@ -15,10 +15,17 @@ def _ref_ssim(a, b, gaussian):
         x = np.transpose(x, (1, 2, 0))
         y = np.transpose(y, (1, 2, 0))
         if gaussian:
-            out.append(structural_similarity(
-                x, y, channel_axis=-1, data_range=1.0,
-                gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
-            ))
+            out.append(
+                structural_similarity(
+                    x,
+                    y,
+                    channel_axis=-1,
+                    data_range=1.0,
+                    gaussian_weights=True,
+                    sigma=1.5,
+                    use_sample_covariance=False,
+                )
+            )
         else:
             out.append(structural_similarity(x, y, channel_axis=-1, data_range=1.0))
     return np.array(out)
@@ -120,3 +127,53 @@ def test_validity():
         validity(pred, torch.tensor([0, 1]))
     with pytest.raises(ValueError):
         validity(torch.zeros(2, 2, 2), target)
+
+
+def test_luminance_share_recolouring_is_zero_and_brightening_is_one():
+    from galcf_hpc.metrics import luminance_share
+
+    rng = np.random.default_rng(3)
+    x = torch.as_tensor(rng.uniform(0.2, 0.6, (4, 3, 16, 16)))
+    # move flux between the bands at constant total: a pure change of colour
+    shift = torch.as_tensor(rng.normal(0, 0.05, (4, 1, 16, 16)))
+    recoloured = x + torch.cat([shift, -0.5 * shift, -0.5 * shift], dim=1)
+    assert float(luminance_share(recoloured - x).abs().max()) < 1e-6
+    # the same structure added to every band: all luminance
+    assert torch.allclose(luminance_share(x + shift - x), torch.ones(4))
+    # orthogonal split: energies add up, so a known mix gives its share
+    mixed = torch.cat([shift, -shift, torch.zeros_like(shift)], dim=1) + 2 * shift  # chroma (1,-1,0), lum 2
+    expected = (3 * 4) / (3 * 4 + 2)  # |lum|^2 = 3 * 2^2, |chroma|^2 = 1 + 1 per unit of shift^2
+    assert torch.allclose(luminance_share(mixed), torch.full((4,), expected, dtype=torch.float32), atol=1e-6)
+    assert torch.isnan(luminance_share(torch.zeros(1, 3, 8, 8))).all()
+
+
+def test_luminance_share_is_not_a_colour_weighted_mean():
+    """A wrong split (e.g. a single band, or RGB display weights) gives a recolouring a share
+    far from zero; the band mean gives exactly zero for any flux-conserving recolouring."""
+    from galcf_hpc.metrics import luminance_share
+
+    delta = torch.zeros(1, 3, 4, 4)
+    delta[:, 0] = 0.1
+    delta[:, 2] = -0.1  # g brighter, z fainter, same total
+    assert float(luminance_share(delta)) == 0.0
+
+
+def test_classification_numbers_match_scikit_learn():
+    from sklearn.metrics import accuracy_score, f1_score, recall_score
+    from sklearn.metrics import confusion_matrix as sk_cm
+
+    from galcf_hpc.metrics import accuracy, confusion_matrix, macro_f1, per_class_accuracy
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 6, 500)
+    labels[labels == 4] = 5  # a class absent from the labels
+    preds = np.where(rng.uniform(size=500) < 0.7, labels, rng.integers(0, 6, 500))
+    cm = confusion_matrix(torch.as_tensor(labels), torch.as_tensor(preds), 6)
+    assert np.array_equal(cm.numpy(), sk_cm(labels, preds, labels=range(6)))
+    assert accuracy(cm) == pytest.approx(accuracy_score(labels, preds))
+    present = sorted(set(labels.tolist()))
+    assert macro_f1(cm) == pytest.approx(f1_score(labels, preds, labels=present, average="macro"))
+    recall = recall_score(labels, preds, labels=present, average=None)
+    got = [per_class_accuracy(cm)[c] for c in present]
+    assert np.allclose(got, recall)
+    assert np.isnan(per_class_accuracy(cm)[4])

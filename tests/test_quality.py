@@ -1,4 +1,4 @@
-"""The smoke configuration's goals, end to end (about 7 minutes on 2 CPU cores).
+"""The smoke configuration's goals, end to end (about 12 minutes on 2 CPU cores).
 
 Marked slow: run deliberately with `python3 -m pytest -m slow`.
 """
@@ -16,9 +16,14 @@ def test_smoke_config_meets_goals(tmp_path):
     assert main(["demo", "--config", "configs/smoke.yaml"] + [x for s in sets for x in ("--set", s)]) == 0
     cf = json.loads((tmp_path / "run" / "counterfactuals.json").read_text())
     o = cf["overall"]
-    assert cf["accuracy"] >= 0.70
-    assert o["validity"] >= 0.90
-    assert o["ssim_rec"] >= 0.85
+    assert cf["accuracy"] >= 0.88
+    assert o["validity_model"] >= 0.95
+    # judges nothing trained against (docs/method.md): well above the 0.29 of the objective
+    # without the luminance critic, and the luminance-only judge convinced as often
+    assert cf["judge_names"] == ["cnn", "resnet", "resnet_grey"]
+    assert o["validity_panel"] >= 0.45 and o["validity_resnet_grey"] >= 0.45
+    assert o["luminance_share"] >= 0.8  # the change is structure, not colour
+    assert o["ssim_rec"] >= 0.78
     assert o["background_msd"] < o["center_msd"] / 4  # the change sits on the galaxy, not the sky
     # the decoder reconstructs: far better than predicting the mean image
     assert cf["reconstruction"]["msd"] < 0.006

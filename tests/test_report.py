@@ -1,5 +1,7 @@
-"""The report of a tiny trained run: numbers consistent with an independent recomputation,
-every referenced image a real PNG, and (where Chromium exists) a rendered page."""
+"""The report of a tiny trained run with a judge panel: validity by the model and by every
+judge consistent with an independent recomputation, every referenced image a real PNG, the
+files next to --out, a catalog with a missing part refused, and (where Chromium exists) a
+rendered page."""
 
 import json
 import re
@@ -7,22 +9,28 @@ import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from galcf_hpc.baseline import load_baseline, predict, train_baseline
 from galcf_hpc.cli import main
 from galcf_hpc.data.classes import CLASS_NAMES, NUM_CLASSES
-from galcf_hpc.errors import CheckpointError
+from galcf_hpc.errors import DataError
 from galcf_hpc.explain.run import load_run
+from galcf_hpc.judges import load_judge, predict, train_judges
+from galcf_hpc.judges.nets import build_judge, save_judge
 from galcf_hpc.loaders import build_loader
-from galcf_hpc.report import build_report
+from galcf_hpc.metrics import luminance_share
+from galcf_hpc.report import build_report, summary_lines
+from galcf_hpc.report.collect import catalog_summary
 from galcf_hpc.train.loop import train
 from test_train import tiny_config
 
 CHROMIUM = "/usr/bin/chromium"
+PANEL = ["cnn", "resnet", "resnet_grey"]
+GRIDS = {"counterfactual_grid.png", "saliency_grid.png", "colour_grid.png"}
 
 
 class _Imgs(HTMLParser):
@@ -63,91 +71,234 @@ def assert_images_ok(html_path):
 
 
 @pytest.fixture(scope="module")
-def run_with_baseline(sharded, tmp_path_factory):
+def run_with_judges(sharded, tmp_path_factory):
     out = tmp_path_factory.mktemp("rep") / "run"
     cfg = tiny_config(sharded.out, out)
     train(cfg)
-    base = train_baseline(cfg, epochs=2, lr=3e-3)
-    return cfg, out, base
+    judges = train_judges(cfg, epochs=1, device="cpu")
+    return cfg, out, judges
 
 
+@torch.no_grad()
 def _recompute(cfg, out):
-    """Independent validity and model accuracy, recomputed galaxy by galaxy from the saved models."""
+    """Galaxy by galaxy and target by target from the saved model and judges, without the
+    shared counterfactual pass: validity [N, T] by the model and each judge (-1 for the
+    galaxy's own class), luminance share [N, T], and the classes of the real images."""
     model, _, _ = load_run(out)
-    baseline, _ = load_baseline(out / "baseline" / "model.pt")
+    judges = {n: load_judge(out / "judges" / n / "model.pt")[0] for n in PANEL}
     loader = build_loader(cfg, cfg.explain.split, 0, 1, train=False)
-    ok = n = correct = total = 0
-    per_galaxy = []
-    with torch.no_grad():
-        for batch in loader:
-            keep = batch["valid"]
-            for img, label in zip(batch["images"][keep], batch["labels"][keep]):
-                x = img[None]
-                pred, _, h, z = model.classify(x)
-                correct += int(pred.item() == label.item())
-                total += 1
-                row = []
-                for t in range(NUM_CLASSES):
-                    if t == pred.item():
-                        row.append(-1)
-                        continue
-                    target = torch.tensor([t])
-                    x_cf, _ = model.counterfactual(z, h, pred, target, cfg.explain.margin)
-                    v = int(predict(baseline, x_cf).item() == t)
-                    row.append(v)
-                    ok += v
-                    n += 1
-                per_galaxy.append(row)
+    valid = {n: [] for n in ["model", *PANEL]}
+    lum, labels, preds = [], [], {n: [] for n in ["model", *PANEL]}
+    for batch in loader:
+        keep = batch["valid"]
+        for img, label in zip(batch["images"][keep], batch["labels"][keep]):
+            x = img[None]
+            pred, _, h, z = model.classify(x)
+            recon = model.decoder(z)
+            labels.append(int(label))
+            preds["model"].append(int(pred))
+            for n, j in judges.items():
+                preds[n].append(int(predict(j, x)))
+            rows = {n: [] for n in valid}
+            lrow = []
+            for t in range(NUM_CLASSES):
+                if t == int(pred):
+                    for n in rows:
+                        rows[n].append(-1)
+                    lrow.append(np.nan)
+                    continue
+                x_cf, _ = model.counterfactual(z, h, pred, torch.tensor([t]), cfg.explain.margin, cfg.explain.placement)
+                rows["model"].append(int(model.classify(x_cf).pred.item() == t))
+                for n, j in judges.items():
+                    rows[n].append(int(predict(j, x_cf).item() == t))
+                lrow.append(float(luminance_share(x_cf - recon)[0]))
+            for n in rows:
+                valid[n].append(rows[n])
+            lum.append(lrow)
     loader.close()
-    return ok / n, n, correct / total, np.array(per_galaxy)
+    return (
+        {n: np.array(v) for n, v in valid.items()},
+        np.array(lum),
+        np.array(labels),
+        {n: np.array(p) for n, p in preds.items()},
+    )
 
 
-def test_report_numbers_and_images(run_with_baseline, tmp_path):
-    cfg, out, base = run_with_baseline
-    assert main(["report", "--run", str(out)]) == 0
-    rep = json.loads((out / "report" / "report.json").read_text())
+def _expected(valid, lum, cols=slice(None)):
+    """The report's counterfactual numbers from per-galaxy validity (numpy, own class -1)."""
+    defined = valid["model"][:, cols] >= 0
+    votes = np.stack([valid[n][:, cols] for n in PANEL])  # [J, N, T]
+    out = {
+        "n": int(defined.sum()),
+        **{f"validity_{n}": (valid[n][:, cols] == 1)[defined].mean() for n in ["model", *PANEL]},
+    }
+    out["validity_panel"] = votes.mean(0)[defined].mean()
+    out["panel_all"] = (votes == 1).all(0)[defined].mean()
+    out["panel_majority"] = ((votes == 1).mean(0) > 0.5)[defined].mean()
+    out["luminance_share"] = np.nanmean(lum[:, cols][defined])
+    return out
+
+
+def _assert_numbers(got, want):
+    assert got["n"] == want["n"]
+    for k, v in want.items():
+        assert abs(got[k] - v) < (1e-4 if k == "luminance_share" else 1e-9), (k, got[k], v)
+
+
+def test_report_numbers_and_images(run_with_judges, tmp_path):
+    cfg, out, trained = run_with_judges
+    rep = build_report(out)
+    assert json.loads((out / "report" / "report.json").read_text()) == rep
     n_test = json.loads((Path(cfg.data.shards) / "test" / "manifest.json").read_text())["num_samples"]
-    assert rep["num_galaxies"] == n_test and rep["baseline"]["available"] and rep["baseline"]["note"] is None
-    o = rep["counterfactuals"]["overall"]
-    assert 0.0 <= o["validity_independent"] <= 1.0 and 0.0 <= o["validity_model"] <= 1.0
-    indep, n_cf, acc, rows = _recompute(cfg, out)
-    assert o["n"] == n_cf == sum(v["n"] for v in rep["counterfactuals"]["per_target"].values())
-    assert abs(o["validity_independent"] - indep) < 1e-9
-    assert abs(rep["classification"]["model"]["accuracy"] - acc) < 1e-9
-    # the per-galaxy record agrees with the recomputation, galaxy by galaxy
+    j = rep["judges"]
+    assert rep["num_galaxies"] == n_test and j["names"] == PANEL and j["luminance_only"] == ["resnet_grey"]
+    assert j["note"] is None and j["missing"] == []
+
+    # every number per judge is what the saved model and judges give, galaxy by galaxy
+    valid, lum, labels, preds = _recompute(cfg, out)
+    cf = rep["counterfactuals"]
+    _assert_numbers(cf["overall"], _expected(valid, lum))
+    for t, name in enumerate(CLASS_NAMES):
+        if cf["per_target"][name]["n"]:
+            _assert_numbers(cf["per_target"][name], _expected(valid, lum, slice(t, t + 1)))
     npz = np.load(out / "report" / "galaxies.npz")
-    assert (npz["validity_independent"] == rows).all()
-    # the baseline's accuracy in the report is the one it reports itself on that split
-    assert abs(rep["classification"]["baseline"]["accuracy"] - base["splits"][cfg.explain.split]["accuracy"]) < 1e-9
+    for n in ["model", *PANEL]:
+        assert npz[f"validity_{n}"].shape == (n_test, NUM_CLASSES)
+        assert (npz[f"validity_{n}"] == valid[n]).all(), n
+    np.testing.assert_allclose(npz["luminance_share"], lum, atol=1e-4)
+    assert abs(rep["classification"]["model"]["accuracy"] - (preds["model"] == labels).mean()) < 1e-9
+    for n in PANEL:
+        acc = rep["classification"]["judges"][n]["accuracy"]
+        assert abs(acc - (preds[n] == labels).mean()) < 1e-9 and (npz[f"pred_{n}"] == preds[n]).all()
+        # and it is the accuracy the judge reports itself on that split
+        assert abs(acc - trained[n]["accuracy"]) < 1e-9 and rep["judges"]["trained"][n]["eval"]["accuracy"] == acc
+
     for name in ("z1", "h", "z2"):
         s = rep["silhouette"][name]
         assert -1.0 <= s["original"] <= 1.0 and -1.0 <= s["tsne"] <= 1.0
     assert rep["silhouette"]["h"]["dim"] == rep["silhouette"]["z1"]["dim"] == cfg.model.z1_dim
-    assert rep["h_separates_better_than_z2"] == (rep["silhouette"]["h"]["original"] > rep["silhouette"]["z2"]["original"])
     far = [r["min_distance"] for r in rep["outliers"]["far"]]
-    assert far == sorted(far, reverse=True) and far[0] >= npz["distance"].min(1).max() - 1e-6
+    assert far == sorted(far, reverse=True) and abs(far[0] - npz["distance"].min(1).max()) < 1e-5
+    between = [r["margin"] for r in rep["outliers"]["between"]]
+    d = np.sort(npz["distance"], 1)
+    assert between == sorted(between) and abs(between[0] - (d[:, 1] - d[:, 0]).min()) < 1e-5
+    assert set(rep["outliers"]["far"][0]["judges"]) == set(PANEL)
+
     html_path = out / "report" / "report.html"
     srcs = assert_images_ok(html_path)
-    assert {"counterfactual_grid.png", "saliency_grid.png", "tsne.png", "confusion.png",
-            "training_curves.png"} <= set(srcs)
+    assert GRIDS | {"tsne.png", "confusion.png", "training_curves.png", "validity.png"} <= set(srcs)
     text = html_path.read_text()
-    assert f"{o['validity_independent']:.3f}" in text and f"{rep['silhouette']['h']['original']:.3f}" in text
-    # --out elsewhere: PNGs next to that file, still referenced relatively
+    o = cf["overall"]
+    for n in PANEL:
+        assert n in text and f"{o[f'validity_{n}']:.3f}" in text
+    assert f"{o['luminance_share']:.3f}" in text and "luminance share" in text
+    assert "resnet_grey sees luminance only" in text and "Trained against" in text and "Judged by" in text
+    assert f"{rep['silhouette']['h']['original']:.3f}" in text
+    lines = "\n".join(summary_lines(rep))
+    assert all(n in lines for n in PANEL) and f"{o['luminance_share']:.3f}" in lines
+
+
+def test_report_out_elsewhere_writes_next_to_it(run_with_judges, tmp_path, capsys):
+    cfg, out, _ = run_with_judges
+    default = out / "report" / "report.json"
+    if not default.exists():
+        build_report(out, tsne=False)
+    before = {p: p.stat().st_mtime_ns for p in (default, out / "report" / "galaxies.npz")}
     other = tmp_path / "elsewhere" / "r.html"
-    assert main(["report", "--run", str(out), "--out", str(other), "--no-tsne"]) == 0
-    assert_images_ok(other)
+    assert main(["report", "--run", str(out), "--out", str(other), "--max-galaxies", "10", "--no-tsne"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    rep = json.loads((other.parent / "report.json").read_text())
+    assert rep["num_galaxies"] == 10
+    printed = capsys.readouterr().out
+    assert f"(numbers: {(other.parent / 'report.json').resolve()})" in printed and "resnet_grey" in printed
+    assert len(np.load(other.parent / "galaxies.npz")["keys"]) == 10
+    assert rep["paths"] == {
+        "html": str(other),
+        "json": str(other.parent / "report.json"),
+        "npz": str(other.parent / "galaxies.npz"),
+    }
+    assert GRIDS <= set(assert_images_ok(other))
 
 
-def test_report_without_baseline_says_so(sharded, tmp_path, capsys):
+def test_report_without_judges_says_so(sharded, tmp_path, capsys):
     cfg = tiny_config(sharded.out, tmp_path / "run", epochs=1)
     train(cfg)
+    capsys.readouterr()
     assert main(["report", "--run", str(tmp_path / "run"), "--no-tsne"]) == 0
-    printed = capsys.readouterr().out
-    assert "galcf-hpc baseline train --config" in printed
+    hint = f"galcf-hpc judges train --config {tmp_path / 'run' / 'config.yaml'}"
+    assert hint in capsys.readouterr().out
     rep = json.loads((tmp_path / "run" / "report" / "report.json").read_text())
-    assert rep["baseline"]["available"] is False and rep["counterfactuals"]["overall"]["validity_independent"] is None
-    assert "baseline train" in (tmp_path / "run" / "report" / "report.html").read_text()
+    assert rep["judges"]["names"] == [] and rep["judges"]["missing"] == PANEL and hint in rep["judges"]["note"]
+    o = rep["counterfactuals"]["overall"]
+    assert o["validity_model"] is not None and "validity_panel" not in o and rep["classification"]["judges"] == {}
+    assert hint in (tmp_path / "run" / "report" / "report.html").read_text()
     assert rep["silhouette"]["h"]["tsne"] is None and rep["silhouette"]["h"]["original"] is not None
+
+    # one judge, luminance only: reported, called out, the rest named as missing
+    judge = build_judge("resnet", (8, 16), "luminance")
+    (tmp_path / "run" / "judges" / "resnet_grey").mkdir(parents=True)
+    save_judge(
+        tmp_path / "run" / "judges" / "resnet_grey" / "model.pt",
+        judge.eval(),
+        {"family": "resnet", "channels": [8, 16], "input": "luminance", "num_classes": NUM_CLASSES},
+        {},
+    )
+    rep = build_report(tmp_path / "run", max_galaxies=10, tsne=False)
+    assert rep["judges"]["names"] == rep["judges"]["luminance_only"] == ["resnet_grey"]
+    assert (
+        rep["judges"]["missing"] == ["cnn", "resnet"]
+        and 0.0 <= rep["counterfactuals"]["overall"]["validity_resnet_grey"] <= 1.0
+    )
+    text = (tmp_path / "run" / "report" / "report.html").read_text()
+    assert "resnet_grey sees luminance only" in text and "Not trained: cnn, resnet" in text
+
+
+def _fake_catalog(folder, parts=2, per_part=3, judges=("cnn",)):
+    """A catalog.h5 of virtual datasets over part files, shaped like the catalog job's."""
+    folder.mkdir(parents=True)
+    (folder / "parts").mkdir()
+    n, t = parts * per_part, NUM_CLASSES
+    rng = np.random.default_rng(0)
+    pred = rng.integers(0, NUM_CLASSES, n).astype("i2")
+    own = pred[:, None] == np.arange(t)[None]
+    cols = {
+        "pred": pred,
+        "label": pred.copy(),
+        "validity": np.where(own, -1, rng.integers(0, 2, (n, t))).astype("i1"),
+        **{f"validity_{j}": np.where(own, -1, rng.integers(0, 2, (n, t))).astype("i1") for j in judges},
+        "luminance_share": np.where(own, np.nan, rng.uniform(0, 1, (n, t))).astype("f4"),
+    }
+    for p in range(parts):
+        with h5py.File(folder / "parts" / f"unit-{p:06d}.h5", "w") as f:
+            for k, v in cols.items():
+                f[k] = v[p * per_part : (p + 1) * per_part]
+    with h5py.File(folder / "catalog.h5", "w") as f:
+        for k, v in cols.items():
+            layout = h5py.VirtualLayout(v.shape, v.dtype)
+            for p in range(parts):
+                layout[p * per_part : (p + 1) * per_part] = h5py.VirtualSource(
+                    f"parts/unit-{p:06d}.h5", k, shape=(per_part,) + v.shape[1:], dtype=v.dtype
+                )
+            f.create_virtual_dataset(k, layout, fillvalue=-32768 if k == "pred" else 0)
+        f.attrs.update({"num_galaxies": n, "target_names": list(CLASS_NAMES), "judge_names": list(judges)})
+    return cols
+
+
+def test_catalog_summary_and_missing_part(tmp_path, capsys):
+    cols = _fake_catalog(tmp_path / "cat")
+    s = catalog_summary(tmp_path / "cat")
+    v, vj = cols["validity"], cols["validity_cnn"]
+    assert s["num_galaxies"] == 6 and s["judge_names"] == ["cnn"] and s["accuracy"] == 1.0
+    assert s["overall"]["n"] == int((v >= 0).sum())
+    assert abs(s["overall"]["validity_model"] - (v == 1).sum() / (v >= 0).sum()) < 1e-12
+    assert abs(s["overall"]["validity_cnn"] - (vj == 1).sum() / (vj >= 0).sum()) < 1e-12
+    assert abs(s["overall"]["luminance_share"] - np.nanmean(cols["luminance_share"])) < 1e-6
+    (tmp_path / "cat" / "parts" / "unit-000001.h5").unlink()
+    with pytest.raises(DataError, match=r"1 part file\(s\).*missing.*unit-000001.h5.*catalog verify"):
+        catalog_summary(tmp_path / "cat")
+    (tmp_path / "run").mkdir()
+    assert main(["report", "--run", str(tmp_path / "run"), "--catalog", str(tmp_path / "cat")]) == 2
+    assert "missing" in capsys.readouterr().err
 
 
 def test_report_bad_input(tmp_path, capsys):
@@ -156,21 +307,10 @@ def test_report_bad_input(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["report", "--run", str(tmp_path / "empty")]) == 2
     assert "no checkpoint" in capsys.readouterr().err
-    bad = tmp_path / "model.pt"
-    bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="not a readable baseline"):
-        load_baseline(bad)
-
-
-def test_baseline_checkpoint_is_plain(run_with_baseline):
-    cfg, out, base = run_with_baseline
-    state = torch.load(out / "baseline" / "model.pt", weights_only=True)
-    assert state["format"] == "galcf-hpc-baseline/1" and isinstance(state["model"], dict)
-    ev = json.loads((out / "baseline" / "eval.json").read_text())
-    assert ev["settings"]["epochs"] == 2 and ev["settings"]["lr"] == 3e-3
-    cm = np.array(ev["confusion_matrix"])
-    assert cm.shape == (NUM_CLASSES, NUM_CLASSES) and abs(np.trace(cm) / cm.sum() - ev["accuracy"]) < 1e-9
-    assert set(ev["per_class_accuracy"]) == set(CLASS_NAMES) and 0.0 <= ev["macro_f1"] <= 1.0
+    assert main(["report", "--run", str(tmp_path / "empty"), "--out", str(tmp_path / "r.txt")]) == 2
+    assert ".html" in capsys.readouterr().err
+    assert main(["report", "--run", str(tmp_path / "empty"), "--catalog", str(tmp_path / "nocat")]) == 2
+    assert "catalog run" in capsys.readouterr().err
 
 
 def png_is_blank(path):
@@ -179,16 +319,27 @@ def png_is_blank(path):
 
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="chromium not installed")
-def test_report_renders_in_headless_chromium(run_with_baseline, tmp_path):
-    cfg, out, _ = run_with_baseline
+def test_report_renders_in_headless_chromium(run_with_judges, tmp_path):
+    cfg, out, _ = run_with_judges
     html_path = out / "report" / "report.html"
     if not html_path.exists():
         build_report(out, tsne=False)
     shot = tmp_path / "shot.png"
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1400,3000",
-           html_path.resolve().as_uri()]
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        f"--screenshot={shot}",
+        "--window-size=1400,3000",
+        html_path.resolve().as_uri(),
+    ]
     subprocess.run(cmd, check=True, timeout=120, capture_output=True)
     assert shot.is_file()
     with Image.open(shot) as im:

@@ -11,12 +11,11 @@ import sys
 import pytest
 import yaml
 
-from slurm import REPO, slurm  # noqa: F401  (slurm: the fixture)
-from test_train import tiny_config
-
 from galcf_hpc.errors import GalcfError
 from galcf_hpc.scaling import projection as P
 from galcf_hpc.scaling.analyze import analyze, load_results
+from slurm import REPO, slurm  # noqa: F401  (slurm: the fixture)
+from test_train import tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -24,16 +23,39 @@ def measured(slurm, sharded, tmp_path_factory):
     """Two runs of jobs/scaling.sbatch (1 and 2 tasks) appending to one results file."""
     tmp = tmp_path_factory.mktemp("scaling")
     config = tmp / "tiny.yaml"
-    config.write_text(yaml.safe_dump(tiny_config(sharded.out, tmp / "run", loader="synthetic", threads=1).to_dict(),
-                                     sort_keys=False))
+    config.write_text(
+        yaml.safe_dump(tiny_config(sharded.out, tmp / "run", loader="synthetic", threads=1).to_dict(), sort_keys=False)
+    )
     results = tmp / "results.jsonl"
     logs = []
     for ntasks in (1, 2):
-        job, rc = slurm.sbatch([
-            "--account=test", "--nodes=1", f"--ntasks-per-node={ntasks}", "--cpus-per-task=1", "--time=10",
-            f"--output={tmp}/slurm-%j.out", "jobs/scaling.sbatch", config, "--mode", "weak", "--engine", "ddp",
-            "--loader", "synthetic", "--steps", "4", "--warmup", "1", "--repeats", "2", "--out", results,
-        ], timeout=240)
+        job, rc = slurm.sbatch(
+            [
+                "--account=test",
+                "--nodes=1",
+                f"--ntasks-per-node={ntasks}",
+                "--cpus-per-task=1",
+                "--time=10",
+                f"--output={tmp}/slurm-%j.out",
+                "jobs/scaling.sbatch",
+                config,
+                "--mode",
+                "weak",
+                "--engine",
+                "ddp",
+                "--loader",
+                "synthetic",
+                "--steps",
+                "4",
+                "--warmup",
+                "1",
+                "--repeats",
+                "2",
+                "--out",
+                results,
+            ],
+            timeout=240,
+        )
         text = (tmp / f"slurm-{job}.out").read_text()
         assert rc == 0 and slurm.job_state(job).exit_code == "0:0", text
         logs.append(text)
@@ -64,11 +86,20 @@ def test_analyze_tables_and_plots(measured):
     tmp, results, _ = measured
     one, two = [json.loads(line) for line in results.read_text().splitlines()]
     out = tmp / "analysis"
-    done = subprocess.run([sys.executable, "-m", "galcf_hpc.cli", "scaling", "analyze", str(results), "--out", str(out)],
-                          cwd=REPO, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "galcf_hpc.cli", "scaling", "analyze", str(results), "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
-    for name in ("scaling.md", "scaling.csv", "scaling_throughput.png", "scaling_efficiency.png",
-                 "scaling_data_share.png"):
+    for name in (
+        "scaling.md",
+        "scaling.csv",
+        "scaling_throughput.png",
+        "scaling_efficiency.png",
+        "scaling_data_share.png",
+    ):
         assert (out / name).stat().st_size > 0
         if name.endswith(".png"):
             assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -85,8 +116,26 @@ def test_project_from_measured_results_reports_two_rank_check(measured):
     tmp, results, _ = measured
     one, two = [json.loads(line) for line in results.read_text().splitlines()]
     out = tmp / "projection"
-    done = subprocess.run([sys.executable, "-m", "galcf_hpc.cli", "scaling", "project", "--from", str(results),
-                           "--nodes", "1", "2", "4", "--out", str(out)], cwd=REPO, capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "galcf_hpc.cli",
+            "scaling",
+            "project",
+            "--from",
+            str(results),
+            "--nodes",
+            "1",
+            "2",
+            "4",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     data = json.loads((out / "projection.json").read_text())
     assert data["base"]["compute_s"] == one["compute_s"] and data["base"]["assumed"] is False
@@ -94,12 +143,14 @@ def test_project_from_measured_results_reports_two_rank_check(measured):
     check = data["validation"][0]
     assert check["images_per_s_2_measured"] == two["images_per_s"]
     assert check["rel_error_images_per_s"] == pytest.approx(
-        (check["images_per_s_2_pred"] - two["images_per_s"]) / two["images_per_s"])
+        (check["images_per_s_2_pred"] - two["images_per_s"]) / two["images_per_s"]
+    )
     assert "Check against the measured 2-rank run" in (out / "projection.md").read_text()
     assert (out / "projection.png").read_bytes()[:4] == b"\x89PNG"
 
 
 # -- projection model -------------------------------------------------------------------------
+
 
 def test_ring_allreduce_known_values():
     assert P.ring_allreduce_time(1e9, 1, 25e9, 5e-6) == 0.0
@@ -139,10 +190,25 @@ def test_full_overlap_hides_small_communication():
 
 
 def test_validate_two_rank_prediction():
-    one = {"world_size": 1, "micro_batch": 32, "global_batch": 32, "step_s": 0.2, "compute_s": 0.2,
-           "images_per_s": 160.0}
-    two = {"world_size": 2, "micro_batch": 32, "global_batch": 64, "step_s": 0.25, "images_per_s": 256.0,
-           "grad_bytes": 4e6, "comm_bandwidth_Bps": 1e8, "comm_latency_s": 1e-3, "allreduce_grad_s": 0.04}
+    one = {
+        "world_size": 1,
+        "micro_batch": 32,
+        "global_batch": 32,
+        "step_s": 0.2,
+        "compute_s": 0.2,
+        "images_per_s": 160.0,
+    }
+    two = {
+        "world_size": 2,
+        "micro_batch": 32,
+        "global_batch": 64,
+        "step_s": 0.25,
+        "images_per_s": 256.0,
+        "grad_bytes": 4e6,
+        "comm_bandwidth_Bps": 1e8,
+        "comm_latency_s": 1e-3,
+        "allreduce_grad_s": 0.04,
+    }
     v = P.validate_two_rank(one, two, overlap=0.0)
     t_ar = 4e6 / 1e8 + 2e-3
     assert v["allreduce_pred_s"] == pytest.approx(t_ar)
@@ -153,9 +219,27 @@ def test_validate_two_rank_prediction():
 
 def test_project_with_assumed_step_time(tmp_path):
     out = tmp_path / "p"
-    done = subprocess.run([sys.executable, "-m", "galcf_hpc.cli", "scaling", "project", "--config",
-                           "configs/smoke.yaml", "--step-time", "0.1", "--nodes", "1", "2", "--out", str(out)],
-                          cwd=REPO, capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "galcf_hpc.cli",
+            "scaling",
+            "project",
+            "--config",
+            "configs/smoke.yaml",
+            "--step-time",
+            "0.1",
+            "--nodes",
+            "1",
+            "2",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     md = (out / "projection.md").read_text()
     assert "ASSUMED step time 100.0 ms/step (not measured)" in md
@@ -165,12 +249,26 @@ def test_project_with_assumed_step_time(tmp_path):
 
 # -- input errors, sweep script ----------------------------------------------------------------
 
+
 def test_load_results_errors_name_file_and_line(tmp_path):
     with pytest.raises(GalcfError, match="not found"):
         load_results([tmp_path / "missing.jsonl"])
-    good = {"kind": "scaling", "mode": "weak", "engine": "ddp", "loader": "synthetic", "world_size": 1, "nodes": 1,
-            "micro_batch": 4, "global_batch": 4, "images_per_s": 10.0, "images_per_s_min": 9.0,
-            "images_per_s_max": 11.0, "step_s": 0.4, "data_s": 0.1, "compute_s": 0.3}
+    good = {
+        "kind": "scaling",
+        "mode": "weak",
+        "engine": "ddp",
+        "loader": "synthetic",
+        "world_size": 1,
+        "nodes": 1,
+        "micro_batch": 4,
+        "global_batch": 4,
+        "images_per_s": 10.0,
+        "images_per_s_min": 9.0,
+        "images_per_s_max": 11.0,
+        "step_s": 0.4,
+        "data_s": 0.1,
+        "compute_s": 0.3,
+    }
     path = tmp_path / "r.jsonl"
     path.write_text(json.dumps(good) + "\n\n" + '{"kind": "scaling", "mode"\n')
     with pytest.raises(GalcfError, match=rf"{path}:3: not a JSON line"):
@@ -178,17 +276,45 @@ def test_load_results_errors_name_file_and_line(tmp_path):
     path.write_text(json.dumps({k: v for k, v in good.items() if k != "compute_s"}) + "\n")
     with pytest.raises(GalcfError, match=rf"{path}:1: record lacks compute_s"):
         load_results([path])
-    done = subprocess.run([sys.executable, "-m", "galcf_hpc.cli", "scaling", "analyze", str(tmp_path / "none.jsonl"),
-                           "--out", str(tmp_path / "o")], cwd=REPO, capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "galcf_hpc.cli",
+            "scaling",
+            "analyze",
+            str(tmp_path / "none.jsonl"),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 2 and "none.jsonl not found" in done.stderr
 
 
 def test_strong_efficiency_from_global_batch_time(tmp_path):
-    base = {"kind": "scaling", "mode": "strong", "engine": "ddp", "loader": "torch", "nodes": 1,
-            "images_per_s_min": 1.0, "images_per_s_max": 1.0, "data_s": 0.0, "compute_s": 1.0, "step_s": 1.0}
+    base = {
+        "kind": "scaling",
+        "mode": "strong",
+        "engine": "ddp",
+        "loader": "torch",
+        "nodes": 1,
+        "images_per_s_min": 1.0,
+        "images_per_s_max": 1.0,
+        "data_s": 0.0,
+        "compute_s": 1.0,
+        "step_s": 1.0,
+    }
     path = tmp_path / "s.jsonl"
-    path.write_text("\n".join(json.dumps({**base, "world_size": n, "micro_batch": 64 // n, "global_batch": 64,
-                                          "images_per_s": x}) for n, x in ((1, 100.0), (4, 320.0))) + "\n")
+    path.write_text(
+        "\n".join(
+            json.dumps({**base, "world_size": n, "micro_batch": 64 // n, "global_batch": 64, "images_per_s": x})
+            for n, x in ((1, 100.0), (4, 320.0))
+        )
+        + "\n"
+    )
     analyze([path], tmp_path / "a")
     rows = list(csv.DictReader(open(tmp_path / "a" / "scaling.csv")))
     # T_1 = 0.64 s, T_4 = 0.2 s -> 0.64 / (4 x 0.2) = 0.8
@@ -197,19 +323,54 @@ def test_strong_efficiency_from_global_batch_time(tmp_path):
 
 def test_sweep_submits_one_job_per_node_count(tmp_path):
     env = dict(os.environ, SBATCH="echo", GALCF_SCALING_OUT=str(tmp_path / "res.jsonl"))
-    done = subprocess.run(["bash", "jobs/scaling_sweep.sh", "--account=abc", "configs/smoke.yaml", "1 2 4", "strong",
-                           "deepspeed", "torch", "--", "--set", "train.global_batch=64"],
-                          cwd=REPO, env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            "bash",
+            "jobs/scaling_sweep.sh",
+            "--account=abc",
+            "configs/smoke.yaml",
+            "1 2 4",
+            "strong",
+            "deepspeed",
+            "torch",
+            "--",
+            "--set",
+            "train.global_batch=64",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert len(lines) == 3
     for n, line in zip((1, 2, 4), lines):
-        assert line.split() == ["--account=abc", "--dependency=singleton", f"--nodes={n}",
-                                "--job-name=galcf-scaling-strong-deepspeed-torch", "jobs/scaling.sbatch",
-                                "configs/smoke.yaml", "--mode", "strong", "--engine", "deepspeed", "--loader", "torch",
-                                "--out", str(tmp_path / "res.jsonl"), "--set", "train.global_batch=64"]
-    bad = subprocess.run(["bash", "jobs/scaling_sweep.sh", "configs/smoke.yaml", "1 two"], cwd=REPO, env=env,
-                         capture_output=True, text=True)
+        assert line.split() == [
+            "--account=abc",
+            "--dependency=singleton",
+            f"--nodes={n}",
+            "--job-name=galcf-scaling-strong-deepspeed-torch",
+            "jobs/scaling.sbatch",
+            "configs/smoke.yaml",
+            "--mode",
+            "strong",
+            "--engine",
+            "deepspeed",
+            "--loader",
+            "torch",
+            "--out",
+            str(tmp_path / "res.jsonl"),
+            "--set",
+            "train.global_batch=64",
+        ]
+    bad = subprocess.run(
+        ["bash", "jobs/scaling_sweep.sh", "configs/smoke.yaml", "1 two"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "'two' is not a positive integer" in bad.stderr
 
 

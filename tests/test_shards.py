@@ -14,8 +14,15 @@ from PIL import Image
 
 import galcf_hpc.data.shards as shards
 from galcf_hpc.data.classes import CLASS_NAMES, NUM_CLASSES
-from galcf_hpc.data.shards import (SPLITS, group_by_sky, read_index, read_manifest, split_indices,
-                                   verify_shards, write_shards)
+from galcf_hpc.data.shards import (
+    SPLITS,
+    group_by_sky,
+    read_index,
+    read_manifest,
+    split_indices,
+    verify_shards,
+    write_shards,
+)
 from galcf_hpc.errors import DataError
 
 
@@ -32,8 +39,9 @@ def _source_index(key):
 
 def _brute_force_groups(ra, dec, radius_arcsec):
     ra, dec = np.radians(ra), np.radians(dec)
-    cos_sep = (np.sin(dec)[:, None] * np.sin(dec)[None] +
-               np.cos(dec)[:, None] * np.cos(dec)[None] * np.cos(ra[:, None] - ra[None]))
+    cos_sep = np.sin(dec)[:, None] * np.sin(dec)[None] + np.cos(dec)[:, None] * np.cos(dec)[None] * np.cos(
+        ra[:, None] - ra[None]
+    )
     linked = np.degrees(np.arccos(np.clip(cos_sep, -1, 1))) * 3600 <= radius_arcsec
     group = np.arange(len(ra))
     changed = True
@@ -60,6 +68,43 @@ def test_group_by_sky_matches_brute_force_friends_of_friends():
     assert np.array_equal(got, _brute_force_groups(ra, dec, 10.0))
     assert got[-3] == got[-4] and got[-1] == got[-2]  # across RA=0 and across the pole
     assert len(np.unique(got)) < len(ra) - 20  # the field really has groups
+
+
+@pytest.mark.parametrize("radius_arcsec", [10.0, 60.0, 3600.0])
+def test_group_by_sky_matches_brute_force_at_the_wrap_and_the_poles(radius_arcsec):
+    # Dense random patches (about 10 radii across) straddling RA = 0/360 and round both
+    # poles, plus a sparse full sky: an O(n^2) all-pairs haversine reference must agree.
+    rng = np.random.default_rng(int(radius_arcsec))
+    span = 5 * radius_arcsec / 3600
+    patches = [
+        (rng.uniform(-span, span, 150) % 360, rng.uniform(-span, span, 150)),  # across RA = 0/360
+        (rng.uniform(0, 360, 150), 90 - rng.uniform(0, span, 150)),  # round the north pole
+        (rng.uniform(0, 360, 150), -90 + rng.uniform(0, span, 150)),  # round the south pole
+        (rng.uniform(0, 360, 150), np.degrees(np.arcsin(rng.uniform(-1, 1, 150)))),  # whole sky
+    ]
+    ra = np.concatenate([p[0] for p in patches])
+    dec = np.concatenate([p[1] for p in patches])
+    order = rng.permutation(len(ra))  # group ids are smallest indices: mix the patches
+    ra, dec = ra[order], dec[order]
+
+    r, d = np.radians(ra), np.radians(dec)
+    hav = (
+        np.sin((d[:, None] - d[None]) / 2) ** 2
+        + np.cos(d[:, None]) * np.cos(d[None]) * np.sin((r[:, None] - r[None]) / 2) ** 2
+    )
+    linked = np.degrees(2 * np.arcsin(np.sqrt(np.clip(hav, 0, 1)))) * 3600 <= radius_arcsec
+    expected = np.arange(len(ra))
+    while True:  # propagate the smallest index through links until stable
+        new = np.where(linked, expected[None], len(ra)).min(axis=1)
+        if np.array_equal(new, expected):
+            break
+        expected = new
+
+    got = group_by_sky(ra, dec, radius_arcsec)
+    assert got.dtype == np.int64
+    assert np.array_equal(got, expected)
+    sizes = np.bincount(got)
+    assert sizes.max() > 10 and (sizes == 1).sum() > 50  # both big groups and loners
 
 
 def test_group_by_sky_chains_and_radius():
@@ -127,9 +172,15 @@ def test_round_trip_every_sample_is_exact(sharded):
             assert image.dtype == np.uint8 and np.array_equal(image, cat.images[i])
             assert int(files[f"{key}.cls"].decode("ascii")) == cat.labels[i]
             meta = json.loads(files[f"{key}.json"])
-            assert meta == {"ra": cat.ra[i], "dec": cat.dec[i], "redshift": cat.redshift[i],
-                            "pxscale": cat.pxscale[i], "source_index": i, "source_file": "galaxies.h5",
-                            "split": split}
+            assert meta == {
+                "ra": cat.ra[i],
+                "dec": cat.dec[i],
+                "redshift": cat.redshift[i],
+                "pxscale": cat.pxscale[i],
+                "source_index": i,
+                "source_file": "galaxies.h5",
+                "split": split,
+            }
     assert sorted(_source_index(k) for k in seen) == list(range(240))
     # Duplicates of one galaxy never straddle splits; conflicting labels are reported.
     for group in cat.groups:
@@ -163,18 +214,22 @@ def test_index_matches_tar_members(sharded):
         assert [[c["ext"] for c in s["components"]] for s in index] == [["png", "cls", "json"]] * len(index)
         raw = tar_path.read_bytes()
         for name, offset, size in listed:
-            assert offset % 512 == 0 and raw[offset:offset + size] == data[name]
+            assert offset % 512 == 0 and raw[offset : offset + size] == data[name]
 
 
 @pytest.mark.skipif(shutil.which("tar") is None, reason="GNU tar not installed")
 def test_index_offsets_agree_with_gnu_tar(sharded):
     """DALI's wds2idx derives offsets from `tar --list --block-num`; ours must agree."""
     tar_path = _tars(sharded.out)[0]
-    listing = subprocess.run(["tar", "--list", "--block-num", "--file", str(tar_path)],
-                             capture_output=True, text=True, check=True).stdout.splitlines()
+    listing = subprocess.run(
+        ["tar", "--list", "--block-num", "--file", str(tar_path)], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
     # "block N: name": a one-block GNU header at block N, the data right after it.
-    from_tar = [(line.split(": ", 1)[1], (int(line.split()[1].rstrip(":")) + 1) * 512)
-                for line in listing if "** Block of NULs **" not in line]
+    from_tar = [
+        (line.split(": ", 1)[1], (int(line.split()[1].rstrip(":")) + 1) * 512)
+        for line in listing
+        if "** Block of NULs **" not in line
+    ]
     index = read_index(tar_path.with_suffix(".idx"))
     assert [(c["name"], c["offset"]) for s in index for c in s["components"]] == from_tar
 
@@ -361,7 +416,12 @@ def test_rerun_replaces_and_removes_stale_shards(sharded_copy, sharded):
     (sharded_copy / "train" / ".shard-000009.tar.abc.tmp").write_bytes(b"left by a killed run")
     write_shards(sharded.catalog.path, sharded_copy, shard_size=100, seed=2)
     assert sorted(p.name for p in (sharded_copy / "train").iterdir()) == [
-        "manifest.json", "shard-000000.idx", "shard-000000.tar", "shard-000001.idx", "shard-000001.tar"]
+        "manifest.json",
+        "shard-000000.idx",
+        "shard-000000.tar",
+        "shard-000001.idx",
+        "shard-000001.tar",
+    ]
     assert verify_shards(sharded_copy) == {s: read_manifest(sharded_copy / s)["num_samples"] for s in SPLITS}
     assert json.loads((sharded_copy / "splits.json").read_text())["seed"] == 2
 

@@ -9,21 +9,28 @@ import time
 import pytest
 import yaml
 
-from slurm import REPO, parse_job, slurm  # noqa: F401  (slurm: the fixture)
-from test_train import tiny_config
-
 from galcf_hpc.loaders import build_loader
 from galcf_hpc.train.checkpoint import latest_checkpoint, load_checkpoint
+from slurm import REPO, parse_job, slurm  # noqa: F401  (slurm: the fixture)
+from test_train import tiny_config
 
 RANK_LINE = re.compile(r"^rank (\d+)/(\d+) on \S+: device \S+, backend \w+, local rank (\d+)$", re.M)
 
 
 def test_parse_job_fields():
-    text = ("JobId=17 JobName=galcf-train\n   JobState=PENDING Reason=BeginTime Dependency=(null)\n"
-            "   Requeue=1 Restarts=2 BatchFlag=1 Reboot=0 ExitCode=0:15\n   StdOut=/x/runs/slurm-galcf-train-17.out\n")
+    text = (
+        "JobId=17 JobName=galcf-train\n   JobState=PENDING Reason=BeginTime Dependency=(null)\n"
+        "   Requeue=1 Restarts=2 BatchFlag=1 Reboot=0 ExitCode=0:15\n   StdOut=/x/runs/slurm-galcf-train-17.out\n"
+    )
     info = parse_job(text)
-    assert (info.job_id, info.state, info.reason, info.restarts, info.exit_code, info.stdout) == \
-        ("17", "PENDING", "BeginTime", 2, "0:15", "/x/runs/slurm-galcf-train-17.out")
+    assert (info.job_id, info.state, info.reason, info.restarts, info.exit_code, info.stdout) == (
+        "17",
+        "PENDING",
+        "BeginTime",
+        2,
+        "0:15",
+        "/x/runs/slurm-galcf-train-17.out",
+    )
     assert parse_job("JobId=3 JobState=RUNNING RestartCnt=1 ExitCode=0:0").restarts == 1
 
 
@@ -35,18 +42,31 @@ def test_cluster_looks_like_jureca_dc_gpu_node(slurm):
     assert (cpus, memory, gres, limit) == ("128", "512000", "gpu:4", "1-00:00:00")
 
 
-@pytest.mark.parametrize("site, expected", [
-    ({"SYSTEMNAME": "jurecadc"}, "jrc0041i ib0 ib0 32"),
-    ({"SYSTEMNAME": "", "GALCF_SITE": "jsc"}, "jrc0041i ib0 ib0 32"),
-    ({"SYSTEMNAME": "laptop"}, "- - - -"),
-])
+@pytest.mark.parametrize(
+    "site, expected",
+    [
+        ({"SYSTEMNAME": "jurecadc"}, "jrc0041i ib0 ib0 32"),
+        ({"SYSTEMNAME": "", "GALCF_SITE": "jsc"}, "jrc0041i ib0 ib0 32"),
+        ({"SYSTEMNAME": "laptop"}, "- - - -"),
+    ],
+)
 def test_site_settings_only_on_jsc_systems(slurm, site, expected):
     unset = ("MASTER_ADDR", "GALCF_SITE", "NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME")
     env = {k: v for k, v in slurm.env.items() if k not in unset}
     env.update(site, SLURM_JOB_NODELIST="jrc[0041-0044,0107]", SLURM_CPUS_PER_TASK="32")
-    done = subprocess.run(["bash", "-c", "set -euo pipefail; source jobs/site-jsc.sh; echo ${MASTER_ADDR:--} "
-                           "${NCCL_SOCKET_IFNAME:--} ${GLOO_SOCKET_IFNAME:--} ${SRUN_CPUS_PER_TASK:--}"],
-                          env=env, cwd=REPO, capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [
+            "bash",
+            "-c",
+            "set -euo pipefail; source jobs/site-jsc.sh; echo ${MASTER_ADDR:--} "
+            "${NCCL_SOCKET_IFNAME:--} ${GLOO_SOCKET_IFNAME:--} ${SRUN_CPUS_PER_TASK:--}",
+        ],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert done.stdout.split() == expected.split()
 
 
@@ -54,18 +74,32 @@ def test_site_settings_only_on_jsc_systems(slurm, site, expected):
 def train_job(slurm, sharded, tmp_path):
     """Submit jobs/train.sbatch, unmodified, on a tiny config; returns a function
     (ntasks, epochs=1, wait=True) -> (job id, sbatch exit code, Slurm log path, run directory)."""
+
     def submit(ntasks, epochs=1, wait=True, timeout=240, extra=()):
         run_dir = tmp_path / "run"
         config = tmp_path / "tiny.yaml"
         cfg = tiny_config(sharded.out, run_dir, threads=1)
         config.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         # --time above the 10 minutes of --signal=USR1@600, or USR1 comes at once
-        job, rc = slurm.sbatch([
-            "--account=test", "--nodes=1", f"--ntasks-per-node={ntasks}", "--cpus-per-task=1", "--time=30",
-            f"--output={tmp_path}/slurm-%j.out", "jobs/train.sbatch", config, "--set", f"train.epochs={epochs}",
-            *[arg for item in extra for arg in ("--set", item)],
-        ], wait=wait, timeout=timeout)
+        job, rc = slurm.sbatch(
+            [
+                "--account=test",
+                "--nodes=1",
+                f"--ntasks-per-node={ntasks}",
+                "--cpus-per-task=1",
+                "--time=30",
+                f"--output={tmp_path}/slurm-%j.out",
+                "jobs/train.sbatch",
+                config,
+                "--set",
+                f"train.epochs={epochs}",
+                *[arg for item in extra for arg in ("--set", item)],
+            ],
+            wait=wait,
+            timeout=timeout,
+        )
         return job, rc, tmp_path / f"slurm-{job}.out", run_dir
+
     return submit
 
 
@@ -114,8 +148,11 @@ def test_train_job_requeues_on_usr1_and_resumes(slurm, train_job, sharded):
     per_epoch = build_loader(tiny_config(sharded.out, run_dir), "train", rank=0, world_size=2).steps_per_epoch
     final = load_checkpoint(latest_checkpoint(run_dir))["step"]
     assert final == 20 * per_epoch == json.loads((run_dir / "eval.json").read_text())["step"]
-    logged = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()
-              if json.loads(x)["kind"] == "train"]
+    logged = [
+        json.loads(x)["step"]
+        for x in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if json.loads(x)["kind"] == "train"
+    ]
     assert len(logged) == len(set(logged)) and logged == sorted(logged) and logged[-1] == final
 
 
@@ -154,9 +191,23 @@ def test_counterfactual_job_two_mpi_ranks_under_srun(slurm, sharded, tmp_path):
     run_dir = tmp_path / "run"
     train(tiny_config(sharded.out, run_dir, epochs=1))
     out = tmp_path / "catalog"
-    job, rc = slurm.sbatch(["--account=test", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1",
-                            "--time=30", f"--output={tmp_path}/slurm-%j.out", "jobs/counterfactuals.sbatch",
-                            str(run_dir), str(sharded.out / "test"), str(out), "--unit-size", "4"], timeout=240)
+    job, rc = slurm.sbatch(
+        [
+            "--account=test",
+            "--nodes=1",
+            "--ntasks-per-node=2",
+            "--cpus-per-task=1",
+            "--time=30",
+            f"--output={tmp_path}/slurm-%j.out",
+            "jobs/counterfactuals.sbatch",
+            str(run_dir),
+            str(sharded.out / "test"),
+            str(out),
+            "--unit-size",
+            "4",
+        ],
+        timeout=240,
+    )
     text = (tmp_path / f"slurm-{job}.out").read_text()
     assert rc == 0 and slurm.job_state(job).exit_code == "0:0", text
     assert re.search(r"computed on 2 rank\(s\)", text) and "OK: " in text, text  # verify ran in the job
@@ -169,8 +220,9 @@ def test_counterfactual_job_two_mpi_ranks_under_srun(slurm, sharded, tmp_path):
 
 def test_usage_error_without_config_in_default_log(slurm):
     """Also the default log location: Slurm fails a job whose log directory (runs/) is missing."""
-    job, rc = slurm.sbatch(["--account=test", "--ntasks-per-node=1", "--cpus-per-task=1", "jobs/train.sbatch"],
-                           timeout=60)
+    job, rc = slurm.sbatch(
+        ["--account=test", "--ntasks-per-node=1", "--cpus-per-task=1", "jobs/train.sbatch"], timeout=60
+    )
     log = REPO / "runs" / f"slurm-galcf-train-{job}.out"
     try:
         assert (rc, slurm.job_state(job).exit_code) == (2, "2:0")
@@ -209,8 +261,9 @@ def test_requeue_on_usr1_restarts_job(slurm, tmp_path):
     -> the job runs again with SLURM_RESTART_COUNT=1."""
     script = tmp_path / "requeue.sbatch"
     script.write_text(REQUEUE_SCRIPT)
-    job, rc = slurm.sbatch(["--account=test", f"--export=ALL,OUT={tmp_path}", f"--output={tmp_path}/slurm-%j.out",
-                            script], wait=False)
+    job, rc = slurm.sbatch(
+        ["--account=test", f"--export=ALL,OUT={tmp_path}", f"--output={tmp_path}/slurm-%j.out", script], wait=False
+    )
     assert rc == 0
     try:
         wait_for(tmp_path / "ready", 60)
@@ -222,10 +275,10 @@ def test_requeue_on_usr1_restarts_job(slurm, tmp_path):
     finally:
         slurm.cancel(job)
     log = (tmp_path / "log").read_text()
-    assert (info.state, info.exit_code, info.restarts) == ("COMPLETED", "0:0", 1), \
+    assert (info.state, info.exit_code, info.restarts) == ("COMPLETED", "0:0", 1), (
         f"{info.text}\n{log}\n{(tmp_path / f'slurm-{job}.out').read_text()}"
-    assert log.splitlines() == ["start restart=0", "USR1: requeue", "start restart=1",
-                                                           "resumed"]
+    )
+    assert log.splitlines() == ["start restart=0", "USR1: requeue", "start restart=1", "resumed"]
 
 
 SIGNAL_WATCHER = """
@@ -257,8 +310,9 @@ def test_usr1_without_batch_reaches_srun_tasks_only(slurm, tmp_path):
     (tmp_path / "watcher.py").write_text(SIGNAL_WATCHER)
     script = tmp_path / "signal.sbatch"
     script.write_text(SIGNAL_JOB)
-    job, rc = slurm.sbatch(["--account=test", f"--export=ALL,OUT={tmp_path}", f"--output={tmp_path}/slurm-%j.out",
-                            script], wait=False)
+    job, rc = slurm.sbatch(
+        ["--account=test", f"--export=ALL,OUT={tmp_path}", f"--output={tmp_path}/slurm-%j.out", script], wait=False
+    )
     try:
         wait_for(tmp_path / "ready-0", 60)
         wait_for(tmp_path / "ready-1", 10)

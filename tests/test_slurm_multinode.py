@@ -36,8 +36,9 @@ def slurm2(tmp_path_factory):
         _unavailable("no `ip` command (iproute2)")
     state_dir = os.environ.get("GALCF_SLURM2_DIR") or "/tmp/galcf-slurm2"
     try:
-        done = subprocess.run(["bash", str(SETUP_SCRIPT), "start", state_dir], capture_output=True, text=True,
-                              timeout=600)
+        done = subprocess.run(
+            ["bash", str(SETUP_SCRIPT), "start", state_dir], capture_output=True, text=True, timeout=600
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         done = None
         reason = f"{SETUP_SCRIPT} failed: {exc}"
@@ -72,8 +73,10 @@ def test_two_nodes_are_separate_network_hosts(slurm2, tmp_path):
     job, rc = slurm2.sbatch(["--account=test", f"--output={tmp_path}/slurm-%j.out", script], timeout=120)
     text = (tmp_path / f"slurm-{job}.out").read_text()
     assert rc == 0, text
-    tasks = {int(m[0]): m[1:] for m in re.findall(
-        r"^task (\d+) node (\S+) host (\S+) master (\S+) addr (\S+) netns (\S+)$", text, re.M)}
+    tasks = {
+        int(m[0]): m[1:]
+        for m in re.findall(r"^task (\d+) node (\S+) host (\S+) master (\S+) addr (\S+) netns (\S+)$", text, re.M)
+    }
     assert sorted(tasks) == [0, 1], text
     for node, host, master, addr, _ in tasks.values():
         assert host == node and addr == f"{NODE_ADDR[node]}/24" and master == NODE_ADDR["n1"], text
@@ -89,10 +92,21 @@ def test_train_job_on_two_nodes(slurm2, sharded, tmp_path):
     run_dir = tmp_path / "run"
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(tiny_config(sharded.out, run_dir, threads=1).to_dict(), sort_keys=False))
-    job, rc = slurm2.sbatch([
-        "--account=test", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=30",
-        f"--output={tmp_path}/slurm-%j.out", "jobs/train.sbatch", config, "--set", "train.epochs=1",
-    ], timeout=300)
+    job, rc = slurm2.sbatch(
+        [
+            "--account=test",
+            "--nodes=2",
+            "--ntasks-per-node=1",
+            "--cpus-per-task=1",
+            "--time=30",
+            f"--output={tmp_path}/slurm-%j.out",
+            "jobs/train.sbatch",
+            config,
+            "--set",
+            "train.epochs=1",
+        ],
+        timeout=300,
+    )
     text = (tmp_path / f"slurm-{job}.out").read_text()
     info = slurm2.job_state(job)
     assert_trained(slurm2, job, rc, text, run_dir)

@@ -21,8 +21,7 @@ BALANCED = [1.0 / NUM_CLASSES] * NUM_CLASSES
 
 @pytest.fixture(scope="module")
 def balanced():
-    return synth.generate(PER_CLASS * NUM_CLASSES, 48, seed=11, class_fractions=BALANCED,
-                          duplicate_fraction=0.0)
+    return synth.generate(PER_CLASS * NUM_CLASSES, 48, seed=11, class_fractions=BALANCED, duplicate_fraction=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +86,7 @@ def test_pxscale_two_values_with_about_5_percent_double(balanced, galaxy10_like)
         base = 0.262 * 256 / size
         vals = np.unique(d["pxscale"])
         assert np.allclose(vals, [base, 2 * base][: len(vals)]), vals
-    px = np.concatenate([balanced["pxscale"] / (0.262 * 256 / 48),
-                         galaxy10_like["pxscale"] / (0.262 * 256 / 32)])
+    px = np.concatenate([balanced["pxscale"] / (0.262 * 256 / 48), galaxy10_like["pxscale"] / (0.262 * 256 / 32)])
     frac_double = np.mean(px > 1.5)
     assert 0.02 < frac_double < 0.09, frac_double
 
@@ -102,7 +100,7 @@ def _close_pairs(d, limit_arcsec):
 
 
 def test_duplicates_planted_within_one_arcsec(balanced, galaxy10_like):
-    assert _close_pairs(balanced, 5.0) == []          # none asked for, none by chance
+    assert _close_pairs(balanced, 5.0) == []  # none asked for, none by chance
     pairs = _close_pairs(galaxy10_like, 1.0)
     assert len(pairs) >= round(0.02 * 300)
     imgs = galaxy10_like["images"].astype(float)
@@ -152,7 +150,7 @@ def test_no_trivial_cue_from_flux_size_or_pixel_scale(balanced):
     lr = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
     acc_lr = cross_val_score(lr, X, y, cv=cv).mean()
     acc_tree = cross_val_score(DecisionTreeClassifier(max_depth=3, random_state=0), X, y, cv=cv).mean()
-    assert acc_lr < 0.35, acc_lr       # chance is 0.10
+    assert acc_lr < 0.35, acc_lr  # chance is 0.10
     assert acc_tree < 0.35, acc_tree
     # every class about as bright as every other
     mean_total = np.array([total[y == c].mean() for c in range(NUM_CLASSES)])
@@ -180,33 +178,38 @@ def test_axis_ratios_follow_the_classes(balanced):
     round_, between, cigar = mean_q[2], mean_q[3], mean_q[4]
     assert cigar < between < round_, mean_q
     assert round_ > 0.8, mean_q
-    assert mean_q[8] < 0.4 and mean_q[9] < 0.5, mean_q     # edge-on disks
-    assert mean_q[8] < mean_q[9]                            # a bulge rounds the isophotes
+    assert mean_q[8] < 0.4 and mean_q[9] < 0.5, mean_q  # edge-on disks
+    assert mean_q[8] < mean_q[9]  # a bulge rounds the isophotes
     # face-on-ish spirals are far rounder than edge-on disks
     assert min(mean_q[5], mean_q[6], mean_q[7]) > 0.55, mean_q
 
 
 def test_spirals_bluer_than_smooth_galaxies(balanced):
     imgs, y = balanced["images"].astype(float), balanced["ans"]
+
     # blue minus red over the bright pixels: arms and disks are bluer than ellipticals
     def blueness(im):
         lum = im.mean(-1)
         m = lum > np.percentile(lum, 90)
         return (im[..., 2][m] - im[..., 0][m]).mean()
+
     b = np.array([blueness(im) for im in imgs])
     assert b[np.isin(y, [6, 7])].mean() > b[np.isin(y, [2, 3])].mean() + 5
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(n=0), "n must be"),
-    (dict(size=8), "size must be"),
-    (dict(workers=0), "workers must be"),
-    (dict(seed=-1), "seed must be"),
-    (dict(class_fractions=[0.1] * 9), "10 entries"),
-    (dict(class_fractions=[0.09] * 10), "sum to 1"),
-    (dict(class_fractions=[0.2, -0.1] + [0.1125] * 8), "non-negative"),
-    (dict(duplicate_fraction=-0.1), "duplicate_fraction"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(n=0), "n must be"),
+        (dict(size=8), "size must be"),
+        (dict(workers=0), "workers must be"),
+        (dict(seed=-1), "seed must be"),
+        (dict(class_fractions=[0.1] * 9), "10 entries"),
+        (dict(class_fractions=[0.09] * 10), "sum to 1"),
+        (dict(class_fractions=[0.2, -0.1] + [0.1125] * 8), "non-negative"),
+        (dict(duplicate_fraction=-0.1), "duplicate_fraction"),
+    ],
+)
 def test_generate_rejects_bad_arguments(kwargs, match):
     args = dict(n=4, size=32, seed=0)
     args.update(kwargs)
@@ -230,5 +233,6 @@ def test_sample_sheet_png(tmp_path):
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     import matplotlib.image as mpimg
+
     img = mpimg.imread(out)
     assert img.shape[0] > 500 and img.shape[1] > 200

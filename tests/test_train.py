@@ -1,6 +1,7 @@
 """Training, checkpoints, resume and explanations on a tiny model over the shared shards."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -12,21 +13,31 @@ from galcf_hpc.data.classes import CLASS_NAMES
 from galcf_hpc.errors import CheckpointError
 from galcf_hpc.explain.run import explain, load_run
 from galcf_hpc.loaders import build_loader
-from galcf_hpc.train.checkpoint import latest_checkpoint, list_checkpoints
-from galcf_hpc.train.loop import lr_factor, train
+from galcf_hpc.train import engines
+from galcf_hpc.train.build import lr_factor
+from galcf_hpc.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from galcf_hpc.train.loop import STEP_LIMIT, TIME_LIMIT, LogWindow, check_finite, stop_reason, train
 
 
 def tiny_config(shards, out_dir, loader="torch", **train):
-    return config_from_dict({
-        "run": {"out_dir": str(out_dir), "seed": 3, "deterministic": True},
-        "data": {"shards": str(shards), "image_size": 16, "crop_fraction": 0.7, "loader": loader,
-                 "device": "cpu"},
-        "model": {"channels": [8, 16], "z_dim": 12, "z1_dim": 6, "flow_blocks": 2, "flow_hidden": 16,
-                  "vgg_random": True, "vgg_layers": ["relu1_2"]},
-        "loss": {"cf_warmup_epochs": 1, "cf_fraction": 0.5},
-        "train": {"epochs": 2, "batch_size": 16, "lr": 3e-3, "warmup_steps": 2, "log_every": 2, **train},
-        "explain": {"batch_size": 32},
-    })
+    return config_from_dict(
+        {
+            "run": {"out_dir": str(out_dir), "seed": 3, "deterministic": True},
+            "data": {"shards": str(shards), "image_size": 16, "crop_fraction": 0.7, "loader": loader, "device": "cpu"},
+            "model": {
+                "channels": [8, 16],
+                "z_dim": 12,
+                "z1_dim": 6,
+                "flow_blocks": 2,
+                "flow_hidden": 16,
+                "vgg_random": True,
+                "vgg_layers": ["relu1_2"],
+            },
+            "loss": {"cf_warmup_epochs": 1, "cf_fraction": 0.5},
+            "train": {"epochs": 2, "batch_size": 16, "lr": 3e-3, "warmup_steps": 2, "log_every": 2, **train},
+            "explain": {"batch_size": 32},
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -127,8 +138,11 @@ def test_explain_writes_metrics_and_grid(trained, sharded):
     assert sum(p["n"] for p in per.values()) == 9 * n_test == saved["overall"]["n"]
     for p in per.values():
         if p["n"]:
-            assert 0.0 <= p["validity"] <= 1.0 and -1.0 <= p["ssim_rec"] <= 1.0 and p["msd_rec"] >= 0
-    for name in ("counterfactual_grid.png", "saliency_grid.png"):
+            assert 0.0 <= p["validity_model"] <= 1.0 and -1.0 <= p["ssim_rec"] <= 1.0 and p["msd_rec"] >= 0
+            assert p["luminance_share"] is None or 0.0 <= p["luminance_share"] <= 1.0
+    # no judges next to this run: the summary says so and names the command that trains them
+    assert saved["judge_names"] == [] and "galcf-hpc judges train" in saved["judge_note"]
+    for name in ("counterfactual_grid.png", "saliency_grid.png", "colour_grid.png"):
         with Image.open(out / name) as im:
             assert im.size[0] > 300 and im.size[1] > 300
 
@@ -151,3 +165,52 @@ def test_lr_schedule_shape():
     assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
     assert values[10] == pytest.approx(1.0) and values[-1] == pytest.approx(0.1, abs=1e-3)
     assert all(a >= b for a, b in zip(values[10:], values[11:]))
+
+
+def test_log_window_sums_terms_on_the_device():
+    window = LogWindow(last_step=4)
+    for loss, acc in ((1.0, 0.5), (2.0, 0.25), (6.0, 0.75)):
+        window.add({"loss": torch.tensor(loss), "acc": torch.tensor(acc)})
+    assert isinstance(window.sums, torch.Tensor) and window.count == 3  # no float() per step
+    assert window.means(torch.tensor(0.5)) == pytest.approx({"acc": 0.5, "loss": 3.0, "grad_norm": 0.5})
+    assert window.means()["grad_norm"] is None  # DeepSpeed ZeRO-0 reports no norm
+    check_finite({"loss": 3.0, "grad_norm": None}, 4, 7)
+    with pytest.raises(FloatingPointError, match=r"grad_norm became non-finite .* steps 5-7"):
+        check_finite({"loss": 3.0, "grad_norm": float("inf")}, 4, 7)
+
+
+def test_stop_reason_signal_first_then_limits():
+    class Signals:
+        received = None
+
+    cfg = config_from_dict({"train": {"stop_after_steps": 5, "time_limit_minutes": 1.0}}).train
+    assert stop_reason(cfg, Signals, time.monotonic(), 4, torch.device("cpu")) is None
+    assert stop_reason(cfg, Signals, time.monotonic(), 5, torch.device("cpu")) == STEP_LIMIT
+    assert stop_reason(cfg, Signals, time.monotonic() - 61, 1, torch.device("cpu")) == TIME_LIMIT
+    Signals.received = "SIGUSR1"
+    assert stop_reason(cfg, Signals, time.monotonic() - 61, 5, torch.device("cpu")) == "SIGUSR1"
+
+
+def test_non_finite_loss_stops_at_its_log_window_without_saving(sharded, tmp_path, monkeypatch):
+    """A NaN loss at step 6 (log_every 4, checkpoint_every 4): found when the window of steps
+    5-8 is logged -- the only host sync of those steps -- and no checkpoint after step 4."""
+    real, calls, syncs = engines.batch_losses, [], []
+
+    def poisoned(*args):
+        total, terms = real(*args)
+        calls.append(1)
+        if len(calls) == 6:
+            total = total * float("nan")
+            terms = {**terms, "loss": total.detach()}
+        return total, terms
+
+    means = LogWindow.means
+    monkeypatch.setattr(engines, "batch_losses", poisoned)
+    monkeypatch.setattr(LogWindow, "means", lambda self, *a: syncs.append(len(calls)) or means(self, *a))
+    cfg = tiny_config(sharded.out, tmp_path / "run", log_every=4, checkpoint_every=4)
+    with pytest.raises(FloatingPointError, match=r"^loss.* non-finite .* steps 5-8 .* nothing was saved after step 4"):
+        train(cfg)
+    assert syncs == [4, 8]  # the host read the losses at steps 4 and 8 only
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-00000004.pt"]
+    weights = load_checkpoint(latest_checkpoint(tmp_path / "run"))["model"]
+    assert all(torch.isfinite(w).all() for w in weights.values())

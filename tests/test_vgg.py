@@ -1,21 +1,21 @@
-"""VGG16 feature extractor: torchvision key layout, loading, random weights, fetching."""
+"""VGG16 feature extractor: torchvision key layout, loading, random weights, the torch hub
+cache, fetching (no internet here: unreachable URLs, file:// URLs, a monkeypatched download)."""
 
 import functools
 import hashlib
 import http.server
 import logging
 import threading
+import urllib.error
 
 import pytest
 import torch
 
+from galcf_hpc.cli import main
 from galcf_hpc.errors import CheckpointError, GalcfError
-from galcf_hpc.model.vgg import (
-    VGG16_SHA256_PREFIX,
-    VGG16Features,
-    fetch_vgg16,
-    load_vgg16,
-)
+from galcf_hpc.model import weights
+from galcf_hpc.model.vgg import VGG16Features, load_vgg16
+from galcf_hpc.model.weights import VGG16_FILENAME, cached_vgg16_path, fetch_vgg16
 
 # torchvision vgg16 "features": 3x3 convs at these Sequential indices (ReLU after each
 # conv, MaxPool after each block), written out from the known architecture.
@@ -166,10 +166,34 @@ def test_missing_file_names_path_and_fetch_command(tmp_path):
     assert str(path) in msg and "weights fetch" in msg and "model.vgg_weights" in msg
 
 
-def test_random_weights_need_explicit_permission():
+@pytest.fixture
+def torch_home(tmp_path, monkeypatch):
+    """An empty torch hub cache: $TORCH_HOME points into tmp_path."""
+    home = tmp_path / "torch_home"
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    return home
+
+
+def test_hub_cache_path_honours_torch_home(torch_home):
+    assert cached_vgg16_path() == torch_home / "hub" / "checkpoints" / VGG16_FILENAME
+
+
+def test_random_weights_need_explicit_permission(torch_home):
     with pytest.raises(GalcfError, match="model.vgg_weights") as info:
         load_vgg16(None)
-    assert "model.vgg_random" in str(info.value)
+    msg = str(info.value)
+    assert "model.vgg_random" in msg and "weights fetch" in msg and str(cached_vgg16_path()) in msg
+
+
+def test_no_path_loads_the_hub_cache(torch_home, weights_file, random_state):
+    cached = cached_vgg16_path()
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(weights_file.read_bytes())
+    model = load_vgg16(None, layers=("relu1_2",))
+    assert torch.equal(model.features[2].weight, random_state["features.2.weight"])
+    # random weights, when allowed, stay random even with a cached file (smoke runs reproducible)
+    rnd = load_vgg16(None, layers=("relu1_2",), allow_random=True, seed=0)
+    assert not torch.equal(rnd.features[2].weight, random_state["features.2.weight"])
 
 
 def test_random_weights_warn_and_are_deterministic_per_seed(caplog):
@@ -220,6 +244,16 @@ def _files(directory):
     return sorted(p.name for p in directory.iterdir())
 
 
+@pytest.fixture
+def local_file(tmp_path):
+    """A small local file and its file:// URL; yields (url, bytes)."""
+    payload = bytes(range(256)) * 40
+    src = tmp_path / "src" / "weights.pth"
+    src.parent.mkdir()
+    src.write_bytes(payload)
+    return src.as_uri(), payload
+
+
 def test_fetch_unreachable_raises_and_leaves_no_file(tmp_path):
     out = tmp_path / "dl" / "vgg16.pth"
     with pytest.raises(GalcfError) as info:
@@ -230,14 +264,15 @@ def test_fetch_unreachable_raises_and_leaves_no_file(tmp_path):
     assert _files(out.parent) == []
 
 
-def test_fetch_sha_mismatch_raises_and_leaves_no_file(tmp_path, served):
-    url, _ = served
+def test_fetch_sha_mismatch_raises_and_leaves_no_file(tmp_path, local_file):
+    url, _ = local_file
     out = tmp_path / "vgg16.pth"
     out.write_bytes(b"previous")  # an existing file survives a failed fetch
-    with pytest.raises(GalcfError, match="sha256"):
-        fetch_vgg16(out, url=f"{url}/weights.pth", timeout=5, sha256_prefix=VGG16_SHA256_PREFIX)
+    with pytest.raises(GalcfError, match="sha256sum") as info:
+        fetch_vgg16(out, url=url)
+    assert weights.VGG16_SHA256_PREFIX in str(info.value) and str(out) in str(info.value)
     assert out.read_bytes() == b"previous"
-    assert _files(tmp_path) == ["vgg16.pth", "www"]
+    assert _files(tmp_path) == ["src", "vgg16.pth"]  # no .partial file left
 
 
 def test_fetch_http_error_leaves_no_file(tmp_path, served):
@@ -248,14 +283,38 @@ def test_fetch_http_error_leaves_no_file(tmp_path, served):
     assert _files(out.parent) == []
 
 
-def test_fetch_matching_prefix_writes_file(tmp_path, served):
+def test_fetch_matching_prefix_writes_file(tmp_path, served, monkeypatch):
     url, payload = served
-    prefix = hashlib.sha256(payload).hexdigest()[:8]
+    monkeypatch.setattr(weights, "VGG16_SHA256_PREFIX", hashlib.sha256(payload).hexdigest()[:8])
     out = tmp_path / "out" / "weights.pth"
-    got = fetch_vgg16(out, url=f"{url}/weights.pth", timeout=5, sha256_prefix=prefix)
+    got = fetch_vgg16(out, url=f"{url}/weights.pth", timeout=5)
     assert got == str(out)
     assert out.read_bytes() == payload
     assert _files(out.parent) == ["weights.pth"]
     # An existing directory as target: torchvision's file name inside it.
-    got = fetch_vgg16(out.parent, url=f"{url}/weights.pth", timeout=5, sha256_prefix=prefix)
-    assert got.endswith("vgg16-397923af.pth")
+    got = fetch_vgg16(out.parent, url=f"{url}/weights.pth", timeout=5)
+    assert got.endswith(VGG16_FILENAME)
+
+
+def test_fetch_default_destination_is_the_hub_cache(torch_home, local_file, monkeypatch):
+    url, payload = local_file
+    monkeypatch.setattr(weights, "VGG16_SHA256_PREFIX", hashlib.sha256(payload).hexdigest()[:8])
+    got = fetch_vgg16(url=url)
+    assert got == str(torch_home / "hub" / "checkpoints" / VGG16_FILENAME)
+    assert cached_vgg16_path().read_bytes() == payload
+
+
+def test_weights_fetch_command_without_internet(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def offline(url, dst, hash_prefix=None, progress=True):
+        calls.append((url, hash_prefix))
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    out = tmp_path / "w" / VGG16_FILENAME
+    assert main(["weights", "fetch", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "no internet" in err and "login node" in err and str(out) in err and "Traceback" not in err
+    assert calls == [(weights.VGG16_URL, weights.VGG16_SHA256_PREFIX)]
+    assert not out.exists()

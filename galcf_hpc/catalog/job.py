@@ -1,5 +1,7 @@
-"""``galcf-hpc catalog run``: prediction, hidden vector and counterfactuals towards every
-target class for every galaxy of a catalog, as an MPI batch job (one rank per GPU).
+"""``galcf-hpc catalog run``: prediction, latents and counterfactuals towards every target
+class for every galaxy of a catalog, as an MPI batch job (one rank per GPU). The pass is the
+shared one (:func:`galcf_hpc.model.evaluation.explain_batch`), with validity by the model
+and by every judge trained next to the checkpoint's run (RUN/judges/<name>/model.pt).
 
 The input is cut into fixed-size work units (contiguous ranges of its order). Rank 0 hands
 them out on request from a small server thread while it works through units itself, so a
@@ -26,13 +28,14 @@ import torch
 from .. import __version__
 from ..config import dump_config
 from ..data.classes import CLASS_NAMES, NUM_CLASSES, class_index
+from ..device import resolve_device
 from ..errors import ConfigError, DataError, GalcfError
-from ..explain.metrics import msd, ssim
 from ..explain.run import load_run
 from ..fileio import file_sha256, write_json
+from ..judges import judges_dir, load_judge, load_judges
 from ..loaders.augment import augment_batch
+from ..model.evaluation import explain_batch
 from ..train.checkpoint import latest_checkpoint
-from ..train.distributed import resolve_device
 from . import store
 from .source import open_source
 
@@ -42,8 +45,17 @@ IMAGE_DTYPES = ("uint8", "float16")
 _ASK, _ANSWER = 11, 12
 _POLL_S = 0.002
 # run.json entries that must match for a rerun to continue in the same output directory
-_IDENTITY = ("format", "checkpoint_sha256", "input", "input_fingerprint", "num_galaxies", "unit_size",
-             "targets", "image_dtype")
+_IDENTITY = (
+    "format",
+    "checkpoint_sha256",
+    "judges",
+    "input",
+    "input_fingerprint",
+    "num_galaxies",
+    "unit_size",
+    "targets",
+    "image_dtype",
+)
 
 
 class RankStopped(GalcfError):
@@ -68,50 +80,29 @@ def resolve_checkpoint(path):
     path = Path(path)
     found = latest_checkpoint(path) if path.is_dir() else path
     if found is None:
-        raise DataError(f"{path}: run directory has no checkpoints/step-*.pt; pass a checkpoint file or "
-                        "a trained run directory")
+        raise DataError(
+            f"{path}: run directory has no checkpoints/step-*.pt; pass a checkpoint file or a trained run directory"
+        )
     return found
 
 
-@torch.no_grad()
-def explain_batch(model, x, targets, margin, chunk):
-    """Classification and counterfactuals of a batch x towards every target.
-
-    Returns float/int tensors: pred [B], distance [B, C], h [B, D], image [B, T, 3, R, R]
-    (x_cf, or the reconstruction x~ where target == pred), validity [B, T] (-1 where
-    target == pred), msd/ssim [B, T] of x_cf vs x~ (NaN where target == pred).
-    Counterfactuals are decoded ``chunk`` at a time, the memory of one batch.
-    """
-    pred, _, h, z = model.classify(x)
-    recon = model.decoder(z).float()
-    h = h.float()
-    tgt = torch.as_tensor(targets, device=x.device)
-    b, t = len(pred), len(targets)
-    image = recon[:, None].repeat(1, t, 1, 1, 1)
-    validity = torch.full((b, t), -1, dtype=torch.int8, device=x.device)
-    msd_ = torch.full((b, t), float("nan"), device=x.device)
-    ssim_ = torch.full((b, t), float("nan"), device=x.device)
-    rows, cols = (pred[:, None] != tgt[None]).nonzero(as_tuple=True)
-    for s in range(0, len(rows), chunk):
-        r, c = rows[s:s + chunk], cols[s:s + chunk]
-        x_cf, _ = model.counterfactual(z[r], h[r], pred[r], tgt[c], margin)
-        x_cf = x_cf.float()
-        image[r, c] = x_cf
-        validity[r, c] = (model.classify(x_cf)[0] == tgt[c]).to(torch.int8)
-        msd_[r, c] = msd(x_cf, recon[r]).float()
-        ssim_[r, c] = ssim(x_cf, recon[r]).float()
-    distance = (h[:, None] - model.means.float()[None]).norm(dim=-1)
-    return {"pred": pred, "distance": distance, "h": h, "image": image, "validity": validity,
-            "msd": msd_, "ssim": ssim_}
-
-
-def _to_numpy(out, image_dtype):
-    image = out["image"].clamp(0, 1)
+def _to_numpy(out, distance, image_dtype, n):
+    """The catalog fields of the first ``n`` galaxies of an ExplainedBatch (the rest is padding)."""
+    image = out.cf_images[:n].clamp(0, 1)
     image = (image * 255).round().to(torch.uint8) if image_dtype == "uint8" else image.to(torch.float16)
-    arrays = {k: v.cpu().numpy() for k, v in out.items() if k != "image"}
-    arrays["image"] = image.cpu().numpy()
-    arrays["pred"] = arrays["pred"].astype(np.int16)
-    return arrays
+    arrays = {
+        "pred": out.pred[:n].to(torch.int16),
+        "distance": distance[:n],
+        "h": out.h[:n],
+        "z": out.z[:n],
+        "image": image,
+        "validity": out.valid["model"][:n],
+        **{store.validity_field(name): v[:n] for name, v in out.valid.items() if name != "model"},
+        "msd": out.change["msd_rec"][:n],
+        "ssim": out.change["ssim_rec"][:n],
+        "luminance_share": out.change["luminance_share"][:n],
+    }
+    return {k: v.cpu().numpy() for k, v in arrays.items()}
 
 
 # ---------------------------------------------------------------------------------------
@@ -126,13 +117,23 @@ def _prepare(checkpoint, input_path, out_dir, targets, unit_size, image_dtype, d
         raise ConfigError(f"--image-dtype must be one of {', '.join(IMAGE_DTYPES)}, got {image_dtype!r}")
     ckpt = resolve_checkpoint(checkpoint)
     model, cfg, ckpt = load_run(ckpt.parent, ckpt, "cpu")
+    judges, judge_shas = _find_judges(ckpt)
+    judge_dir = judges_dir(judges_run_dir(ckpt))
     source = open_source(input_path)
     out_dir = Path(out_dir)
     run = {
-        "format": store.FORMAT, "version": __version__,
-        "checkpoint": str(Path(ckpt).resolve()), "checkpoint_sha256": file_sha256(ckpt),
-        "input": str(Path(input_path).resolve()), "input_fingerprint": source.fingerprint,
-        "num_galaxies": source.n, "unit_size": unit_size, "targets": targets, "image_dtype": image_dtype,
+        "format": store.FORMAT,
+        "version": __version__,
+        "checkpoint": str(Path(ckpt).resolve()),
+        "checkpoint_sha256": file_sha256(ckpt),
+        "judges": judge_shas,
+        "judges_dir": str(judge_dir),
+        "input": str(Path(input_path).resolve()),
+        "input_fingerprint": source.fingerprint,
+        "num_galaxies": source.n,
+        "unit_size": unit_size,
+        "targets": targets,
+        "image_dtype": image_dtype,
         "key_length": max(len(k) for k in source.keys),
     }
     run_json = out_dir / "run.json"
@@ -143,11 +144,15 @@ def _prepare(checkpoint, input_path, out_dir, targets, unit_size, image_dtype, d
             raise DataError(f"{run_json} cannot be read ({exc}); pass a new --out") from None
         diff = [f"{k}: {old.get(k)!r} there, {run[k]!r} now" for k in _IDENTITY if old.get(k) != run[k]]
         if diff:
-            raise DataError(f"{out_dir} holds the output of another catalog run ({'; '.join(diff)}); "
-                            "pass a new --out, or delete that directory to start over")
+            raise DataError(
+                f"{out_dir} holds the output of another catalog run ({'; '.join(diff)}); "
+                "pass a new --out, or delete that directory to start over"
+            )
     elif (out_dir / store.PARTS).exists() or (out_dir / store.CATALOG).exists():
-        raise DataError(f"{out_dir} has {store.PARTS}/ or {store.CATALOG} but no run.json, so it cannot be "
-                        "resumed safely; pass a new --out")
+        raise DataError(
+            f"{out_dir} has {store.PARTS}/ or {store.CATALOG} but no run.json, so it cannot be "
+            "resumed safely; pass a new --out"
+        )
     else:
         write_json(run_json, run)
     parts = out_dir / store.PARTS
@@ -156,9 +161,51 @@ def _prepare(checkpoint, input_path, out_dir, targets, unit_size, image_dtype, d
         stale.unlink(missing_ok=True)
     units = store.work_units(source.n, unit_size)
     todo = [u for u in range(len(units)) if not (parts / store.part_name(u)).is_file()]
-    plan = {**run, "out_dir": str(out_dir), "checkpoint_path": str(ckpt), "todo": todo,
-            "skipped": len(units) - len(todo)}
-    return plan, model, cfg, source
+    plan = {
+        **run,
+        "out_dir": str(out_dir),
+        "checkpoint_path": str(ckpt),
+        "todo": todo,
+        "skipped": len(units) - len(todo),
+    }
+    return plan, model, judges, cfg, source
+
+
+def judges_run_dir(checkpoint):
+    """The run directory whose ``judges/`` belong to a checkpoint RUN/checkpoints/step-*.pt."""
+    return Path(checkpoint).absolute().parent.parent
+
+
+def _judge_path(judge_dir, name):
+    return Path(judge_dir) / name / "model.pt"
+
+
+def _find_judges(checkpoint):
+    """({name: judge on the CPU}, {name: sha256 of its model.pt}) of every judge trained next
+    to the checkpoint's run; a warning when some or all are missing."""
+    run_dir = judges_run_dir(checkpoint)
+    judges, note = load_judges(run_dir, "cpu")
+    if note:
+        log.warning(
+            "catalog: %s",
+            note
+            if judges
+            else f"no judges next to the checkpoint (looked in "
+            f"{judges_dir(run_dir)}): the catalog gets validity by the model only, which is necessary "
+            f"but never sufficient; {note}",
+        )
+    return judges, {name: file_sha256(_judge_path(judges_dir(run_dir), name)) for name in judges}
+
+
+def _load_judges_again(plan, device):
+    """The judges rank 0 found, on another rank; refused if a file changed in between."""
+    judges = {}
+    for name, sha in plan["judges"].items():
+        path = _judge_path(plan["judges_dir"], name)
+        judges[name], _ = load_judge(path, device)
+        if file_sha256(path) != sha:
+            raise DataError(f"judge {path} changed while the catalog job started (sha256 differs); rerun")
+    return judges
 
 
 # ---------------------------------------------------------------------------------------
@@ -224,38 +271,107 @@ def _cpu_threads(local_size):
 
 
 def _run_unit(ctx, unit, start, stop):
-    fields, dev = ctx["fields"], ctx["device"]
-    attrs = {"unit": unit, "start": start, "stop": stop, "checkpoint_sha256": ctx["plan"]["checkpoint_sha256"],
-             "device": str(dev), "version": __version__}
+    fields, dev, cfg = ctx["fields"], ctx["device"], ctx["cfg"]
+    attrs = {
+        "unit": unit,
+        "start": start,
+        "stop": stop,
+        "checkpoint_sha256": ctx["plan"]["checkpoint_sha256"],
+        "device": str(dev),
+        "version": __version__,
+    }
     path = Path(ctx["plan"]["out_dir"]) / store.PARTS / store.part_name(unit)
-    bs = ctx["cfg"].explain.batch_size
+    bs = cfg.explain.batch_size
     with store.part_writer(path, stop - start, fields, attrs) as write:
         for b0 in range(start, stop, bs):
             data = ctx["source"].read(b0, min(b0 + bs, stop))
-            x = augment_batch(torch.from_numpy(data["images"]), ctx["cfg"].data.image_size,
-                              ctx["cfg"].data.crop_fraction).to(dev)
-            with torch.autocast("cuda", torch.bfloat16, enabled=dev.type == "cuda"):
-                out = explain_batch(ctx["model"], x, ctx["plan"]["targets"], ctx["cfg"].explain.margin, bs)
-            write(b0 - start, {"key": np.asarray(data["keys"], dtype=fields["key"][1]), "ra": data["ra"],
-                               "dec": data["dec"], "label": data["labels"].astype(np.int16),
-                               **_to_numpy(out, ctx["plan"]["image_dtype"])})
+            n = len(data["keys"])
+            # uint8 to the device first (4x less to copy than float), then crop and resize there
+            raw = torch.from_numpy(data["images"]).to(dev)
+            if dev.type == "cuda" and n < bs:
+                # fixed shapes for cudnn.benchmark: pad the last batch of a unit with copies of
+                # its last galaxy, whose results are dropped
+                raw = torch.cat([raw, raw[-1:].expand(bs - n, *raw.shape[1:])])
+            x = augment_batch(raw, cfg.data.image_size, cfg.data.crop_fraction)
+            # bf16 for the convolutions on a GPU; the model keeps flow, means and the
+            # counterfactual geometry in fp32 itself, the judges run in fp32
+            with torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
+                out = explain_batch(
+                    ctx["model"],
+                    x,
+                    ctx["plan"]["targets"],
+                    cfg.explain.margin,
+                    ctx["judges"],
+                    cfg.explain.background_fraction,
+                    keep_images=True,
+                    chunk=bs,
+                    placement=cfg.explain.placement,
+                )
+            distance = (out.h[:, None] - ctx["means"][None]).norm(dim=-1)
+            write(
+                b0 - start,
+                {
+                    "key": np.asarray(data["keys"], dtype=fields["key"][1]),
+                    "ra": data["ra"],
+                    "dec": data["dec"],
+                    "label": data["labels"].astype(np.int16),
+                    **_to_numpy(out, distance, ctx["plan"]["image_dtype"], n),
+                },
+            )
             if ctx["kill_at_unit"] == unit:  # fault injection for the restart test: die mid-unit
                 os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _catalog_attrs(plan, cfg, fields):
-    return {**{k: plan[k] for k in ("format", "version", "checkpoint", "checkpoint_sha256", "input",
-                                    "input_fingerprint", "num_galaxies", "unit_size", "image_dtype")},
-            "num_units": len(store.work_units(plan["num_galaxies"], plan["unit_size"])),
-            "targets": np.asarray(plan["targets"], np.int16),
-            "target_names": [CLASS_NAMES[t] for t in plan["targets"]],
-            "class_names": list(CLASS_NAMES), "config": dump_config(cfg),
-            "image_size": cfg.data.image_size, "crop_fraction": cfg.data.crop_fraction,
-            "margin": cfg.explain.margin, "fields": list(fields)}
+    return {
+        **{
+            k: plan[k]
+            for k in (
+                "format",
+                "version",
+                "checkpoint",
+                "checkpoint_sha256",
+                "judges_dir",
+                "input",
+                "input_fingerprint",
+                "num_galaxies",
+                "unit_size",
+                "image_dtype",
+            )
+        },
+        "num_units": len(store.work_units(plan["num_galaxies"], plan["unit_size"])),
+        "targets": np.asarray(plan["targets"], np.int16),
+        "target_names": [CLASS_NAMES[t] for t in plan["targets"]],
+        "class_names": list(CLASS_NAMES),
+        "config": dump_config(cfg),
+        "image_size": cfg.data.image_size,
+        "crop_fraction": cfg.data.crop_fraction,
+        "margin": cfg.explain.margin,
+        "placement": cfg.explain.placement,
+        "judge_names": _strings(plan["judges"]),
+        "judge_sha256": _strings(plan["judges"].values()),
+        "fields": list(fields),
+    }
 
 
-def run_catalog(checkpoint, input_path, out_dir, targets=None, unit_size=256, device="auto",
-                image_dtype="uint8", comm=None, kill_at_unit=None):
+def _strings(values):
+    # an explicit string dtype, so that an empty list is an empty list of strings in HDF5 too
+    import h5py
+
+    return np.asarray(list(values), dtype=h5py.string_dtype())
+
+
+def run_catalog(
+    checkpoint,
+    input_path,
+    out_dir,
+    targets=None,
+    unit_size=256,
+    device="auto",
+    image_dtype="uint8",
+    comm=None,
+    kill_at_unit=None,
+):
     """Run (or resume) the catalog job on this rank; ``comm`` is an MPI communicator or None
     for a single process. Returns a summary dict (rank 0: with per-rank statistics)."""
     rank, size = (comm.Get_rank(), comm.Get_size()) if comm else (0, 1)
@@ -271,8 +387,9 @@ def run_catalog(checkpoint, input_path, out_dir, targets=None, unit_size=256, de
     plan, error = None, None
     if rank == 0:
         try:
-            plan, model, cfg, source = _prepare(checkpoint, input_path, out_dir, targets, unit_size, image_dtype,
-                                               device)
+            plan, model, judges, cfg, source = _prepare(
+                checkpoint, input_path, out_dir, targets, unit_size, image_dtype, device
+            )
         except Exception as exc:  # bad input, or a bug: either way the other ranks must hear of it
             error = exc
     if comm:
@@ -287,17 +404,46 @@ def run_catalog(checkpoint, input_path, out_dir, targets=None, unit_size=256, de
         dev = resolve_device(device, local_rank, option="--device")
         if rank:
             model, cfg, _ = load_run(None, plan["checkpoint_path"], "cpu")
+            judges = _load_judges_again(plan, "cpu")
             source = open_source(plan["input"])
-        if dev.type == "cpu":
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+            torch.backends.cudnn.benchmark = True  # batches are padded to one shape (see _run_unit)
+        else:
             torch.set_num_threads(_cpu_threads(local_size))
         units = store.work_units(plan["num_galaxies"], plan["unit_size"])
-        fields = store.schema(plan["key_length"], NUM_CLASSES, model.means.shape[1], len(plan["targets"]),
-                              cfg.data.image_size, plan["image_dtype"])
-        ctx = {"plan": plan, "cfg": cfg, "model": model.to(dev), "source": source, "device": dev,
-               "fields": fields, "kill_at_unit": kill_at_unit}
+        fields = store.schema(
+            plan["key_length"],
+            NUM_CLASSES,
+            model.means.shape[1],
+            cfg.model.z_dim,
+            len(plan["targets"]),
+            cfg.data.image_size,
+            plan["image_dtype"],
+            list(plan["judges"]),
+        )
+        model = model.to(dev).eval()
+        ctx = {
+            "plan": plan,
+            "cfg": cfg,
+            "model": model,
+            "means": model.means.detach().float(),
+            "judges": {name: j.to(dev).eval() for name, j in judges.items()},
+            "source": source,
+            "device": dev,
+            "fields": fields,
+            "kill_at_unit": kill_at_unit,
+        }
         if rank == 0:
-            log.info("catalog: %d galaxies in %d units of %d, %d finished before (skipped), %d to do on %d rank(s)",
-                     plan["num_galaxies"], len(units), plan["unit_size"], plan["skipped"], len(plan["todo"]), size)
+            log.info(
+                "catalog: %d galaxies in %d units of %d, %d finished before (skipped), %d to do on %d rank(s)",
+                plan["num_galaxies"],
+                len(units),
+                plan["unit_size"],
+                plan["skipped"],
+                len(plan["todo"]),
+                size,
+            )
         queue = _Queue(plan["todo"]) if rank == 0 else None
         server = None
         if rank == 0 and size > 1:
@@ -310,8 +456,15 @@ def run_catalog(checkpoint, input_path, out_dir, targets=None, unit_size=256, de
             start, stop = units[unit]
             _run_unit(ctx, unit, start, stop)
             done_units, done_galaxies = done_units + 1, done_galaxies + stop - start
-            log.info("rank %d: unit %d of %d (galaxies %d-%d) done, %.1f galaxies/s", rank, unit, len(units),
-                     start, stop - 1, (stop - start) / (time.monotonic() - t_unit))
+            log.info(
+                "rank %d: unit %d of %d (galaxies %d-%d) done, %.1f galaxies/s",
+                rank,
+                unit,
+                len(units),
+                start,
+                stop - 1,
+                (stop - start) / (time.monotonic() - t_unit),
+            )
         busy = time.monotonic() - t0
         if server:
             server.join()
@@ -335,10 +488,18 @@ def run_catalog(checkpoint, input_path, out_dir, targets=None, unit_size=256, de
         return {"rank": rank, "units": done_units}
     store.write_catalog_file(plan["out_dir"], units, fields, _catalog_attrs(plan, cfg, fields))
     summary = {
-        "num_galaxies": plan["num_galaxies"], "num_units": len(units), "skipped_units": plan["skipped"],
-        "computed_units": len(plan["todo"]), "ranks": size, "device": str(dev), "work_seconds": wall,
-        "per_rank": [{"rank": r, "units": int(u), "galaxies": int(g), "seconds": s,
-                      "galaxies_per_s": g / s if s > 0 else 0.0} for r, (u, g, s) in enumerate(everyone)],
+        "num_galaxies": plan["num_galaxies"],
+        "num_units": len(units),
+        "skipped_units": plan["skipped"],
+        "computed_units": len(plan["todo"]),
+        "judges": list(plan["judges"]),
+        "ranks": size,
+        "device": str(dev),
+        "work_seconds": wall,
+        "per_rank": [
+            {"rank": r, "units": int(u), "galaxies": int(g), "seconds": s, "galaxies_per_s": g / s if s > 0 else 0.0}
+            for r, (u, g, s) in enumerate(everyone)
+        ],
         "catalog": str(Path(plan["out_dir"]) / store.CATALOG),
     }
     write_json(Path(plan["out_dir"]) / "summary.json", summary)
@@ -361,11 +522,22 @@ def verify_catalog(out_dir):
     for k in ("checkpoint_sha256", "input", "num_galaxies", "unit_size", "image_dtype"):
         if run and run.get(k) != (attrs[k].item() if hasattr(attrs[k], "item") else attrs[k]):
             problems.append(f"attribute '{k}' of catalog.h5 is {attrs[k]!r}, run.json says {run.get(k)!r}")
+    judges = dict(zip((str(j) for j in attrs["judge_names"]), (str(h) for h in attrs["judge_sha256"])))
+    if run and run.get("judges") != judges:
+        problems.append(f"judges of catalog.h5 are {judges!r}, run.json says {run.get('judges')!r}")
     n, targets = int(attrs["num_galaxies"]), [int(t) for t in attrs["targets"]]
     units = store.work_units(n, int(attrs["unit_size"]))
     with h5py.File(out_dir / store.CATALOG, "r") as f:
-        fields = store.schema(f["key"].dtype.itemsize, NUM_CLASSES, f["h"].shape[1], len(targets),
-                              int(attrs["image_size"]), str(attrs["image_dtype"]))
+        fields = store.schema(
+            f["key"].dtype.itemsize,
+            NUM_CLASSES,
+            f["h"].shape[1],
+            f["z"].shape[1],
+            len(targets),
+            int(attrs["image_size"]),
+            str(attrs["image_dtype"]),
+            list(judges),
+        )
         problems += store.check_parts(out_dir, units, fields)
         found, keys = store.check_values(f, fields, targets)
         problems += found
@@ -373,20 +545,35 @@ def verify_catalog(out_dir):
         source = open_source(attrs["input"])
         if source.keys != keys:
             missing = sorted(set(source.keys) - set(keys))
-            problems.append(f"keys differ from the input {attrs['input']} ({len(missing)} input keys absent"
-                            f"{', e.g. ' + missing[0] if missing else ''}; or in another order)")
+            problems.append(
+                f"keys differ from the input {attrs['input']} ({len(missing)} input keys absent"
+                f"{', e.g. ' + missing[0] if missing else ''}; or in another order)"
+            )
         source.close()
     else:
         notes.append(f"input {attrs['input']} no longer exists; keys checked for uniqueness only")
     ckpt = Path(attrs["checkpoint"])
     if ckpt.is_file():
         if file_sha256(ckpt) != attrs["checkpoint_sha256"]:
-            problems.append(f"checkpoint {ckpt} has changed since the catalog was made (sha256 differs); "
-                            "rerun into a new --out to match the current checkpoint")
+            problems.append(
+                f"checkpoint {ckpt} has changed since the catalog was made (sha256 differs); "
+                "rerun into a new --out to match the current checkpoint"
+            )
     else:
         notes.append(f"checkpoint {ckpt} no longer exists; its sha256 was not re-checked")
+    for name, sha in judges.items():
+        path = _judge_path(attrs["judges_dir"], name)
+        if not path.is_file():
+            notes.append(f"judge {path} no longer exists; its sha256 was not re-checked")
+        elif file_sha256(path) != sha:
+            problems.append(
+                f"judge {path} has changed since the catalog was made (sha256 differs); rerun into a "
+                "new --out to match the current judges"
+            )
     if problems:
         shown = "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
-        raise DataError(f"{out_dir}: catalog verification failed:\n  {shown}\nRerun `galcf-hpc catalog run` with "
-                        "the same arguments to recompute missing parts")
+        raise DataError(
+            f"{out_dir}: catalog verification failed:\n  {shown}\nRerun `galcf-hpc catalog run` with "
+            "the same arguments to recompute missing parts"
+        )
     return {"num_galaxies": n, "num_units": len(units), "targets": targets, "notes": notes}

@@ -34,8 +34,13 @@ class H5Source:
     def read(self, start, stop):
         c = self.catalog
         labels = c.labels[start:stop] if c.labels is not None else np.full(stop - start, -1)
-        return {"images": c.read_images(np.arange(start, stop)), "keys": self.keys[start:stop],
-                "labels": labels, "ra": c.ra[start:stop], "dec": c.dec[start:stop]}
+        return {
+            "images": c.read_images(np.arange(start, stop)),
+            "keys": self.keys[start:stop],
+            "labels": labels,
+            "ra": c.ra[start:stop],
+            "dec": c.dec[start:stop],
+        }
 
     def close(self):
         self.catalog.close()
@@ -67,15 +72,22 @@ class ShardSource:
         try:
             meta = json.loads(raw)
         except ValueError as exc:
-            raise DataError(f"{tar}: json member of sample {self.keys[i]} cannot be parsed ({exc}); run "
-                            f"`galcf-hpc data verify {self.path.parent}` and regenerate the shards") from None
+            raise DataError(
+                f"{tar}: json member of sample {self.keys[i]} cannot be parsed ({exc}); run "
+                f"`galcf-hpc data verify {self.path.parent}` and regenerate the shards"
+            ) from None
         return tuple(np.nan if meta.get(k) is None else float(meta[k]) for k in ("ra", "dec"))
 
     def read(self, start, stop):
         samples = [self.dataset[i] for i in range(start, stop)]
         ra, dec = np.asarray([self._position(i) for i in range(start, stop)], dtype=np.float64).T
-        return {"images": np.stack([s["image"] for s in samples]), "keys": [s["key"] for s in samples],
-                "labels": np.asarray([s["label"] for s in samples]), "ra": ra, "dec": dec}
+        return {
+            "images": np.stack([s["image"] for s in samples]),
+            "keys": [s["key"] for s in samples],
+            "labels": np.asarray([s["label"] for s in samples]),
+            "ra": ra,
+            "dec": dec,
+        }
 
     def close(self):
         self.dataset.close()
@@ -88,5 +100,7 @@ def open_source(path):
         return ShardSource(path)
     if path.is_file():
         return H5Source(path)
-    raise DataError(f"{path}: input does not exist; pass a shard split directory (e.g. shards/test) "
-                    "or an astroNN-format .h5 catalog")
+    raise DataError(
+        f"{path}: input does not exist; pass a shard split directory (e.g. shards/test) "
+        "or an astroNN-format .h5 catalog"
+    )

@@ -33,6 +33,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from scipy.spatial import cKDTree
 
 from galcf_hpc.data.classes import CLASS_NAMES, NUM_CLASSES
 from galcf_hpc.data.galaxy10 import open_catalog
@@ -73,69 +76,26 @@ def _chord_to_arcsec(chord):
 def group_by_sky(ra, dec, match_radius_arcsec=10.0):
     """Friends-of-friends groups on the sphere: an int64 group id per galaxy.
 
-    Galaxies closer than ``match_radius_arcsec`` (and chains of such pairs) share a group.
-    Positions are hashed into a 3-D grid of unit vectors with cell side >= the link
-    length, so only the 27 cells around a galaxy are compared (sorting dominates: O(N log N)).
-    Galaxies with a non-finite position, and all of them when the radius is <= 0, are
-    groups of their own. The group id is the smallest member index.
+    Galaxies closer than ``match_radius_arcsec`` (and chains of such pairs) share a group:
+    pairs come from a k-d tree over unit vectors (chord length of the radius; no RA
+    wrap-around or pole to special-case), groups are the connected components of the
+    pair graph. Galaxies with a non-finite position, and all of them when the radius is
+    <= 0, are groups of their own. The group id is the smallest member index.
     """
     ra = np.asarray(ra, dtype=np.float64)
     dec = np.asarray(dec, dtype=np.float64)
     n = ra.shape[0]
-    parent = np.arange(n)
     finite = np.flatnonzero(np.isfinite(ra) & np.isfinite(dec))
     if match_radius_arcsec <= 0 or finite.size < 2:
-        return parent
-    xyz = _unit_vectors(ra[finite], dec[finite])
+        return np.arange(n)
     link = 2 * math.sin(math.radians(match_radius_arcsec / 3600) / 2)
-    # 21 bits per axis keep the packed cell key in an int64; tiny radii get bigger cells.
-    cell_side = max(link, 4.0 / (1 << 20))
-    bits = 21
-    cells = np.floor(xyz / cell_side).astype(np.int64) + (1 << (bits - 1))
-    keys = (cells[:, 0] << (2 * bits)) | (cells[:, 1] << bits) | cells[:, 2]
-    order = np.argsort(keys, kind="stable")
-    ukeys, starts, counts = np.unique(keys[order], return_index=True, return_counts=True)
-
-    edges_i, edges_j = [], []
-    for dx in (-1, 0, 1):
-        for dy in (-1, 0, 1):
-            for dz in (-1, 0, 1):
-                if (dx, dy, dz) < (0, 0, 0):
-                    continue  # each pair of neighbouring cells once
-                shift = (dx << (2 * bits)) + (dy << bits) + dz
-                pos = np.searchsorted(ukeys, ukeys + shift)
-                pos_ok = np.minimum(pos, len(ukeys) - 1)
-                hit = (pos < len(ukeys)) & (ukeys[pos_ok] == ukeys + shift)
-                cu, cv = np.flatnonzero(hit), pos[hit]
-                # Expand every member of cell cu against every member of cell cv.
-                sizes = counts[cu] * counts[cv]
-                if sizes.sum() == 0:
-                    continue
-                pair = np.repeat(np.arange(cu.size), sizes)
-                local = np.arange(sizes.sum()) - np.repeat(np.cumsum(sizes) - sizes, sizes)
-                a = order[starts[cu][pair] + local // counts[cv][pair]]
-                b = order[starts[cv][pair] + local % counts[cv][pair]]
-                keep = np.linalg.norm(xyz[a] - xyz[b], axis=1) <= link
-                if (dx, dy, dz) == (0, 0, 0):
-                    keep &= a < b
-                edges_i.append(finite[a[keep]])
-                edges_j.append(finite[b[keep]])
-
-    def find(k):
-        while parent[k] != k:
-            parent[k] = parent[parent[k]]
-            k = parent[k]
-        return k
-
-    touched = set()
-    for i, j in zip(np.concatenate(edges_i).tolist(), np.concatenate(edges_j).tolist()):
-        ri, rj = find(i), find(j)
-        if ri != rj:
-            parent[max(ri, rj)] = min(ri, rj)
-        touched.update((i, j))
-    for k in touched:
-        parent[k] = find(k)
-    return parent
+    pairs = cKDTree(_unit_vectors(ra[finite], dec[finite])).query_pairs(link, output_type="ndarray")
+    edges = finite[pairs]
+    graph = coo_matrix((np.ones(len(edges), dtype=np.int8), (edges[:, 0], edges[:, 1])), shape=(n, n))
+    _, component = connected_components(graph, directed=False)
+    # The first occurrence of each component label is that component's smallest member.
+    _, first = np.unique(component, return_index=True)
+    return first[component].astype(np.int64)
 
 
 def _check_fractions(fractions):

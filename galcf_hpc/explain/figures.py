@@ -3,6 +3,12 @@
 An n x n grid for n selected classes: row i holds one galaxy of class i, column j the
 counterfactual towards class j. The diagonal cell (i, i) shows the original galaxy.
 
+Three grids of the same galaxies (:func:`write_grids`): the counterfactuals themselves, the
+*luminance* change (band mean of x_cf - x~: structure such as a bar or an arm) and the
+*colour* change (what is left of x_cf - x~: flux moved between bands). A counterfactual
+that only recolours its galaxy is blank in the luminance grid; docs/method.md explains why
+that is not a morphological explanation.
+
 The layout is fixed (cell size, gaps and margins in inches at a fixed dpi, no "tight"
 bounding box), so :func:`grid_layout` tells exactly where each cell lands in the PNG.
 Figures are written atomically (a reader never sees a half-written file).
@@ -16,6 +22,7 @@ import numpy as np
 
 from ..data.classes import CLASS_NAMES
 from ..fileio import atomic_path
+from ..metrics import luminance_share
 
 DPI = 100
 CELL_IN = 1.0  # side of one image cell, inches
@@ -140,8 +147,15 @@ def _axis_captions(fig, layout, rows, cols):
     grid_top = 1.0 - (layout.top_in - 0.52) / layout.height_in
     grid_mid_x = (layout.left_in + (layout.n * CELL_IN + (layout.n - 1) * GAP_IN) / 2) / layout.width_in
     fig.text(grid_mid_x, grid_top, cols, ha="center", va="bottom", fontsize=9, style="italic")
-    fig.text(0.05 / layout.width_in, 1.0 - (layout.top_in - 0.1) / layout.height_in, rows,
-             ha="left", va="bottom", fontsize=9, style="italic")
+    fig.text(
+        0.05 / layout.width_in,
+        1.0 - (layout.top_in - 0.1) / layout.height_in,
+        rows,
+        ha="left",
+        va="bottom",
+        fontsize=9,
+        style="italic",
+    )
 
 
 def _save(fig, path):
@@ -190,30 +204,58 @@ def counterfactual_grid(path, originals, overlays, class_names, title=None):
     _save(fig, path)
 
 
-def saliency_grid(path, saliency, class_names, vmax=None):
-    """Write the saliency grid (x_cf - x~, mean over channels) to ``path``.
+def _symmetric_range(values, n, vmax):
+    """``vmax`` or the largest absolute off-diagonal value (never 0: the map needs a range)."""
+    if vmax is None:
+        vmax = float(np.abs(values[~np.eye(n, dtype=bool)]).max()) if n > 1 else 0.0
+    vmax = float(vmax)
+    return vmax if vmax > 0.0 else 1e-6
 
-    Same layout as :func:`counterfactual_grid`; ``saliency`` is ``[n, n, 3, H, W]`` (or
-    ``[n, n, H, W]``) with entry (i, j) towards class j; the diagonal is left empty. A
-    diverging colour map with a range symmetric about zero, [-vmax, vmax] (default: the
-    largest absolute off-diagonal value): red = brighter in the counterfactual, blue =
-    darker.
+
+def _share_caption(ax, shares, i, j):
+    if shares is not None and i != j and np.isfinite(shares[i, j]):
+        ax.text(
+            0.03,
+            0.03,
+            f"lum {shares[i, j]:.2f}",
+            transform=ax.transAxes,
+            fontsize=6,
+            ha="left",
+            va="bottom",
+            bbox={"boxstyle": "square,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.75},
+        )
+
+
+def _change_input(name, change, bands_only=False):
+    """[n, n, 3, H, W] (or [n, n, H, W] unless ``bands_only``) float copy, diagonal zeroed."""
+    x = _to_numpy(change)
+    ok = x.ndim == 5 and x.shape[2] == 3 or (x.ndim == 4 and not bands_only)
+    if not ok or x.shape[0] != x.shape[1]:
+        shapes = "[n, n, 3, H, W]" if bands_only else "[n, n, 3, H, W] or [n, n, H, W]"
+        raise ValueError(f"{name} must be {shapes}, got {np.shape(change)}")
+    n = x.shape[0]
+    x[np.arange(n), np.arange(n)] = 0.0  # diagonal entries are ignored
+    _check_finite(name, x)
+    return x
+
+
+def saliency_grid(path, saliency, class_names, vmax=None, shares=None):
+    """Write the luminance-change grid (band mean of x_cf - x~) to ``path``.
+
+    Same layout as :func:`counterfactual_grid`; ``saliency`` is ``[n, n, 3, H, W]`` (or an
+    already averaged ``[n, n, H, W]``) with entry (i, j) towards class j; the diagonal is
+    left empty. A diverging colour map with a range symmetric about zero, [-vmax, vmax]
+    (default: the largest absolute off-diagonal value): red = brighter in the
+    counterfactual, blue = darker. The band mean is the luminance part of the change, so a
+    pure recolouring is white here (see :func:`colour_grid`). ``shares`` [n, n]: each
+    cell's luminance share, printed in its corner.
     """
-    sal = _to_numpy(saliency)
+    sal = _change_input("saliency", saliency)
     if sal.ndim == 5:
         sal = sal.mean(axis=2)
-    if sal.ndim != 4 or sal.shape[0] != sal.shape[1]:
-        raise ValueError(f"saliency must be [n, n, 3, H, W] or [n, n, H, W], got {np.shape(saliency)}")
     n = sal.shape[0]
-    sal[np.arange(n), np.arange(n)] = 0.0  # diagonal entries are ignored
-    _check_finite("saliency", sal)
     labels = _labels(class_names, n)
-    off = ~np.eye(n, dtype=bool)
-    if vmax is None:
-        vmax = float(np.abs(sal[off]).max()) if n > 1 else 0.0
-    vmax = float(vmax)
-    if not vmax > 0.0:
-        vmax = 1e-6
+    vmax = _symmetric_range(sal, n, vmax)
     layout = grid_layout(n, colorbar=True)
     fig = _new_figure(layout)
     image = None
@@ -224,6 +266,7 @@ def saliency_grid(path, saliency, class_names, vmax=None):
                 ax.set_facecolor(EMPTY_FACE)
                 continue
             image = ax.imshow(sal[i, j], cmap="RdBu_r", vmin=-vmax, vmax=vmax, interpolation="antialiased")
+            _share_caption(ax, shares, i, j)
     _axis_captions(fig, layout, "galaxy class", "counterfactual towards")
     if image is not None:
         grid_h = n * CELL_IN + (n - 1) * GAP_IN
@@ -231,5 +274,55 @@ def saliency_grid(path, saliency, class_names, vmax=None):
         cax = fig.add_axes((x0, BOTTOM_IN / layout.height_in, 0.12 / layout.width_in, grid_h / layout.height_in))
         bar = fig.colorbar(image, cax=cax)
         bar.ax.tick_params(labelsize=7)
-        bar.set_label("x_cf - x~", fontsize=8)
+        bar.set_label("luminance change: band mean of x_cf - x~", fontsize=8)
     _save(fig, path)
+
+
+def colour_grid(path, change, class_names, vmax=None, shares=None):
+    """Write the colour-change grid to ``path``: x_cf - x~ ``[n, n, 3, H, W]`` minus its
+    band mean (the part :func:`saliency_grid` cannot show: flux moved between bands at
+    constant total), bands shown as R, G, B around neutral grey: ``0.5 + 0.5 * c / vmax``,
+    with ``vmax`` the largest absolute off-diagonal value by default. Grey = no colour
+    change. Same layout; the diagonal is left empty; ``shares`` as in :func:`saliency_grid`.
+    """
+    change = _change_input("change", change, bands_only=True)
+    chroma = change - change.mean(axis=2, keepdims=True)
+    n = chroma.shape[0]
+    labels = _labels(class_names, n)
+    vmax = _symmetric_range(chroma, n, vmax)
+    title = f"colour change (grey: none, full scale \u00b1{vmax:.2g})"
+    layout = grid_layout(n, title=title)
+    fig = _new_figure(layout)
+    for i in range(n):
+        for j in range(n):
+            ax = _cell_axes(fig, layout, i, j, labels)
+            if i == j:
+                ax.set_facecolor(EMPTY_FACE)
+                continue
+            ax.imshow(np.clip(0.5 + 0.5 * _hwc(chroma[i, j]) / vmax, 0.0, 1.0), interpolation="antialiased")
+            _share_caption(ax, shares, i, j)
+    _axis_captions(fig, layout, "galaxy class", "counterfactual towards")
+    fig.suptitle(title, y=1.0 - 0.06 / layout.height_in, va="top", fontsize=9)
+    _save(fig, path)
+
+
+GRIDS = {
+    "counterfactual_grid": "counterfactual_grid.png",
+    "saliency_grid": "saliency_grid.png",
+    "colour_grid": "colour_grid.png",
+}
+
+
+def write_grids(out_dir, originals, overlays, change, classes):
+    """The three grids of the same galaxies into ``out_dir`` (names in :data:`GRIDS`):
+    counterfactuals (``overlays`` x + (x_cf - x~)), luminance change and colour change of
+    ``change`` = x_cf - x~ [n, n, 3, H, W], every cell captioned with its luminance share.
+    ``classes``: class indices of the rows; returns {figure: file name}."""
+    change = _change_input("change", change, bands_only=True)
+    n = change.shape[0]
+    shares = luminance_share(change.reshape(n * n, *change.shape[2:])).numpy().reshape(n, n)
+    out_dir = Path(out_dir)
+    counterfactual_grid(out_dir / GRIDS["counterfactual_grid"], originals, overlays, classes)
+    saliency_grid(out_dir / GRIDS["saliency_grid"], change, classes, shares=shares)
+    colour_grid(out_dir / GRIDS["colour_grid"], change, classes, shares=shares)
+    return dict(GRIDS)

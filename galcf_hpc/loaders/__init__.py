@@ -28,16 +28,30 @@ def build_loader(cfg, split, rank=0, world_size=1, train=True):
     if d.loader == "torch":
         from .torch import build_torch_loader
 
-        return build_torch_loader(split_dir, augment=d.augment and train, rotation_degrees=d.rotation_degrees,
-                                  crop_fraction=d.crop_fraction, num_workers=d.num_workers, seed=cfg.run.seed,
-                                  **common)
+        return build_torch_loader(
+            split_dir,
+            augment=d.augment and train,
+            rotation_degrees=d.rotation_degrees,
+            crop_fraction=d.crop_fraction,
+            num_workers=d.num_workers,
+            seed=cfg.run.seed,
+            **common,
+        )
     if d.loader == "dali":
         from .dali import DaliLoader, resolve_data_device
 
         device = resolve_data_device(d.device)
-        return DaliLoader(split_dir, augment=d.augment and train, rotation_degrees=d.rotation_degrees,
-                          crop_fraction=d.crop_fraction, num_threads=max(1, d.num_workers), seed=cfg.run.seed,
-                          device=device, device_id=_local_device_index() if device == "gpu" else None, **common)
+        return DaliLoader(
+            split_dir,
+            augment=d.augment and train,
+            rotation_degrees=d.rotation_degrees,
+            crop_fraction=d.crop_fraction,
+            num_threads=max(1, d.num_workers),
+            seed=cfg.run.seed,
+            device=device,
+            device_id=_local_device_index() if device == "gpu" else None,
+            **common,
+        )
     if d.loader == "synthetic":
         from .dali import resolve_data_device
         from .synthetic import SyntheticLoader

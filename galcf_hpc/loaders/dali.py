@@ -40,7 +40,7 @@ import torch
 
 from galcf_hpc.errors import CheckpointError, ConfigError, DataError
 from galcf_hpc.loaders.augment import crop_box
-from galcf_hpc.loaders.split import EpochPosition, open_split, steps_per_epoch, verify_hint
+from galcf_hpc.loaders.split import EpochPosition, ceil_div, open_split, steps_per_epoch, verify_hint
 
 _LAYOUT = ("world_size", "rank", "batch_size", "num_samples", "train", "seed", "device")
 _SHARD_IN_MESSAGE = re.compile(r"[^\s'\"]*\.tar")
@@ -53,9 +53,11 @@ def _import_dali():
         from nvidia.dali import pipeline_def
         from nvidia.dali.plugin.pytorch import feed_ndarray
     except ImportError:
-        raise ConfigError("data.loader is 'dali' but NVIDIA DALI is not installed; install the extra that "
-                          "matches the CUDA of this machine: pip install 'galcf-hpc[dali-cuda13]' (or "
-                          "[dali-cuda12]), or set data.loader: torch") from None
+        raise ConfigError(
+            "data.loader is 'dali' but NVIDIA DALI is not installed; install the extra that "
+            "matches the CUDA of this machine: pip install 'galcf-hpc[dali-cuda13]' (or "
+            "[dali-cuda12]), or set data.loader: torch"
+        ) from None
     return fn, types, pipeline_def, feed_ndarray
 
 
@@ -64,8 +66,9 @@ def resolve_data_device(device):
     if device == "auto":
         return "gpu" if torch.cuda.is_available() else "cpu"
     if device == "gpu" and not torch.cuda.is_available():
-        raise ConfigError("data.device is 'gpu' but no CUDA device is visible; use data.device: cpu "
-                          "(or auto) on this machine")
+        raise ConfigError(
+            "data.device is 'gpu' but no CUDA device is visible; use data.device: cpu (or auto) on this machine"
+        )
     return device
 
 
@@ -79,9 +82,25 @@ def _pipeline_seed(seed, rank):
     return int.from_bytes(digest, "little") & 0x7FFFFFFF
 
 
-def _build_pipeline(tars, idxs, num_samples, image_ext, batch_size, source_size, image_size, crop_fraction,
-                    rotation_degrees, rank, world_size, train, device, device_id, num_threads, seed,
-                    checkpoint=None):
+def _build_pipeline(
+    tars,
+    idxs,
+    num_samples,
+    image_ext,
+    batch_size,
+    source_size,
+    image_size,
+    crop_fraction,
+    rotation_degrees,
+    rank,
+    world_size,
+    train,
+    device,
+    device_id,
+    num_threads,
+    seed,
+    checkpoint=None,
+):
     fn, types, pipeline_def, _ = _import_dali()
     # a buffer as large as the rank's range (up to 1024) shuffles it completely
     initial_fill = max(1, min(1024, -(-num_samples // world_size)))
@@ -90,30 +109,48 @@ def _build_pipeline(tars, idxs, num_samples, image_ext, batch_size, source_size,
     @pipeline_def(enable_checkpointing=True)
     def galaxies():
         encoded, cls = fn.readers.webdataset(
-            paths=tars, index_paths=idxs, ext=[image_ext, "cls"], missing_component_behavior="error",
-            name="Reader", shard_id=rank, num_shards=world_size, random_shuffle=train,
-            initial_fill=initial_fill, pad_last_batch=True,
-            stick_to_shard=not train)
+            paths=tars,
+            index_paths=idxs,
+            ext=[image_ext, "cls"],
+            missing_component_behavior="error",
+            name="Reader",
+            shard_id=rank,
+            num_shards=world_size,
+            random_shuffle=train,
+            initial_fill=initial_fill,
+            pad_last_batch=True,
+            stick_to_shard=not train,
+        )
         source = fn.get_property(encoded, key="source_info")
-        images = fn.decoders.image(encoded, device="mixed" if device == "gpu" else "cpu",
-                                   output_type=types.RGB)
+        images = fn.decoders.image(encoded, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
         outputs = [cls, source]
         if rotation_degrees > 0:
             angles = fn.random.uniform(range=[-rotation_degrees, rotation_degrees])
-            images = fn.rotate(images, angle=angles, keep_size=True, fill_value=0,
-                               interp_type=types.INTERP_LINEAR)
+            images = fn.rotate(images, angle=angles, keep_size=True, fill_value=0, interp_type=types.INTERP_LINEAR)
             outputs.append(angles)
-        images = fn.resize(images, size=[image_size, image_size], roi_start=[anchor, anchor],
-                           roi_end=[anchor + side, anchor + side], roi_relative=False, antialias=True,
-                           interp_type=types.INTERP_LINEAR, dtype=types.FLOAT)
+        images = fn.resize(
+            images,
+            size=[image_size, image_size],
+            roi_start=[anchor, anchor],
+            roi_end=[anchor + side, anchor + side],
+            roi_relative=False,
+            antialias=True,
+            interp_type=types.INTERP_LINEAR,
+            dtype=types.FLOAT,
+        )
         # layout and scaling in one pass (cheaper than transpose + arithmetic on the CPU)
         images = fn.crop_mirror_normalize(images, mean=0.0, std=255.0, output_layout="CHW", dtype=types.FLOAT)
         return (images, *outputs)
 
     kwargs = {"checkpoint": checkpoint} if checkpoint else {}
-    pipe = galaxies(batch_size=batch_size, num_threads=num_threads,
-                    device_id=device_id if device == "gpu" else None,
-                    seed=_pipeline_seed(seed, rank), prefetch_queue_depth=2, **kwargs)
+    pipe = galaxies(
+        batch_size=batch_size,
+        num_threads=num_threads,
+        device_id=device_id if device == "gpu" else None,
+        seed=_pipeline_seed(seed, rank),
+        prefetch_queue_depth=2,
+        **kwargs,
+    )
     pipe.build()
     return pipe
 
@@ -139,9 +176,22 @@ class DaliLoader(EpochPosition):
     torch back-end's ShardLoader: ``steps_per_epoch``, ``set_epoch``, ``state_dict``,
     ``load_state_dict``, ``close``, ``position``."""
 
-    def __init__(self, split_dir, batch_size, image_size, rank=0, world_size=1, train=True, augment=True,
-                 rotation_degrees=180.0, crop_fraction=0.7, num_threads=1, seed=0, device="cpu",
-                 device_id=None):
+    def __init__(
+        self,
+        split_dir,
+        batch_size,
+        image_size,
+        rank=0,
+        world_size=1,
+        train=True,
+        augment=True,
+        rotation_degrees=180.0,
+        crop_fraction=0.7,
+        num_threads=1,
+        seed=0,
+        device="cpu",
+        device_id=None,
+    ):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
         if batch_size < 1 or image_size < 1 or num_threads < 1:
@@ -155,18 +205,30 @@ class DaliLoader(EpochPosition):
         self.device = resolve_data_device(device)
         if self.device == "gpu" and device_id is None:
             device_id = torch.cuda.current_device()
-        self.steps_per_epoch = steps_per_epoch(split_dir, self.num_samples, self.batch_size, self.world_size,
-                                               self.train)
+        self.steps_per_epoch = steps_per_epoch(
+            split_dir, self.num_samples, self.batch_size, self.world_size, self.train
+        )
         # batches the reader delivers per epoch and rank (padding included)
-        self.reader_batches = -(-(-(-self.num_samples // self.world_size)) // self.batch_size)
+        self.reader_batches = ceil_div(ceil_div(self.num_samples, self.world_size), self.batch_size)
         self._image_ext = manifest["image_format"]
         self._args = dict(
-            tars=[str(t) for t, _, _ in shards], idxs=[str(i) for _, i, _ in shards], num_samples=self.num_samples,
-            image_ext=self._image_ext, batch_size=self.batch_size, source_size=manifest["image_size"],
-            image_size=int(image_size), crop_fraction=float(crop_fraction),
+            tars=[str(t) for t, _, _ in shards],
+            idxs=[str(i) for _, i, _ in shards],
+            num_samples=self.num_samples,
+            image_ext=self._image_ext,
+            batch_size=self.batch_size,
+            source_size=manifest["image_size"],
+            image_size=int(image_size),
+            crop_fraction=float(crop_fraction),
             rotation_degrees=float(rotation_degrees) if (self.train and augment) else 0.0,
-            rank=self.rank, world_size=self.world_size, train=self.train, device=self.device,
-            device_id=device_id, num_threads=int(num_threads), seed=self.seed)
+            rank=self.rank,
+            world_size=self.world_size,
+            train=self.train,
+            device=self.device,
+            device_id=device_id,
+            num_threads=int(num_threads),
+            seed=self.seed,
+        )
         self.epoch, self._step = 0, 0
         self._pipe, self._restore = None, None
         self._torch_device = torch.device(f"cuda:{device_id}") if self.device == "gpu" else torch.device("cpu")
@@ -180,8 +242,9 @@ class DaliLoader(EpochPosition):
         """
         text = str(exc)
         reason = text.split("encountered:", 1)[-1].strip().splitlines()
-        reason = next((line.strip() for line in reason if line.strip() and "pipeline" not in line.lower()),
-                      type(exc).__name__)[:300]
+        reason = next(
+            (line.strip() for line in reason if line.strip() and "pipeline" not in line.lower()), type(exc).__name__
+        )[:300]
         shard_id = self.rank if not self.train else (self.rank + self.epoch) % self.world_size
         found = _first_bad_sample(self.split_dir, rank_range(self.num_samples, shard_id, self.world_size)[0])
         if found is not None:
@@ -209,15 +272,17 @@ class DaliLoader(EpochPosition):
         """DALI readers advance their epoch by reading, so ``epoch`` must be the loader's own
         (the training loop passes the epoch the loader is in, also after a restore)."""
         if int(epoch) != self.epoch:
-            raise ValueError(f"the DALI loader is in epoch {self.epoch} (position {self._step}); it cannot "
-                             f"jump to epoch {epoch}: restore a saved state_dict instead")
+            raise ValueError(
+                f"the DALI loader is in epoch {self.epoch} (position {self._step}); it cannot "
+                f"jump to epoch {epoch}: restore a saved state_dict instead"
+            )
 
     def _keys_and_labels(self, cls, source):
         keys, labels = [], []
         for i in range(len(cls)):
             info = bytes(np.asarray(source[i])).decode("utf-8", "replace")
             tar_path, _, member = info.rpartition(":")
-            key = member[:-len(self._image_ext) - 1] if member.endswith("." + self._image_ext) else member
+            key = member[: -len(self._image_ext) - 1] if member.endswith("." + self._image_ext) else member
             raw = bytes(np.asarray(cls[i])).strip()
             if not raw.isdigit():
                 where = tar_path.rpartition(":")[0] or str(self.split_dir)
@@ -265,8 +330,7 @@ class DaliLoader(EpochPosition):
 
         Taken at an epoch boundary after a full epoch, the reader has already finished its
         epoch, so the checkpoint is consistent with (epoch + 1, step 0)."""
-        state = {"epoch": self.epoch, "step": self._step, "backend": "dali",
-                 **{k: getattr(self, k) for k in _LAYOUT}}
+        state = {"epoch": self.epoch, "step": self._step, "backend": "dali", **{k: getattr(self, k) for k in _LAYOUT}}
         if self._pipe is not None:
             state["dali"] = self._pipe.checkpoint()
         elif self._restore is not None:
@@ -283,7 +347,8 @@ class DaliLoader(EpochPosition):
             raise CheckpointError(
                 f"loader state was saved mid-epoch by the {state.get('backend', 'torch')} back-end with "
                 f"{layout}; this DALI loader is {ours}. A run resumes mid-epoch only with the same back-end, "
-                "data, seed, world size and batch size (or restart from an epoch boundary)")
+                "data, seed, world size and batch size (or restart from an epoch boundary)"
+            )
         self.epoch, self._step = int(state["epoch"]), int(state["step"])
         self._pipe = None
         self._restore = state["dali"] if same else None

@@ -22,27 +22,35 @@ def open_split(split_dir, hash_indexes=False):
     """
     split_dir = Path(split_dir)
     if not split_dir.is_dir():
-        raise DataError(f"{split_dir}: split directory does not exist; write shards with "
-                        "`galcf-hpc data shard` or fix the path")
+        raise DataError(
+            f"{split_dir}: split directory does not exist; write shards with `galcf-hpc data shard` or fix the path"
+        )
     if not (split_dir / "manifest.json").is_file():
-        raise DataError(f"{split_dir / 'manifest.json'}: manifest is missing (shards never finished "
-                        f"writing?); {verify_hint(split_dir)}")
+        raise DataError(
+            f"{split_dir / 'manifest.json'}: manifest is missing (shards never finished "
+            f"writing?); {verify_hint(split_dir)}"
+        )
     manifest = read_manifest(split_dir)
     shards = []
     for shard in manifest["shards"]:
         tar_path, idx_path = split_dir / shard["tar"]["file"], split_dir / shard["idx"]["file"]
         if not tar_path.is_file() or tar_path.stat().st_size != shard["tar"]["bytes"]:
-            raise DataError(f"{tar_path}: shard is missing or its size differs from the manifest; "
-                            f"{verify_hint(split_dir)}")
+            raise DataError(
+                f"{tar_path}: shard is missing or its size differs from the manifest; {verify_hint(split_dir)}"
+            )
         if not idx_path.is_file():
             raise DataError(f"{idx_path}: index file is missing; {verify_hint(split_dir)}")
         if hash_indexes and file_sha256(idx_path) != shard["idx"]["sha256"]:
-            raise DataError(f"{idx_path}: index differs from the one written with {tar_path.name} (stale "
-                            f"index); {verify_hint(split_dir)}")
+            raise DataError(
+                f"{idx_path}: index differs from the one written with {tar_path.name} (stale "
+                f"index); {verify_hint(split_dir)}"
+            )
         shards.append((tar_path, idx_path, shard["num_samples"]))
     if manifest["num_samples"] < 1 or sum(n for *_, n in shards) != manifest["num_samples"]:
-        raise DataError(f"{split_dir}: shard sample counts do not add up to the manifest's "
-                        f"{manifest['num_samples']} (a split needs at least one); {verify_hint(split_dir)}")
+        raise DataError(
+            f"{split_dir}: shard sample counts do not add up to the manifest's "
+            f"{manifest['num_samples']} (a split needs at least one); {verify_hint(split_dir)}"
+        )
     return manifest, shards
 
 
@@ -56,10 +64,16 @@ def steps_per_epoch(split_dir, num_samples, batch_size, world_size, train):
     if train:
         steps = (num_samples // world_size) // batch_size
         if steps == 0:
-            raise DataError(f"{split_dir}: {num_samples} samples give no full batch of {batch_size} "
-                            f"on each of {world_size} ranks; lower the batch size")
+            raise DataError(
+                f"{split_dir}: {num_samples} samples give no full batch of {batch_size} "
+                f"on each of {world_size} ranks; lower the batch size"
+            )
         return steps
-    return -(-(-(-num_samples // world_size)) // batch_size)
+    return ceil_div(ceil_div(num_samples, world_size), batch_size)
+
+
+def ceil_div(a, b):
+    return -(-a // b)
 
 
 class EpochPosition:

@@ -53,14 +53,17 @@ class ShardDataset(torch.utils.data.Dataset):
         for shard_no, (tar_path, idx_path, num_samples) in enumerate(shards):
             index = read_index(idx_path)
             if len(index) != num_samples:
-                raise DataError(f"{idx_path}: {len(index)} samples, manifest says {num_samples}; "
-                                f"{_verify_hint(self.split_dir)}")
+                raise DataError(
+                    f"{idx_path}: {len(index)} samples, manifest says {num_samples}; {_verify_hint(self.split_dir)}"
+                )
             self._tars.append(tar_path)
             for sample in index:
                 parts = {c["ext"]: c for c in sample["components"]}
                 if self.image_ext not in parts or "cls" not in parts or sample["key"] is None:
-                    raise DataError(f"{tar_path}: sample {sample['key']} lacks a named {self.image_ext} or "
-                                    f"cls member in its index; {_verify_hint(self.split_dir)}")
+                    raise DataError(
+                        f"{tar_path}: sample {sample['key']} lacks a named {self.image_ext} or "
+                        f"cls member in its index; {_verify_hint(self.split_dir)}"
+                    )
                 keys.append(sample["key"])
                 shard_of.append(shard_no)
                 image_at.append((parts[self.image_ext]["offset"], parts[self.image_ext]["size"]))
@@ -88,20 +91,25 @@ class ShardDataset(torch.utils.data.Dataset):
             try:
                 self._handles[shard_no] = open(self._tars[shard_no], "rb")
             except OSError as exc:
-                raise DataError(f"{self._tars[shard_no]}: cannot be opened ({exc}); "
-                                f"{_verify_hint(self.split_dir)}") from None
+                raise DataError(
+                    f"{self._tars[shard_no]}: cannot be opened ({exc}); {_verify_hint(self.split_dir)}"
+                ) from None
         return self._handles[shard_no]
 
     def _read(self, i, offset, size):
         if offset < 0:
-            raise DataError(f"{self._tars[self._shard_of[i]]}: index gives sample {self.keys[i]} an offset "
-                            f"before the first member (stale index); {_verify_hint(self.split_dir)}")
+            raise DataError(
+                f"{self._tars[self._shard_of[i]]}: index gives sample {self.keys[i]} an offset "
+                f"before the first member (stale index); {_verify_hint(self.split_dir)}"
+            )
         f = self._handle(int(self._shard_of[i]))
         f.seek(offset)
         data = f.read(size)
         if len(data) != size:
-            raise DataError(f"{self._tars[self._shard_of[i]]}: sample {self.keys[i]} ends early (truncated "
-                            f"shard); {_verify_hint(self.split_dir)}")
+            raise DataError(
+                f"{self._tars[self._shard_of[i]]}: sample {self.keys[i]} ends early (truncated "
+                f"shard); {_verify_hint(self.split_dir)}"
+            )
         return data
 
     def __getitem__(self, i):
@@ -112,17 +120,22 @@ class ShardDataset(torch.utils.data.Dataset):
         blob = self._read(i, offset - _TAR_BLOCK, size + _TAR_BLOCK)
         name = blob[:100].rstrip(b"\0").decode("utf-8", "replace")
         if name != f"{key}.{self.image_ext}":
-            raise DataError(f"{tar_path}: index points at member {name!r} for sample {key} (stale index); "
-                            f"{_verify_hint(self.split_dir)}")
+            raise DataError(
+                f"{tar_path}: index points at member {name!r} for sample {key} (stale index); "
+                f"{_verify_hint(self.split_dir)}"
+            )
         try:
             with Image.open(io.BytesIO(blob[_TAR_BLOCK:])) as img:
                 image = np.asarray(img.convert("RGB"))
         except Exception as exc:  # Pillow raises many types for corrupt data
-            raise DataError(f"{tar_path}: sample {key} image cannot be decoded ({exc}); "
-                            f"{_verify_hint(self.split_dir)}") from None
+            raise DataError(
+                f"{tar_path}: sample {key} image cannot be decoded ({exc}); {_verify_hint(self.split_dir)}"
+            ) from None
         if image.shape != (self.image_size, self.image_size, 3):
-            raise DataError(f"{tar_path}: sample {key} image is {image.shape}, manifest says "
-                            f"{self.image_size}x{self.image_size}; {_verify_hint(self.split_dir)}")
+            raise DataError(
+                f"{tar_path}: sample {key} image is {image.shape}, manifest says "
+                f"{self.image_size}x{self.image_size}; {_verify_hint(self.split_dir)}"
+            )
         label = self._read(i, *self._label_at[i]).strip()
         if not label.isdigit():
             raise DataError(f"{tar_path}: sample {key} has label {label!r}; {_verify_hint(self.split_dir)}")
@@ -197,8 +210,20 @@ class ShardLoader(EpochPosition):
     with the epoch the loader is already in keeps a restored mid-epoch position.
     """
 
-    def __init__(self, dataset, batch_size, image_size, rank=0, world_size=1, train=True, augment=True,
-                 rotation_degrees=180.0, crop_fraction=0.7, num_workers=0, seed=0):
+    def __init__(
+        self,
+        dataset,
+        batch_size,
+        image_size,
+        rank=0,
+        world_size=1,
+        train=True,
+        augment=True,
+        rotation_degrees=180.0,
+        crop_fraction=0.7,
+        num_workers=0,
+        seed=0,
+    ):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
         if batch_size < 1 or image_size < 1 or num_workers < 0:
@@ -209,8 +234,7 @@ class ShardLoader(EpochPosition):
         self.train = bool(train)
         self.seed = int(seed)
         n = len(dataset)
-        self.steps_per_epoch = steps_per_epoch(dataset.split_dir, n, self.batch_size, self.world_size,
-                                               self.train)
+        self.steps_per_epoch = steps_per_epoch(dataset.split_dir, n, self.batch_size, self.world_size, self.train)
         degrees = float(rotation_degrees) if (self.train and augment) else 0.0
         self._maker = _BatchMaker(dataset, int(image_size), float(crop_fraction), degrees, self.seed)
         self.epoch = 0
@@ -218,16 +242,21 @@ class ShardLoader(EpochPosition):
         self._dataloader = None
         if num_workers > 0:
             self._dataloader = torch.utils.data.DataLoader(
-                self._maker, batch_size=None, sampler=_PlanSampler(self), num_workers=num_workers,
-                collate_fn=_same, persistent_workers=True, worker_init_fn=_one_thread)
-
+                self._maker,
+                batch_size=None,
+                sampler=_PlanSampler(self),
+                num_workers=num_workers,
+                collate_fn=_same,
+                persistent_workers=True,
+                worker_init_fn=_one_thread,
+            )
 
     def rank_indices(self, epoch):
         """(sample indices, valid flags) this rank reads in ``epoch``, steps_per_epoch * B long."""
         n, world, need = len(self.dataset), self.world_size, self.steps_per_epoch * self.batch_size
         if self.train:
             perm = np.random.default_rng([self.seed, epoch]).permutation(n)
-            mine = perm[:need * world][self.rank::world]
+            mine = perm[: need * world][self.rank :: world]
             return mine, np.ones(need, dtype=bool)
         mine = np.arange(self.rank, n, world)
         valid = np.arange(need) < len(mine)
@@ -238,8 +267,8 @@ class ShardLoader(EpochPosition):
         indices, valid = self.rank_indices(self.epoch)
         b = self.batch_size
         for step in range(self._step, self.steps_per_epoch):
-            flags = None if self.train else tuple(valid[step * b:(step + 1) * b].tolist())
-            yield self.epoch, tuple(indices[step * b:(step + 1) * b].tolist()), flags
+            flags = None if self.train else tuple(valid[step * b : (step + 1) * b].tolist())
+            yield self.epoch, tuple(indices[step * b : (step + 1) * b].tolist()), flags
 
     def __iter__(self):
         batches = iter(self._dataloader) if self._dataloader else map(self._maker.__getitem__, self._plans())
@@ -255,23 +284,54 @@ class ShardLoader(EpochPosition):
 
     def state_dict(self):
         """Plain ints/bools only, so checkpoints load with ``torch.load(weights_only=True)``."""
-        return {"epoch": self.epoch, "step": self._step, "backend": "torch", "seed": self.seed, "world_size": self.world_size,
-                "batch_size": self.batch_size, "num_samples": len(self.dataset), "train": self.train}
+        return {
+            "epoch": self.epoch,
+            "step": self._step,
+            "backend": "torch",
+            "seed": self.seed,
+            "world_size": self.world_size,
+            "batch_size": self.batch_size,
+            "num_samples": len(self.dataset),
+            "train": self.train,
+        }
 
     def load_state_dict(self, state):
         layout = {k: state.get(k) for k in ("seed", "world_size", "batch_size", "num_samples", "train")}
         ours = {k: v for k, v in self.state_dict().items() if k in layout}
         if state["step"] and (layout != ours or state.get("backend", "torch") != "torch"):
-            raise CheckpointError(f"loader state was saved by the {state.get('backend', 'torch')} back-end for "
-                                  f"{layout}, this torch loader is {ours}; a run can resume mid-epoch only "
-                                  "with the same back-end, data, seed, world size and batch size (restart "
-                                  "from an epoch boundary instead)")
+            raise CheckpointError(
+                f"loader state was saved by the {state.get('backend', 'torch')} back-end for "
+                f"{layout}, this torch loader is {ours}; a run can resume mid-epoch only "
+                "with the same back-end, data, seed, world size and batch size (restart "
+                "from an epoch boundary instead)"
+            )
         self.epoch, self._step = int(state["epoch"]), int(state["step"])
 
 
-def build_torch_loader(split_dir, batch_size, image_size, rank=0, world_size=1, train=True, augment=True,
-                       rotation_degrees=180.0, crop_fraction=0.7, num_workers=0, seed=0):
+def build_torch_loader(
+    split_dir,
+    batch_size,
+    image_size,
+    rank=0,
+    world_size=1,
+    train=True,
+    augment=True,
+    rotation_degrees=180.0,
+    crop_fraction=0.7,
+    num_workers=0,
+    seed=0,
+):
     """ShardLoader over one split directory (``<shards>/train`` etc.)."""
-    return ShardLoader(ShardDataset(split_dir), batch_size, image_size, rank=rank, world_size=world_size,
-                       train=train, augment=augment, rotation_degrees=rotation_degrees,
-                       crop_fraction=crop_fraction, num_workers=num_workers, seed=seed)
+    return ShardLoader(
+        ShardDataset(split_dir),
+        batch_size,
+        image_size,
+        rank=rank,
+        world_size=world_size,
+        train=train,
+        augment=augment,
+        rotation_degrees=rotation_degrees,
+        crop_fraction=crop_fraction,
+        num_workers=num_workers,
+        seed=seed,
+    )

@@ -18,8 +18,12 @@ class ResBlock(nn.Module):
         super().__init__()
         self.resample = resample  # None | "down" | "up"
         self.body = nn.Sequential(
-            _norm(c_in), nn.SiLU(), nn.Conv2d(c_in, c_out, 3, padding=1),
-            _norm(c_out), nn.SiLU(), nn.Conv2d(c_out, c_out, 3, padding=1),
+            _norm(c_in),
+            nn.SiLU(),
+            nn.Conv2d(c_in, c_out, 3, padding=1),
+            _norm(c_out),
+            nn.SiLU(),
+            nn.Conv2d(c_out, c_out, 3, padding=1),
         )
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
@@ -42,8 +46,7 @@ class Encoder(nn.Module):
             c_prev = c
         self.blocks = nn.Sequential(*blocks)
         self.final = image_size // 2 ** len(channels)
-        self.head = nn.Sequential(_norm(c_prev), nn.SiLU(), nn.Flatten(),
-                                  nn.Linear(c_prev * self.final**2, z_dim))
+        self.head = nn.Sequential(_norm(c_prev), nn.SiLU(), nn.Flatten(), nn.Linear(c_prev * self.final**2, z_dim))
 
     def forward(self, x):
         return self.head(self.blocks(self.stem(x)))

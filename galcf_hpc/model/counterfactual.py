@@ -10,6 +10,15 @@ boundary (towards t) is
 so h + (margin - s(h)) d lies exactly ``margin`` past it. With more than two classes a
 third class k may then be nearer than t; each such k is handled the same way along
 (mu_t - mu_k), which only moves h towards mu_t, until t wins every pairwise comparison.
+
+Placements (``mode``):
+- ``boundary``: the smallest move, ``margin`` past the boundary (ECINN's closed form);
+- ``translate``: h - mu_p + mu_t, the same position relative to the target's mean as h has
+  relative to its own; with unit-variance Gaussians it is distributed like the hidden
+  vectors of real galaxies of class t, where the boundary placement lies at the edge
+  between the two classes. The boundary step then still applies where needed;
+- a number alpha in [0, 1]: the boundary placement moved a fraction alpha of the way to the
+  translated one (per row when a tensor is given).
 """
 
 import torch
@@ -24,15 +33,37 @@ def boundary_distance(h, mu_from, mu_to, lw_from, lw_to):
     return s, d
 
 
-def counterfactual_h(h, pred, target, means, log_weights, margin=1.0, max_iter=20):
-    """Move each h[i] from its predicted class pred[i] just past the boundary into target[i].
+PLACEMENTS = ("boundary", "translate")
+
+
+def counterfactual_h(h, pred, target, means, log_weights, margin=1.0, max_iter=20, mode="boundary"):
+    """Move each h[i] from its predicted class pred[i] into target[i] (placement ``mode``,
+    see above), ending at least ``margin`` past every boundary of the target.
 
     Rows with target == pred are returned unchanged (a galaxy is its own counterfactual).
     Returns the moved h.
     """
-    h_in = h
+    own = (pred == target)[:, None]
+    near = past_boundary(h, pred, target, means, log_weights, margin, max_iter)
+    if isinstance(mode, str) and mode == "boundary":
+        return torch.where(own, h, near)
+    if isinstance(mode, str) and mode != "translate":
+        raise ValueError(f"counterfactual placement must be one of {PLACEMENTS} or a number, got {mode!r}")
+    # the translated point can still lie short of the boundary (its own class, or a third
+    # one, nearer): the same closed-form steps finish the move from there
+    moved = h - means[pred] + means[target]
+    far = past_boundary(moved, pred, target, means, log_weights, margin, max_iter)
+    if isinstance(mode, str):
+        return torch.where(own, h, far)
+    alpha = torch.as_tensor(mode, dtype=h.dtype, device=h.device).reshape(-1, 1)
+    return torch.where(own, h, near + alpha * (far - near))
+
+
+def past_boundary(h, src, target, means, log_weights, margin=1.0, max_iter=20):
+    """Closed-form steps that put each row of h at least ``margin`` past the boundary between
+    class src[i] and target[i], then past that of any rival class nearer than the target."""
     h = h.clone()
-    src = pred.clone()
+    src = src.clone()
     for _ in range(max_iter):
         s, d = boundary_distance(h, means[src], means[target], log_weights[src], log_weights[target])
         step = (margin - s).clamp_min(0.0)
@@ -48,4 +79,4 @@ def counterfactual_h(h, pred, target, means, log_weights, margin=1.0, max_iter=2
         if not bool(needs.any()):
             break
         src = torch.where(needs, rival, target)
-    return torch.where((pred == target)[:, None], h_in, h)
+    return h

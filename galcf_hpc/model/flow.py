@@ -10,12 +10,14 @@ from torch import nn
 
 def _subnet(hidden):
     def make(c_in, c_out):
-        net = nn.Sequential(nn.Linear(c_in, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
-                            nn.Linear(hidden, c_out))
+        net = nn.Sequential(
+            nn.Linear(c_in, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, c_out)
+        )
         # zero-initialised last layer: every block starts as the identity (stable start)
         nn.init.zeros_(net[-1].weight)
         nn.init.zeros_(net[-1].bias)
         return net
+
     return make
 
 
@@ -30,8 +32,9 @@ def build_flow(dim, blocks, hidden, clamp, seed=0):
             torch.manual_seed(seed)
             inn = Ff.SequenceINN(dim)
             for _ in range(blocks):
-                inn.append(Fm.AllInOneBlock, subnet_constructor=_subnet(hidden), affine_clamping=clamp,
-                           permute_soft=False)
+                inn.append(
+                    Fm.AllInOneBlock, subnet_constructor=_subnet(hidden), affine_clamping=clamp, permute_soft=False
+                )
     finally:
         np.random.set_state(state)
     return inn
@@ -45,4 +48,3 @@ def flow_forward(flow, z1):
 def flow_inverse(flow, h):
     z1, _ = flow(h, rev=True)
     return z1
-

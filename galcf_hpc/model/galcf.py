@@ -2,20 +2,59 @@
 Gaussian mixture in h with one trainable mean per class."""
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from ..data.classes import NUM_CLASSES
-from .counterfactual import counterfactual_h
 from .autoencoder import Decoder, Encoder
+from .counterfactual import counterfactual_h
+from .critic import LuminanceCritic
 from .flow import build_flow, flow_forward, flow_inverse
 from .gmm import class_logits, initial_means
 
 
+class Latents(NamedTuple):
+    """Everything one forward pass computes: z = [z1, z2] = E(x), h = F(z1 + noise) with
+    log|det J|, and the reconstruction x~ = D(z)."""
+
+    z: torch.Tensor
+    z1: torch.Tensor
+    z2: torch.Tensor
+    h: torch.Tensor
+    logdet: torch.Tensor
+    recon: torch.Tensor
+
+
+class Classification(NamedTuple):
+    """Nearest-mean classification of images: predicted class, class logits
+    (-1/2 ||h - mu_c||^2 + log w_c), hidden vector h and latent z."""
+
+    pred: torch.Tensor
+    logits: torch.Tensor
+    h: torch.Tensor
+    z: torch.Tensor
+
+
 class GalaxyCF(nn.Module):
-    def __init__(self, image_size, channels, z_dim, z1_dim, flow_blocks, flow_hidden, flow_clamp,
-                 mean_distance, num_classes=NUM_CLASSES, seed=0):
+    def __init__(
+        self,
+        image_size,
+        channels,
+        z_dim,
+        z1_dim,
+        flow_blocks,
+        flow_hidden,
+        flow_clamp,
+        mean_distance,
+        num_classes=NUM_CLASSES,
+        seed=0,
+        z2_critic=False,
+        luminance_critic=False,
+        realism=False,
+        colour_critic=False,
+    ):
         super().__init__()
         self.z1_dim = z1_dim
         self.encoder = Encoder(image_size, channels, z_dim)
@@ -24,15 +63,52 @@ class GalaxyCF(nn.Module):
         self.means = nn.Parameter(initial_means(num_classes, z1_dim, mean_distance, seed=seed))
         # equal class weights w_c: the classifier is not biased towards frequent classes
         self.register_buffer("log_weights", torch.full((num_classes,), -math.log(num_classes)))
+        # class critic on z2, trained through a gradient reversal (loss.z2_adversary): the
+        # encoder is pushed to keep class information out of z2, so the decoder has to take
+        # a galaxy's morphology from z1. Part of the training objective, never a judge.
+        self.z2_critic = (
+            nn.Sequential(
+                nn.Linear(z_dim - z1_dim, 128), nn.SiLU(), nn.Linear(128, 128), nn.SiLU(), nn.Linear(128, num_classes)
+            )
+            if z2_critic
+            else None
+        )
+        # classifier of luminance alone (loss.cf_critic), trained on real galaxies; its frozen
+        # verdict on counterfactuals makes the decoder change structure, not colour
+        self.critic = LuminanceCritic(image_size, num_classes, realism=realism) if luminance_critic else None
+        self.colour_critic = LuminanceCritic(image_size, num_classes, width=24, colour=True) if colour_critic else None
 
     @classmethod
     def from_config(cls, cfg):
         m = cfg.model
-        return cls(cfg.data.image_size, m.channels, m.z_dim, m.z1_dim, m.flow_blocks, m.flow_hidden,
-                   m.flow_clamp, m.mean_distance, seed=cfg.run.seed)
+        return cls(
+            cfg.data.image_size,
+            m.channels,
+            m.z_dim,
+            m.z1_dim,
+            m.flow_blocks,
+            m.flow_hidden,
+            m.flow_clamp,
+            m.mean_distance,
+            seed=cfg.run.seed,
+            z2_critic=cfg.loss.z2_adversary > 0,
+            luminance_critic=cfg.loss.cf_critic > 0,
+            realism=cfg.loss.cf_realism,
+            colour_critic=cfg.loss.cf_critic_colour > 0,
+        )
+
+    def forward(self, x, z1_noise=0.0):
+        """E, F and D on images x: returns :class:`Latents`. ``z1_noise`` (training) adds
+        Gaussian noise of that standard deviation to z1 before the flow (IB-INN)."""
+        z = self.encoder(x)
+        z1, z2 = self.split(z)
+        noisy = z1 + z1_noise * torch.randn_like(z1) if z1_noise else z1
+        with torch.autocast(x.device.type, enabled=False):  # bf16 only for the convolutions
+            h, logdet = self.hidden(noisy.float())
+        return Latents(z, z1, z2, h, logdet, self.decoder(z))
 
     def split(self, z):
-        return z[:, : self.z1_dim], z[:, self.z1_dim:]
+        return z[:, : self.z1_dim], z[:, self.z1_dim :]
 
     def hidden(self, z1):
         return flow_forward(self.flow, z1)
@@ -42,23 +118,28 @@ class GalaxyCF(nn.Module):
 
     @torch.no_grad()
     def classify(self, x):
-        """Nearest class mean in h for images x: returns (pred, logits, h, z)."""
+        """Nearest class mean in h for images x (no decoding): :class:`Classification`.
+        The flow and the class means always run in fp32, also under bf16 autocast."""
         z = self.encoder(x)
-        h, _ = self.hidden(self.split(z)[0])
-        logits = self.logits(h)
-        return logits.argmax(1), logits, h, z
+        with torch.autocast(x.device.type, enabled=False):
+            h, _ = self.hidden(self.split(z)[0].float())
+            logits = self.logits(h)
+        return Classification(logits.argmax(1), logits, h, z)
 
     @torch.no_grad()
-    def counterfactual_latent(self, z, h, pred, target, margin):
+    def counterfactual_latent(self, z, h, pred, target, margin, placement="boundary"):
         """Latent of the counterfactual of z (hidden h, predicted class pred) towards
-        ``target``: move h past the boundary, invert the flow to z1_cf, keep z2.
-        Returns (z_cf, h_cf); no gradient flows through it."""
-        h_cf = counterfactual_h(h, pred, target, self.means, self.log_weights, margin)
-        z1_cf = flow_inverse(self.flow, h_cf.to(z.dtype))
-        return torch.cat([z1_cf, self.split(z)[1]], dim=1), h_cf
+        ``target``: move h into the target class (``placement``, model/counterfactual.py),
+        invert the flow to z1_cf, keep z2. Returns (z_cf, h_cf); no gradient flows through it."""
+        with torch.autocast(z.device.type, enabled=False):
+            h_cf = counterfactual_h(
+                h.float(), pred, target, self.means.float(), self.log_weights, margin, mode=placement
+            )
+            z1_cf = flow_inverse(self.flow, h_cf)
+        return torch.cat([z1_cf.to(z.dtype), self.split(z)[1]], dim=1), h_cf
 
     @torch.no_grad()
-    def counterfactual(self, z, h, pred, target, margin):
+    def counterfactual(self, z, h, pred, target, margin, placement="boundary"):
         """Decoded counterfactual image x_cf = D([z1_cf, z2]) and its h_cf."""
-        z_cf, h_cf = self.counterfactual_latent(z, h, pred, target, margin)
+        z_cf, h_cf = self.counterfactual_latent(z, h, pred, target, margin, placement)
         return self.decoder(z_cf), h_cf

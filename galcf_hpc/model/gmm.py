@@ -35,7 +35,3 @@ def class_logits(h, means, log_weights):
     """log w_c + log N(h; mu_c, I) up to the shared constant: -1/2 ||h - mu_c||^2 + log w_c."""
     d2 = (h[:, None, :] - means[None, :, :]).pow(2).sum(-1)
     return -0.5 * d2 + log_weights
-
-
-def predict(h, means, log_weights):
-    return class_logits(h, means, log_weights).argmax(dim=1)

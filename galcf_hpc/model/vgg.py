@@ -3,34 +3,22 @@
 The module's parameter names are exactly torchvision's ``vgg16`` names for the feature
 part (``features.0.weight`` ... ``features.28.bias``), so torchvision's ImageNet file
 ``vgg16-397923af.pth`` loads as is with ``torch.load(path, weights_only=True)``; its
-``classifier.*`` entries are ignored.
-
-Compute nodes usually have no internet: fetch the file on a login node with
-``galcf-hpc weights fetch --out PATH`` (or ``curl -o PATH`` :data:`VGG16_URL`) and point
-``model.vgg_weights`` at it. Tests and smoke runs may use fixed-seed random weights, which
-:func:`load_vgg16` only builds when asked to and announces loudly.
+``classifier.*`` entries are ignored. Getting the file: :mod:`galcf_hpc.model.weights`
+(``galcf-hpc weights fetch``). Tests and smoke runs may use fixed-seed random weights,
+which :func:`load_vgg16` only builds when asked to and announces loudly.
 """
 
-import hashlib
 import logging
 import os
-import socket
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..errors import CheckpointError, GalcfError
-from ..fileio import atomic_path
+from .weights import VGG16_FILENAME, cached_vgg16_path, fetch_hint
 
 log = logging.getLogger("galcf_hpc")
-
-VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
-# torchvision's file names carry the first 8 hex digits of the file's sha256.
-VGG16_SHA256_PREFIX = "397923af"
-VGG16_FILENAME = "vgg16-397923af.pth"
 
 DEFAULT_LAYERS = ("relu1_2", "relu2_2", "relu3_3", "relu4_3")
 
@@ -92,9 +80,7 @@ class VGG16Features(nn.Module):
             raise ValueError("VGG16Features needs at least one layer name")
         unknown = [name for name in layers if name not in LAYER_INDEX]
         if unknown:
-            raise ValueError(
-                f"unknown VGG16 layer(s) {unknown}; valid names: {', '.join(LAYER_INDEX)}"
-            )
+            raise ValueError(f"unknown VGG16 layer(s) {unknown}; valid names: {', '.join(LAYER_INDEX)}")
         self.layers = layers
         self._indices = tuple(LAYER_INDEX[name] for name in layers)
         depth = max(self._indices) + 1
@@ -110,12 +96,8 @@ class VGG16Features(nn.Module):
                 modules.append(nn.MaxPool2d(kernel_size=2, stride=2))
         self.features = nn.Sequential(*modules)
         # Non-persistent: the state dict holds exactly torchvision's feature keys.
-        self.register_buffer(
-            "mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False
-        )
-        self.register_buffer(
-            "std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), persistent=False
-        )
+        self.register_buffer("mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         # Deterministic placeholder weights (seed 0) until real ones are loaded.
         self.init_random(0)
 
@@ -150,21 +132,13 @@ class VGG16Features(nn.Module):
         return self
 
 
-def _fetch_hint(path):
-    return (
-        f"run `galcf-hpc weights fetch --out {path}` on a machine with internet (e.g. a "
-        f"login node; or `curl -o {path} {VGG16_URL}`), copy the file here and set "
-        f"model.vgg_weights to its path"
-    )
-
-
 def _read_state_dict(path):
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling errors, truncated files, not a torch file
         raise CheckpointError(
             f"cannot read VGG16 weights from {path}: {type(exc).__name__}: {exc}. The file "
-            f"may be truncated or not a torch state dict; fetch it again: {_fetch_hint(path)}"
+            f"may be truncated or not a torch state dict; fetch it again: {fetch_hint(path)}"
         ) from exc
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
@@ -199,7 +173,7 @@ def _check_feature_keys(path, state, model):
         raise CheckpointError(
             f"{path} does not hold torchvision vgg16 feature weights: {', '.join(problems)}. "
             f"Use torchvision's ImageNet file {VGG16_FILENAME} (plain VGG16, not vgg16_bn): "
-            f"{_fetch_hint(path)}"
+            f"{fetch_hint(path)}"
         )
 
 
@@ -212,19 +186,12 @@ def load_vgg16(weights_path, layers=DEFAULT_LAYERS, allow_random=False, seed=0):
     """Build a frozen :class:`VGG16Features` (eval mode, no gradients to its weights).
 
     ``weights_path``: torchvision's ``vgg16-397923af.pth`` (or any state dict with its
-    feature keys). ``None`` builds fixed-seed random weights, but only when
-    ``allow_random`` is true (tests, smoke runs), and logs a loud warning.
+    feature keys). ``None``: fixed-seed random weights when ``allow_random`` is true (tests,
+    smoke runs; logged as a loud warning), else the file in the torch hub cache
+    (``galcf-hpc weights fetch``) if it is there, else an error that says how to get it.
     """
     model = VGG16Features(layers)
-    if weights_path is None:
-        if not allow_random:
-            raise GalcfError(
-                "no VGG16 weights configured for the perceptual loss: set model.vgg_weights to "
-                f"the path of torchvision's ImageNet file {VGG16_FILENAME} (get it with "
-                "`galcf-hpc weights fetch --out PATH` on a machine with internet and copy it "
-                "here). Random VGG16 weights are only for tests and smoke runs: allow them "
-                "explicitly with model.vgg_random: true."
-            )
+    if weights_path is None and allow_random:
         model.init_random(seed)
         log.warning(
             "!!! VGG16 weights are RANDOM (seed %d): perceptual-loss features are NOT ImageNet "
@@ -234,64 +201,26 @@ def load_vgg16(weights_path, layers=DEFAULT_LAYERS, allow_random=False, seed=0):
             VGG16_FILENAME,
         )
         return model.freeze()
+    if weights_path is None:
+        cached = cached_vgg16_path()
+        if not cached.is_file():
+            raise GalcfError(
+                "no VGG16 weights configured for the perceptual loss and none in the torch hub "
+                f"cache ({cached}): run `galcf-hpc weights fetch` on a machine with internet "
+                f"(it fills that cache; copy the file here if this machine has none), or set "
+                f"model.vgg_weights to the path of torchvision's ImageNet file {VGG16_FILENAME}. "
+                "Random VGG16 weights are only for tests and smoke runs: allow them explicitly "
+                "with model.vgg_random: true."
+            )
+        log.info("model.vgg_weights not set: using %s from the torch hub cache", cached)
+        weights_path = cached
 
     path = Path(os.fspath(weights_path)).expanduser()
     if not path.is_file():
-        raise GalcfError(f"VGG16 weights file {path} not found: {_fetch_hint(path)}")
+        raise GalcfError(f"VGG16 weights file {path} not found: {fetch_hint(path)}")
     state = _read_state_dict(path)
     _check_feature_keys(path, state, model)
     needed = model.state_dict()
     model.load_state_dict({k: state[k] for k in needed}, strict=True)
     log.info("loaded VGG16 feature weights from %s (layers %s)", path, ", ".join(model.layers))
     return model.freeze()
-
-
-def _no_network_error(url, out_path, reason):
-    return GalcfError(
-        f"cannot download {url}: {reason}. This machine probably has no internet (compute "
-        f"nodes usually do not). Download the file on a login node or any machine with "
-        f"internet, e.g. `galcf-hpc weights fetch --out {out_path}` there or "
-        f"`curl -o {out_path} {url}`, then copy it here and set model.vgg_weights to its path."
-    )
-
-
-def fetch_vgg16(out_path, url=VGG16_URL, timeout=30, sha256_prefix=VGG16_SHA256_PREFIX):
-    """Download the VGG16 ImageNet weights to ``out_path`` and return the path written.
-
-    ``out_path`` may be an existing directory (the file is then named
-    ``vgg16-397923af.pth`` inside it). The download goes to a temporary file next to the
-    target, its sha256 must start with ``sha256_prefix``, and only then is it renamed into
-    place: a failed or interrupted download never leaves a partial file.
-    """
-    out = Path(os.fspath(out_path)).expanduser()
-    if out.is_dir():
-        out = out / VGG16_FILENAME
-    digest = hashlib.sha256()
-    size = 0
-    with atomic_path(out) as tmp:
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as fh:
-                while True:
-                    chunk = resp.read(1 << 20)
-                    if not chunk:
-                        break
-                    fh.write(chunk)
-                    digest.update(chunk)
-                    size += len(chunk)
-        except urllib.error.HTTPError as exc:
-            raise GalcfError(
-                f"downloading {url} failed with HTTP {exc.code} ({exc.reason}); check the URL "
-                f"or download {VGG16_FILENAME} by hand (`curl -o {out} {VGG16_URL}`) and copy it here"
-            ) from exc
-        except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise _no_network_error(url, out, reason) from exc
-        sha = digest.hexdigest()
-        if sha256_prefix and not sha.startswith(sha256_prefix.lower()):
-            raise GalcfError(
-                f"downloaded {url} ({size} bytes) has sha256 {sha}, which does not start with "
-                f"{sha256_prefix}: the download is corrupt or not the expected file; nothing "
-                f"was written to {out}. Try again or download it by hand (`curl -o {out} {url}`)."
-            )
-    log.info("wrote %s (%d bytes, sha256 %s)", out, size, sha)
-    return str(out)

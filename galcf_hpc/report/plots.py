@@ -33,8 +33,7 @@ def embedding_figure(path, emb, labels, scores):
             if sel.any():
                 ax.scatter(e[sel, 0], e[sel, 1], s=6, color=col[c], label=CLASS_NAMES[c], alpha=0.8, linewidths=0)
         s = scores[name]
-        ax.set_title(f"{name} (dim {s['dim']}): silhouette {_fmt(s['original'])} / t-SNE {_fmt(s['tsne'])}",
-                     fontsize=9)
+        ax.set_title(f"{name} (dim {s['dim']}): silhouette {_fmt(s['original'])} / t-SNE {_fmt(s['tsne'])}", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
     handles, lab = axes[0][0].get_legend_handles_labels()
@@ -47,19 +46,32 @@ def _fmt(x):
     return "n/a" if x is None else f"{x:.3f}"
 
 
-def confusion_figure(path, classification):
-    panels = [(k, v) for k, v in classification.items() if v is not None]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 5.8), squeeze=False)
+def confusion_figure(path, panels):
+    """Row-normalised confusion matrices, one panel per classifier: {name: classification
+    summary} (the model, then each judge)."""
+    panels = list(panels.items())
+    cols = min(len(panels), 2)
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.2 * cols, 5.8 * rows), squeeze=False)
     short = [n if len(n) <= 14 else n[:13] + "." for n in CLASS_NAMES]
-    for ax, (name, c) in zip(axes[0], panels):
+    for ax in axes.flat[len(panels) :]:
+        ax.axis("off")
+    for ax, (name, c) in zip(axes.flat, panels):
         cm = np.asarray(c["confusion_matrix"], dtype=np.float64)
         norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
         ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
         for i in range(NUM_CLASSES):
             for j in range(NUM_CLASSES):
                 if cm[i, j]:
-                    ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
-                            color="white" if norm[i, j] > 0.6 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        int(cm[i, j]),
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if norm[i, j] > 0.6 else "black",
+                    )
         ax.set_xticks(range(NUM_CLASSES), short, rotation=60, ha="right", fontsize=7)
         ax.set_yticks(range(NUM_CLASSES), short, fontsize=7)
         ax.set_xlabel("predicted")
@@ -96,19 +108,34 @@ def curves_figure(path, train, evals):
     _save(fig, path)
 
 
-def validity_figure(path, cf):
+def validity_figure(path, cf, judge_names, luminance_only=()):
+    """Validity per target class: by the model (trained against) next to each judge (judged
+    by), with the luminance share of the change on a second axis below."""
     names = list(cf["per_target"])
-    vm = [cf["per_target"][n]["validity_model"] for n in names]
-    vi = [cf["per_target"][n]["validity_independent"] for n in names]
+    series = [("model (trained against)", "validity_model")]
+    series += [(f"{j} ({'luminance only' if j in luminance_only else 'colour'})", f"validity_{j}") for j in judge_names]
     x = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(11, 3.6))
-    ax.bar(x - 0.2, [np.nan if v is None else v for v in vm], 0.4, label="validity (model)")
-    ax.bar(x + 0.2, [np.nan if v is None else v for v in vi], 0.4, label="validity (independent CNN)")
-    ax.set_xticks(x, names, rotation=25, ha="right", fontsize=7)
+    width = 0.8 / len(series)
+    fig, (ax, lum) = plt.subplots(2, 1, figsize=(11, 5.4), sharex=True, gridspec_kw={"height_ratios": [2, 1]})
+    for k, (label, key) in enumerate(series):
+        values = [cf["per_target"][n][key] for n in names]
+        ax.bar(
+            x - 0.4 + width * (k + 0.5),
+            [np.nan if v is None else v for v in values],
+            width,
+            label=label,
+            hatch="//" if k == 0 else None,
+            edgecolor="white" if k == 0 else None,
+        )
     ax.set_ylim(0, 1.05)
-    ax.set_ylabel("fraction")
-    ax.set_title("counterfactual validity per target class", fontsize=9)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.set_ylabel("validity")
+    ax.set_title("counterfactual validity per target class: by the model and by each judge", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    shares = [cf["per_target"][n]["luminance_share"] for n in names]
+    lum.bar(x, [np.nan if v is None else v for v in shares], 0.5, color="0.45")
+    lum.set_ylim(0, 1.05)
+    lum.set_ylabel("luminance share")
+    lum.set_xticks(x, names, rotation=25, ha="right", fontsize=7)
     fig.tight_layout()
     _save(fig, path)
 

@@ -14,8 +14,21 @@ from pathlib import Path
 
 from ..errors import GalcfError
 
-REQUIRED = ("mode", "engine", "loader", "world_size", "nodes", "micro_batch", "global_batch", "images_per_s",
-            "images_per_s_min", "images_per_s_max", "step_s", "data_s", "compute_s")
+REQUIRED = (
+    "mode",
+    "engine",
+    "loader",
+    "world_size",
+    "nodes",
+    "micro_batch",
+    "global_batch",
+    "images_per_s",
+    "images_per_s_min",
+    "images_per_s_max",
+    "step_s",
+    "data_s",
+    "compute_s",
+)
 
 
 def load_results(paths):
@@ -31,16 +44,19 @@ def load_results(paths):
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise GalcfError(f"{path}:{no}: not a JSON line ({exc.msg} at column {exc.colno}); a job killed "
-                                 "while writing leaves a partial line: delete it") from None
+                raise GalcfError(
+                    f"{path}:{no}: not a JSON line ({exc.msg} at column {exc.colno}); a job killed "
+                    "while writing leaves a partial line: delete it"
+                ) from None
             if not isinstance(rec, dict) or rec.get("kind") != "scaling":
-                raise GalcfError(f"{path}:{no}: not a `galcf-hpc scaling run` record (no \"kind\": \"scaling\")")
+                raise GalcfError(f'{path}:{no}: not a `galcf-hpc scaling run` record (no "kind": "scaling")')
             missing = [k for k in REQUIRED if k not in rec]
             if missing:
                 raise GalcfError(f"{path}:{no}: record lacks {', '.join(missing)}")
             if not rec["images_per_s"] > 0 or rec["world_size"] < 1:
-                raise GalcfError(f"{path}:{no}: images_per_s {rec['images_per_s']} / world_size "
-                                 f"{rec['world_size']} out of range")
+                raise GalcfError(
+                    f"{path}:{no}: images_per_s {rec['images_per_s']} / world_size {rec['world_size']} out of range"
+                )
             rec["_source"] = f"{path}:{no}"
             records.append(rec)
     if not records:
@@ -72,20 +88,36 @@ def table(records):
         for n in sorted(g):
             r = g[n]
             if key[0] == "strong" and r["global_batch"] != ref["global_batch"]:
-                raise GalcfError(f"{r['_source']}: strong-scaling global batch {r['global_batch']} differs from "
-                                 f"{ref['global_batch']} of {ref['_source']}; analyze them separately")
+                raise GalcfError(
+                    f"{r['_source']}: strong-scaling global batch {r['global_batch']} differs from "
+                    f"{ref['global_batch']} of {ref['_source']}; analyze them separately"
+                )
             share = r["data_s"] / (r["data_s"] + r["compute_s"]) if r["data_s"] + r["compute_s"] > 0 else 0.0
-            rows.append({
-                "mode": key[0], "engine": key[1], "loader": key[2], "gpus": n, "nodes": r["nodes"],
-                "micro_batch": r["micro_batch"], "global_batch": r["global_batch"],
-                "images_per_s": r["images_per_s"], "images_per_s_min": r["images_per_s_min"],
-                "images_per_s_max": r["images_per_s_max"], "step_s": r["step_s"], "data_s": r["data_s"],
-                "compute_s": r["compute_s"], "data_share": share,
-                "allreduce_grad_s": r.get("allreduce_grad_s"),
-                "peak_memory_mb": (r.get("peak_memory_bytes") or 0) / 2**20,
-                "efficiency": efficiency(key[0], n, r["images_per_s"], n0, ref["images_per_s"], r["global_batch"],
-                                         ref["global_batch"]),
-                "devices": "; ".join(r.get("devices", [])), "source": r["_source"]})
+            rows.append(
+                {
+                    "mode": key[0],
+                    "engine": key[1],
+                    "loader": key[2],
+                    "gpus": n,
+                    "nodes": r["nodes"],
+                    "micro_batch": r["micro_batch"],
+                    "global_batch": r["global_batch"],
+                    "images_per_s": r["images_per_s"],
+                    "images_per_s_min": r["images_per_s_min"],
+                    "images_per_s_max": r["images_per_s_max"],
+                    "step_s": r["step_s"],
+                    "data_s": r["data_s"],
+                    "compute_s": r["compute_s"],
+                    "data_share": share,
+                    "allreduce_grad_s": r.get("allreduce_grad_s"),
+                    "peak_memory_mb": (r.get("peak_memory_bytes") or 0) / 2**20,
+                    "efficiency": efficiency(
+                        key[0], n, r["images_per_s"], n0, ref["images_per_s"], r["global_batch"], ref["global_batch"]
+                    ),
+                    "devices": "; ".join(r.get("devices", [])),
+                    "source": r["_source"],
+                }
+            )
     return rows, dropped
 
 
@@ -98,22 +130,30 @@ def analyze(paths, out):
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    lines = ["# Scaling results", "",
-             f"From {', '.join(map(str, paths))}. Efficiency relative to the smallest run of each group: weak "
-             "X_N / ((N/N0) X_N0), strong T_N0 N0 / (N T_N) (T = time per global batch). images/s: median over "
-             "repeats (min-max in brackets); data/compute: per step (median over repeats, mean over ranks).", ""]
+    lines = [
+        "# Scaling results",
+        "",
+        f"From {', '.join(map(str, paths))}. Efficiency relative to the smallest run of each group: weak "
+        "X_N / ((N/N0) X_N0), strong T_N0 N0 / (N T_N) (T = time per global batch). images/s: median over "
+        "repeats (min-max in brackets); data/compute: per step (median over repeats, mean over ranks).",
+        "",
+    ]
     if dropped:
         lines += [f"{dropped} older record(s) with a repeated world size were superseded by newer ones.", ""]
-    lines += ["| mode | engine | loader | GPUs | nodes | micro-batch | global batch | images/s | step (ms) | data (ms) "
-              "| compute (ms) | data share | grad all-reduce (ms) | peak memory (MB) | efficiency |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "| mode | engine | loader | GPUs | nodes | micro-batch | global batch | images/s | step (ms) | data (ms) "
+        "| compute (ms) | data share | grad all-reduce (ms) | peak memory (MB) | efficiency |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         ar = f"{r['allreduce_grad_s'] * 1e3:.2f}" if r["allreduce_grad_s"] is not None else "-"
-        lines.append(f"| {r['mode']} | {r['engine']} | {r['loader']} | {r['gpus']} | {r['nodes']} | "
-                     f"{r['micro_batch']} | {r['global_batch']} | {r['images_per_s']:.1f} "
-                     f"({r['images_per_s_min']:.1f}-{r['images_per_s_max']:.1f}) | {r['step_s'] * 1e3:.2f} | "
-                     f"{r['data_s'] * 1e3:.2f} | {r['compute_s'] * 1e3:.2f} | {r['data_share']:.1%} | {ar} | "
-                     f"{r['peak_memory_mb']:.0f} | {r['efficiency']:.3f} |")
+        lines.append(
+            f"| {r['mode']} | {r['engine']} | {r['loader']} | {r['gpus']} | {r['nodes']} | "
+            f"{r['micro_batch']} | {r['global_batch']} | {r['images_per_s']:.1f} "
+            f"({r['images_per_s_min']:.1f}-{r['images_per_s_max']:.1f}) | {r['step_s'] * 1e3:.2f} | "
+            f"{r['data_s'] * 1e3:.2f} | {r['compute_s'] * 1e3:.2f} | {r['data_share']:.1%} | {ar} | "
+            f"{r['peak_memory_mb']:.0f} | {r['efficiency']:.3f} |"
+        )
     md.write_text("\n".join(lines) + "\n")
     pngs = _plots(rows, out)
     return [md, csv_path, *pngs]
@@ -128,9 +168,11 @@ def _plots(rows, out):
     groups = {}
     for r in rows:
         groups.setdefault((r["mode"], r["engine"], r["loader"]), []).append(r)
-    specs = [("scaling_throughput.png", "images_per_s", "images/s", True),
-             ("scaling_efficiency.png", "efficiency", "efficiency", False),
-             ("scaling_data_share.png", "data_share", "data-time share of a step", False)]
+    specs = [
+        ("scaling_throughput.png", "images_per_s", "images/s", True),
+        ("scaling_efficiency.png", "efficiency", "efficiency", False),
+        ("scaling_data_share.png", "data_share", "data-time share of a step", False),
+    ]
     paths = []
     for name, key, label, log in specs:
         fig, ax = plt.subplots(figsize=(6, 4))

@@ -1,8 +1,7 @@
 """``galcf-hpc scaling run``: time training steps on every rank a launcher started.
 
 Started like training (srun, torchrun, mpiexec: one process per GPU or CPU rank), it builds
-the model, engine and loader exactly as ``train/loop.py`` does (``GalaxyCF``,
-``build_engine``, ``build_loader``, ``micro_batch``, ``distributed.detect``), then
+the loader, model and engine with training's own ``train.build.build_rank``, then
 
 - runs ``warmup`` steps (not timed: allocator, autotuning, DeepSpeed/DDP bucket set-up),
 - runs ``repeats`` blocks of ``steps`` timed steps. Per step and rank: data wait (time
@@ -49,11 +48,8 @@ import torch.distributed as dist
 
 from ..config import ENGINES, LOADERS
 from ..errors import ConfigError
-from ..loaders import build_loader
-from ..model.galcf import GalaxyCF
 from ..train import distributed
-from ..train.engines import build_engine
-from ..train.loop import build_perceptual, micro_batch
+from ..train.build import build_rank
 
 log = logging.getLogger("galcf_hpc")
 
@@ -70,10 +66,13 @@ def configure(cfg, mode, engine, loader):
         raise ConfigError(f"--loader {loader!r}: choose {', '.join(LOADERS)}")
     t = cfg.train
     if mode == "strong" and t.global_batch <= 0:
-        raise ConfigError("--mode strong needs a fixed global batch: set train.global_batch (e.g. --set "
-                          "train.global_batch=256), a multiple of every GPU count of the study")
-    train = dataclasses.replace(t, engine=engine, grad_accumulation=1,
-                                global_batch=t.global_batch if mode == "strong" else 0)
+        raise ConfigError(
+            "--mode strong needs a fixed global batch: set train.global_batch (e.g. --set "
+            "train.global_batch=256), a multiple of every GPU count of the study"
+        )
+    train = dataclasses.replace(
+        t, engine=engine, grad_accumulation=1, global_batch=t.global_batch if mode == "strong" else 0
+    )
     return dataclasses.replace(cfg, train=train, data=dataclasses.replace(cfg.data, loader=loader))
 
 
@@ -140,8 +139,12 @@ def allreduce_bench(grad_bytes, device, trials=7, per_trial=10):
 
 
 def software_versions():
-    versions = {"python": platform.python_version(), "torch": torch.__version__,
-                "cuda": torch.version.cuda, "galcf_hpc": _version("galcf-hpc")}
+    versions = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "galcf_hpc": _version("galcf-hpc"),
+    }
     versions["deepspeed"] = _version("deepspeed")
     dali = [d for d in importlib.metadata.distributions() if (d.metadata["Name"] or "").startswith("nvidia-dali")]
     versions["dali"] = f"{dali[0].metadata['Name']} {dali[0].version}" if dali else None
@@ -188,8 +191,17 @@ def append_record(path, record):
         os.close(fd)
 
 
-def run_scaling(cfg, mode="weak", engine="ddp", loader="synthetic", steps=20, warmup=5, repeats=3,
-                out="runs/scaling/results.jsonl", config_path=None):
+def run_scaling(
+    cfg,
+    mode="weak",
+    engine="ddp",
+    loader="synthetic",
+    steps=20,
+    warmup=5,
+    repeats=3,
+    out="runs/scaling/results.jsonl",
+    config_path=None,
+):
     """Time this rank's share of a scaling run; rank 0 appends the record to ``out`` and
     returns it (None on other ranks)."""
     if steps < 1 or repeats < 1 or warmup < 0:
@@ -206,28 +218,12 @@ def run_scaling(cfg, mode="weak", engine="ddp", loader="synthetic", steps=20, wa
         distributed.shutdown()
 
 
-def _run(cfg, env, mode, steps, warmup, repeats, out, config_path):
-    micro, global_batch = micro_batch(cfg.train, env.world_size)
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=micro))
-    device = env.device
-    threads = cfg.train.threads or int(os.environ.get("SLURM_CPUS_PER_TASK", 0))
-    if threads > 0 and device.type == "cpu":
-        torch.set_num_threads(threads)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-    loader = build_loader(cfg, "train", rank=env.rank, world_size=env.world_size, train=True)
-    torch.manual_seed(cfg.run.seed)
-    model = GalaxyCF.from_config(cfg).to(device)
-    vgg = build_perceptual(cfg, device)
-    engine = build_engine(cfg, model, vgg, env, micro, global_batch, lambda s: 1.0)
-    torch.manual_seed(cfg.run.seed + 1000003 * (env.rank + 1))
-    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    grad_bytes = 4 * params
-    batches = endless(loader)
-    model.train()
-    log.info("scaling %s: %s engine, %s loader, %d rank(s), micro-batch %d, global batch %d, %d parameters",
-             mode, cfg.train.engine, cfg.data.loader, env.world_size, micro, global_batch, params)
+def time_steps(built, steps, warmup, repeats):
+    """``warmup`` untimed steps, then ``repeats`` blocks of ``steps`` timed steps: [{wall_s,
+    data_s, compute_s, compute_steps}] per block; and for DDP with several ranks the median
+    compute step under ``no_sync`` (else None)."""
+    device, engine, batches = built.env.device, built.engine, endless(built.loader)
+    built.model.train()
 
     def step():
         t0 = time.perf_counter()
@@ -249,24 +245,59 @@ def _run(cfg, env, mode, steps, warmup, repeats, out, config_path):
         times = [step() for _ in range(steps)]
         distributed.barrier()
         wall = time.perf_counter() - t0
-        blocks.append({"wall_s": wall, "data_s": sum(t[0] for t in times) / steps,
-                       "compute_s": sum(t[1] for t in times) / steps, "compute_steps": [t[1] for t in times]})
+        blocks.append(
+            {
+                "wall_s": wall,
+                "data_s": sum(t[0] for t in times) / steps,
+                "compute_s": sum(t[1] for t in times) / steps,
+                "compute_steps": [t[1] for t in times],
+            }
+        )
     # DDP only: the same steps without the gradient all-reduce (no_sync); step - no_sync step
     # = the communication the backward pass did not hide. Last, as ranks' weights diverge.
     nosync = None
-    if cfg.train.engine == "ddp" and env.world_size > 1:
+    if built.cfg.train.engine == "ddp" and built.env.world_size > 1:
         with engine.module.no_sync():
             distributed.barrier()
             nosync = statistics.median(step()[1] for _ in range(steps))
-    loader.close()
+    return blocks, nosync
+
+
+def _run(cfg, env, mode, steps, warmup, repeats, out, config_path):
+    device = env.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    built = build_rank(cfg, env)
+    cfg, micro, global_batch = built.cfg, built.micro, built.global_batch
+    params = sum(p.numel() for p in built.model.parameters() if p.requires_grad)
+    grad_bytes = 4 * params
+    log.info(
+        "scaling %s: %s engine, %s loader, %d rank(s), micro-batch %d, global batch %d, %d parameters",
+        mode,
+        cfg.train.engine,
+        cfg.data.loader,
+        env.world_size,
+        micro,
+        global_batch,
+        params,
+    )
+    try:
+        blocks, nosync = time_steps(built, steps, warmup, repeats)
+    finally:
+        built.loader.close()
     bench = allreduce_bench(grad_bytes, device)
     bandwidth, latency = fit_ring([(b["bytes"], b["seconds"]) for b in bench], env.world_size)
     grad_ar = next((b["seconds"] for b in bench if b["bytes"] == max(4, grad_bytes // 4 * 4)), None)
 
-    mine = {"host": socket.gethostname(), "device": device_name(device), "peak_memory_bytes": peak_memory_bytes(device),
-            "data_s": [b["data_s"] for b in blocks], "compute_s": [b["compute_s"] for b in blocks],
-            "compute_nosync_s": nosync, "compute_median_s": statistics.median(
-                t for b in blocks for t in b["compute_steps"])}
+    mine = {
+        "host": socket.gethostname(),
+        "device": device_name(device),
+        "peak_memory_bytes": peak_memory_bytes(device),
+        "data_s": [b["data_s"] for b in blocks],
+        "compute_s": [b["compute_s"] for b in blocks],
+        "compute_nosync_s": nosync,
+        "compute_median_s": statistics.median(t for b in blocks for t in b["compute_steps"]),
+    }
     ranks = distributed.gather_objects(mine)
     if not env.is_main:
         return None
@@ -277,39 +308,72 @@ def _run(cfg, env, mode, steps, warmup, repeats, out, config_path):
     hosts = sorted({r["host"] for r in ranks})
     slurm_nodes = os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES")
     record = {
-        "kind": "scaling", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "mode": mode, "engine": cfg.train.engine, "loader": cfg.data.loader, "zero_stage": cfg.train.zero_stage,
-        "config": str(config_path) if config_path else None, "run_name": cfg.run.name,
-        "image_size": cfg.data.image_size, "world_size": env.world_size,
-        "nodes": int(slurm_nodes) if slurm_nodes else len(hosts), "hosts": hosts, "launcher": env.launcher,
-        "backend": env.backend if env.world_size > 1 else None, "device_type": device.type,
-        "devices": sorted({r["device"] for r in ranks}), "threads_per_rank": torch.get_num_threads(),
+        "kind": "scaling",
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "mode": mode,
+        "engine": cfg.train.engine,
+        "loader": cfg.data.loader,
+        "zero_stage": cfg.train.zero_stage,
+        "config": str(config_path) if config_path else None,
+        "run_name": cfg.run.name,
+        "image_size": cfg.data.image_size,
+        "world_size": env.world_size,
+        "nodes": int(slurm_nodes) if slurm_nodes else len(hosts),
+        "hosts": hosts,
+        "launcher": env.launcher,
+        "backend": env.backend if env.world_size > 1 else None,
+        "device_type": device.type,
+        "devices": sorted({r["device"] for r in ranks}),
+        "threads_per_rank": torch.get_num_threads(),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-        "micro_batch": micro, "global_batch": global_batch, "parameters": params, "grad_bytes": grad_bytes,
-        "steps": steps, "warmup": warmup, "repeats": repeats,
+        "micro_batch": micro,
+        "global_batch": global_batch,
+        "parameters": params,
+        "grad_bytes": grad_bytes,
+        "steps": steps,
+        "warmup": warmup,
+        "repeats": repeats,
         # throughput of the job (global images per wall second), one value per repeat
-        "images_per_s": statistics.median(rates), "images_per_s_repeats": rates,
-        "images_per_s_min": min(rates), "images_per_s_max": max(rates),
+        "images_per_s": statistics.median(rates),
+        "images_per_s_repeats": rates,
+        "images_per_s_min": min(rates),
+        "images_per_s_max": max(rates),
         "step_s": statistics.median(b["wall_s"] / steps for b in blocks),
         # per step: mean over the steps of a repeat, median over repeats, mean over ranks (max: slowest rank)
-        "data_s": statistics.mean(per_rank_data), "data_s_max": max(per_rank_data),
-        "compute_s": statistics.mean(per_rank_compute), "compute_s_max": max(per_rank_compute),
-        "data_share": statistics.mean(per_rank_data) / (statistics.mean(per_rank_data)
-                                                        + statistics.mean(per_rank_compute)),
+        "data_s": statistics.mean(per_rank_data),
+        "data_s_max": max(per_rank_data),
+        "compute_s": statistics.mean(per_rank_compute),
+        "compute_s_max": max(per_rank_compute),
+        "data_share": statistics.mean(per_rank_data)
+        / (statistics.mean(per_rank_data) + statistics.mean(per_rank_compute)),
         # DDP, >1 rank: median compute step without gradient sync, and the exposed communication
         # estimated as median step with sync - without (mean over ranks)
         "compute_nosync_s": (statistics.mean(r["compute_nosync_s"] for r in ranks) if nosync is not None else None),
-        "comm_exposed_s": (statistics.mean(r["compute_median_s"] - r["compute_nosync_s"] for r in ranks)
-                           if nosync is not None else None),
-        "allreduce_grad_s": grad_ar, "allreduce_bench": bench,
-        "comm_bandwidth_Bps": bandwidth, "comm_latency_s": latency,
+        "comm_exposed_s": (
+            statistics.mean(r["compute_median_s"] - r["compute_nosync_s"] for r in ranks)
+            if nosync is not None
+            else None
+        ),
+        "allreduce_grad_s": grad_ar,
+        "allreduce_bench": bench,
+        "comm_bandwidth_Bps": bandwidth,
+        "comm_latency_s": latency,
         "peak_memory_bytes": max(r["peak_memory_bytes"] for r in ranks),
         "peak_memory_kind": "cuda.max_memory_allocated" if device.type == "cuda" else "ru_maxrss",
         "versions": software_versions(),
     }
     append_record(out, record)
-    log.info("scaling %s, %d rank(s): %.1f images/s (repeats %s), step %.4f s (data %.4f, compute %.4f), "
-             "gradient all-reduce %s -> %s", mode, env.world_size, record["images_per_s"],
-             ", ".join(f"{r:.1f}" for r in rates), record["step_s"], record["data_s"], record["compute_s"],
-             f"{grad_ar:.4f} s" if grad_ar is not None else "n/a (1 rank)", out)
+    log.info(
+        "scaling %s, %d rank(s): %.1f images/s (repeats %s), step %.4f s (data %.4f, compute %.4f), "
+        "gradient all-reduce %s -> %s",
+        mode,
+        env.world_size,
+        record["images_per_s"],
+        ", ".join(f"{r:.1f}" for r in rates),
+        record["step_s"],
+        record["data_s"],
+        record["compute_s"],
+        f"{grad_ar:.4f} s" if grad_ar is not None else "n/a (1 rank)",
+        out,
+    )
     return record

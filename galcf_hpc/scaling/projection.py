@@ -91,20 +91,30 @@ def _row(mode, gpus, micro, global_batch, t_compute, t_data, grad_bytes, machine
     t_ar = allreduce_time(grad_bytes, gpus, machine)
     t_exp = exposed_comm(t_ar, t_compute, machine.overlap, machine.backward_fraction)
     t = t_compute + t_data + t_exp
-    return {"mode": mode, "nodes": max(1, math.ceil(gpus / machine.gpus_per_node)), "gpus": gpus,
-            "micro_batch": micro, "global_batch": global_batch, "compute_s": t_compute, "data_s": t_data,
-            "allreduce_s": t_ar, "comm_exposed_s": t_exp, "step_s": t, "images_per_s": global_batch / t}
+    return {
+        "mode": mode,
+        "nodes": max(1, math.ceil(gpus / machine.gpus_per_node)),
+        "gpus": gpus,
+        "micro_batch": micro,
+        "global_batch": global_batch,
+        "compute_s": t_compute,
+        "data_s": t_data,
+        "allreduce_s": t_ar,
+        "comm_exposed_s": t_exp,
+        "step_s": t,
+        "images_per_s": global_batch / t,
+    }
 
 
-def project(compute_s, micro, grad_bytes, nodes=DEFAULT_NODES, data_s=0.0, global_batch=None,
-            machine=JURECA_DC):
+def project(compute_s, micro, grad_bytes, nodes=DEFAULT_NODES, data_s=0.0, global_batch=None, machine=JURECA_DC):
     """Weak and strong rows for 1 GPU and every node count. Weak: ``micro`` per GPU.
     Strong: ``global_batch`` fixed (default 8 x the GPUs of the largest node count), split
     evenly; node counts whose GPUs do not divide it are left out. Efficiency: weak
     X_N / (N X_1), strong T_1 / (N T_N), T = time per global batch."""
     if compute_s <= 0 or micro < 1 or grad_bytes <= 0:
-        raise ConfigError(f"need a positive step time, micro-batch and gradient size (got {compute_s}, {micro}, "
-                          f"{grad_bytes})")
+        raise ConfigError(
+            f"need a positive step time, micro-batch and gradient size (got {compute_s}, {micro}, {grad_bytes})"
+        )
     counts = [1] + [n * machine.gpus_per_node for n in sorted(set(nodes)) if n >= 1]
     rows = []
     base = None
@@ -121,8 +131,11 @@ def project(compute_s, micro, grad_bytes, nodes=DEFAULT_NODES, data_s=0.0, globa
         m = G // gpus
         r = _row("strong", gpus, m, G, compute_s * m / micro, data_s * m / micro, grad_bytes, machine)
         if base is None:
-            base = r if gpus == 1 else _row("strong", 1, G, G, compute_s * G / micro, data_s * G / micro,
-                                            grad_bytes, machine)
+            base = (
+                r
+                if gpus == 1
+                else _row("strong", 1, G, G, compute_s * G / micro, data_s * G / micro, grad_bytes, machine)
+            )
         r["efficiency"] = base["step_s"] / (gpus * r["step_s"])
         rows.append(r)
     return rows
@@ -134,8 +147,9 @@ def validate_two_rank(one, two, overlap=0.0, backward_fraction=2 / 3):
     ``one``, ``two``: records of ``scaling run`` (same mode, engine, loader, micro-batch).
     Weak scaling only (the 2-rank step has the 1-rank micro-batch)."""
     if one["world_size"] != 1 or two["world_size"] != 2:
-        raise GalcfError(f"validation needs a 1-rank and a 2-rank record, got {one['world_size']} and "
-                         f"{two['world_size']}")
+        raise GalcfError(
+            f"validation needs a 1-rank and a 2-rank record, got {one['world_size']} and {two['world_size']}"
+        )
     if one["micro_batch"] != two["micro_batch"]:
         raise GalcfError("validation needs the same micro-batch in both runs (weak scaling)")
     bw, lat = two.get("comm_bandwidth_Bps"), two.get("comm_latency_s")
@@ -149,39 +163,65 @@ def validate_two_rank(one, two, overlap=0.0, backward_fraction=2 / 3):
     x2 = two["images_per_s"]
     eff_meas = x2 / (2 * one["images_per_s"])
     eff_pred = x2_pred / (2 * x1)
-    out = {"grad_bytes": two["grad_bytes"], "bandwidth_Bps": bw, "latency_s": lat, "overlap": overlap,
-            "allreduce_pred_s": t_ar, "allreduce_measured_s": two.get("allreduce_grad_s"),
-            "step1_s": t1, "step2_pred_s": t2_pred, "step2_measured_s": two["step_s"],
-            "images_per_s_1": one["images_per_s"], "images_per_s_2_pred": x2_pred, "images_per_s_2_measured": x2,
-            "efficiency_pred": eff_pred, "efficiency_measured": eff_meas,
-            "rel_error_images_per_s": (x2_pred - x2) / x2, "rel_error_efficiency": (eff_pred - eff_meas) / eff_meas,
-            # what the model leaves out: measured exposed communication (DDP step - no_sync step)
-            # and the slowdown of the compute itself when two ranks share the machine
-            "comm_exposed_pred_s": t2_pred - t1, "comm_exposed_measured_s": two.get("comm_exposed_s"),
-            "compute_nosync_2_s": two.get("compute_nosync_s"),
-            "compute_slowdown": (two["compute_nosync_s"] / one["compute_s"] if two.get("compute_nosync_s") else None)}
+    out = {
+        "grad_bytes": two["grad_bytes"],
+        "bandwidth_Bps": bw,
+        "latency_s": lat,
+        "overlap": overlap,
+        "allreduce_pred_s": t_ar,
+        "allreduce_measured_s": two.get("allreduce_grad_s"),
+        "step1_s": t1,
+        "step2_pred_s": t2_pred,
+        "step2_measured_s": two["step_s"],
+        "images_per_s_1": one["images_per_s"],
+        "images_per_s_2_pred": x2_pred,
+        "images_per_s_2_measured": x2,
+        "efficiency_pred": eff_pred,
+        "efficiency_measured": eff_meas,
+        "rel_error_images_per_s": (x2_pred - x2) / x2,
+        "rel_error_efficiency": (eff_pred - eff_meas) / eff_meas,
+        # what the model leaves out: measured exposed communication (DDP step - no_sync step)
+        # and the slowdown of the compute itself when two ranks share the machine
+        "comm_exposed_pred_s": t2_pred - t1,
+        "comm_exposed_measured_s": two.get("comm_exposed_s"),
+        "compute_nosync_2_s": two.get("compute_nosync_s"),
+        "compute_slowdown": (two["compute_nosync_s"] / one["compute_s"] if two.get("compute_nosync_s") else None),
+    }
     if two.get("compute_nosync_s"):  # the same model on the compute the 2 ranks really had
-        t2_alt = two["compute_nosync_s"] + one["data_s"] + exposed_comm(t_ar, two["compute_nosync_s"], overlap,
-                                                                         backward_fraction)
+        t2_alt = (
+            two["compute_nosync_s"]
+            + one["data_s"]
+            + exposed_comm(t_ar, two["compute_nosync_s"], overlap, backward_fraction)
+        )
         out["images_per_s_2_pred_nosync"] = two["global_batch"] / t2_alt
         out["rel_error_images_per_s_nosync"] = (two["global_batch"] / t2_alt - x2) / x2
     return out
 
 
 def _matching(records, mode=None, engine=None, loader=None):
-    return [r for r in records if (mode is None or r["mode"] == mode) and (engine is None or r["engine"] == engine)
-            and (loader is None or r["loader"] == loader)]
+    return [
+        r
+        for r in records
+        if (mode is None or r["mode"] == mode)
+        and (engine is None or r["engine"] == engine)
+        and (loader is None or r["loader"] == loader)
+    ]
 
 
 def _base_from_results(records):
     smallest = min(r["world_size"] for r in records)
     pick = [r for r in records if r["world_size"] == smallest]
     r = pick[-1]
-    return {"source": f"measured {r['world_size']}-rank run ({r['mode']}, {r['engine']}/{r['loader']}, "
-                      f"{', '.join(r['devices'])})",
-            "compute_s": r["compute_s"] if r["world_size"] == 1 else min(x["compute_s"] for x in pick),
-            "data_s": r["data_s"], "micro_batch": r["micro_batch"], "parameters": r["parameters"],
-            "grad_bytes": r["grad_bytes"], "assumed": False}
+    return {
+        "source": f"measured {r['world_size']}-rank run ({r['mode']}, {r['engine']}/{r['loader']}, "
+        f"{', '.join(r['devices'])})",
+        "compute_s": r["compute_s"] if r["world_size"] == 1 else min(x["compute_s"] for x in pick),
+        "data_s": r["data_s"],
+        "micro_batch": r["micro_batch"],
+        "parameters": r["parameters"],
+        "grad_bytes": r["grad_bytes"],
+        "assumed": False,
+    }
 
 
 def _base_from_config(config, sets, step_time, data_time, micro):
@@ -193,15 +233,33 @@ def _base_from_config(config, sets, step_time, data_time, micro):
     cfg = load_config(config, sets)
     model = GalaxyCF.from_config(cfg)
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"source": f"ASSUMED step time {step_time * 1e3:.1f} ms/step (not measured) for the model of {config} "
-                      f"({cfg.data.image_size} px)",
-            "compute_s": step_time, "data_s": data_time, "micro_batch": micro or cfg.train.batch_size,
-            "parameters": params, "grad_bytes": 4 * params, "assumed": True}
+    return {
+        "source": f"ASSUMED step time {step_time * 1e3:.1f} ms/step (not measured) for the model of {config} "
+        f"({cfg.data.image_size} px)",
+        "compute_s": step_time,
+        "data_s": data_time,
+        "micro_batch": micro or cfg.train.batch_size,
+        "parameters": params,
+        "grad_bytes": 4 * params,
+        "assumed": True,
+    }
 
 
-def project_command(results=None, config=None, step_time=None, data_time=0.0, micro=None, global_batch=None,
-                    nodes=DEFAULT_NODES, machine=JURECA_DC, out="runs/scaling/projection", mode_filter=None,
-                    engine=None, loader=None, sets=()):
+def project_command(
+    results=None,
+    config=None,
+    step_time=None,
+    data_time=0.0,
+    micro=None,
+    global_batch=None,
+    nodes=DEFAULT_NODES,
+    machine=JURECA_DC,
+    out="runs/scaling/projection",
+    mode_filter=None,
+    engine=None,
+    loader=None,
+    sets=(),
+):
     """Write DIR/projection.md, .csv, .json and .png; returns (paths, base)."""
     from .analyze import load_results
 
@@ -223,12 +281,19 @@ def project_command(results=None, config=None, step_time=None, data_time=0.0, mi
         for key, by_world in sorted(groups.items()):
             if key[0] == "weak" and 1 in by_world and 2 in by_world and by_world[2].get("comm_bandwidth_Bps"):
                 for ov in (0.0, machine.overlap):
-                    validation.append({"group": "/".join(map(str, key[:3])), **validate_two_rank(
-                        by_world[1], by_world[2], overlap=ov, backward_fraction=machine.backward_fraction)})
+                    validation.append(
+                        {
+                            "group": "/".join(map(str, key[:3])),
+                            **validate_two_rank(
+                                by_world[1], by_world[2], overlap=ov, backward_fraction=machine.backward_fraction
+                            ),
+                        }
+                    )
     else:
         base = _base_from_config(config, sets, step_time, data_time, micro)
-    rows = project(base["compute_s"], base["micro_batch"], base["grad_bytes"], nodes, base["data_s"],
-                   global_batch, machine)
+    rows = project(
+        base["compute_s"], base["micro_batch"], base["grad_bytes"], nodes, base["data_s"], global_batch, machine
+    )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "projection.md", out / "projection.csv", out / "projection.json", out / "projection.png"]
@@ -236,8 +301,9 @@ def project_command(results=None, config=None, step_time=None, data_time=0.0, mi
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    paths[2].write_text(json.dumps({"base": base, "machine": asdict(machine), "rows": rows,
-                                    "validation": validation}, indent=2) + "\n")
+    paths[2].write_text(
+        json.dumps({"base": base, "machine": asdict(machine), "rows": rows, "validation": validation}, indent=2) + "\n"
+    )
     paths[0].write_text(_markdown(base, machine, rows, validation))
     _plot(rows, base, paths[3])
     return paths, base
@@ -245,41 +311,60 @@ def project_command(results=None, config=None, step_time=None, data_time=0.0, mi
 
 def _markdown(base, machine, rows, validation):
     m = machine
-    lines = [f"# Scaling projection ({'ASSUMED step time' if base['assumed'] else 'measured base step'})", "",
-             f"Base: {base['source']}; compute {base['compute_s'] * 1e3:.2f} ms, exposed data "
-             f"{base['data_s'] * 1e3:.2f} ms per step at micro-batch {base['micro_batch']}; "
-             f"{base['parameters']:,} trainable parameters = {base['grad_bytes'] / 1e6:.1f} MB of fp32 gradients.", "",
-             f"Machine: {m.gpus_per_node} GPUs/node; intra-node {m.nvlink_bandwidth / 1e9:.0f} GB/s, "
-             f"{m.nvlink_latency * 1e6:.1f} us; inter-node {m.ib_bandwidth / 1e9:.1f} GB/s per node, "
-             f"{m.ib_latency * 1e6:.1f} us; overlap {m.overlap:.2f} of the backward pass "
-             f"({m.backward_fraction:.2f} of the compute).", "",
-             "| mode | nodes | GPUs | micro-batch | global batch | step (ms) | all-reduce (ms) | exposed comm (ms) "
-             "| images/s | efficiency |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Scaling projection ({'ASSUMED step time' if base['assumed'] else 'measured base step'})",
+        "",
+        f"Base: {base['source']}; compute {base['compute_s'] * 1e3:.2f} ms, exposed data "
+        f"{base['data_s'] * 1e3:.2f} ms per step at micro-batch {base['micro_batch']}; "
+        f"{base['parameters']:,} trainable parameters = {base['grad_bytes'] / 1e6:.1f} MB of fp32 gradients.",
+        "",
+        f"Machine: {m.gpus_per_node} GPUs/node; intra-node {m.nvlink_bandwidth / 1e9:.0f} GB/s, "
+        f"{m.nvlink_latency * 1e6:.1f} us; inter-node {m.ib_bandwidth / 1e9:.1f} GB/s per node, "
+        f"{m.ib_latency * 1e6:.1f} us; overlap {m.overlap:.2f} of the backward pass "
+        f"({m.backward_fraction:.2f} of the compute).",
+        "",
+        "| mode | nodes | GPUs | micro-batch | global batch | step (ms) | all-reduce (ms) | exposed comm (ms) "
+        "| images/s | efficiency |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['mode']} | {r['nodes']} | {r['gpus']} | {r['micro_batch']} | {r['global_batch']} | "
-                     f"{r['step_s'] * 1e3:.2f} | {r['allreduce_s'] * 1e3:.2f} | {r['comm_exposed_s'] * 1e3:.2f} | "
-                     f"{r['images_per_s']:.1f} | {r['efficiency']:.3f} |")
+        lines.append(
+            f"| {r['mode']} | {r['nodes']} | {r['gpus']} | {r['micro_batch']} | {r['global_batch']} | "
+            f"{r['step_s'] * 1e3:.2f} | {r['allreduce_s'] * 1e3:.2f} | {r['comm_exposed_s'] * 1e3:.2f} | "
+            f"{r['images_per_s']:.1f} | {r['efficiency']:.3f} |"
+        )
     if validation:
-        lines += ["", "## Check against the measured 2-rank run", "",
-                  "Prediction = measured 1-rank step + exposed ring all-reduce with the bandwidth and latency measured "
-                  "by the harness's all-reduce microbenchmark on the same machine (4-byte and gradient-size messages). "
-                  "Last column: the same model with the compute the two ranks really had (DDP no-sync step), i.e. "
-                  "the communication model alone; the difference between the two is the slowdown of the compute "
-                  "when the ranks share the machine, which the model does not include.", "",
-                  "| group | overlap | bandwidth (GB/s) | latency (us) | all-reduce pred/meas (ms) | 2-rank images/s "
-                  "pred | measured | efficiency pred | measured | error (images/s) | exposed comm pred/meas (ms) "
-                  "| 2-rank no-sync compute / 1-rank compute | images/s pred from 2-rank no-sync compute (error) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Check against the measured 2-rank run",
+            "",
+            "Prediction = measured 1-rank step + exposed ring all-reduce with the bandwidth and latency measured "
+            "by the harness's all-reduce microbenchmark on the same machine (4-byte and gradient-size messages). "
+            "Last column: the same model with the compute the two ranks really had (DDP no-sync step), i.e. "
+            "the communication model alone; the difference between the two is the slowdown of the compute "
+            "when the ranks share the machine, which the model does not include.",
+            "",
+            "| group | overlap | bandwidth (GB/s) | latency (us) | all-reduce pred/meas (ms) | 2-rank images/s "
+            "pred | measured | efficiency pred | measured | error (images/s) | exposed comm pred/meas (ms) "
+            "| 2-rank no-sync compute / 1-rank compute | images/s pred from 2-rank no-sync compute (error) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for v in validation:
-            lines.append(f"| {v['group']} | {v['overlap']:.2f} | {v['bandwidth_Bps'] / 1e9:.2f} | "
-                         f"{v['latency_s'] * 1e6:.1f} | {v['allreduce_pred_s'] * 1e3:.2f} / "
-                         f"{_ms(v['allreduce_measured_s'])} | "
-                         f"{v['images_per_s_2_pred']:.1f} | {v['images_per_s_2_measured']:.1f} | "
-                         f"{v['efficiency_pred']:.3f} | {v['efficiency_measured']:.3f} | "
-                         f"{v['rel_error_images_per_s']:+.1%} | {v['comm_exposed_pred_s'] * 1e3:.2f} / "
-                         f"{_ms(v['comm_exposed_measured_s'])} | "
-                         + (f"{v['compute_slowdown']:.2f} | {v['images_per_s_2_pred_nosync']:.1f} "
-                            f"({v['rel_error_images_per_s_nosync']:+.1%}) |" if v["compute_slowdown"] else "- | - |"))
+            lines.append(
+                f"| {v['group']} | {v['overlap']:.2f} | {v['bandwidth_Bps'] / 1e9:.2f} | "
+                f"{v['latency_s'] * 1e6:.1f} | {v['allreduce_pred_s'] * 1e3:.2f} / "
+                f"{_ms(v['allreduce_measured_s'])} | "
+                f"{v['images_per_s_2_pred']:.1f} | {v['images_per_s_2_measured']:.1f} | "
+                f"{v['efficiency_pred']:.3f} | {v['efficiency_measured']:.3f} | "
+                f"{v['rel_error_images_per_s']:+.1%} | {v['comm_exposed_pred_s'] * 1e3:.2f} / "
+                f"{_ms(v['comm_exposed_measured_s'])} | "
+                + (
+                    f"{v['compute_slowdown']:.2f} | {v['images_per_s_2_pred_nosync']:.1f} "
+                    f"({v['rel_error_images_per_s_nosync']:+.1%}) |"
+                    if v["compute_slowdown"]
+                    else "- | - |"
+                )
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -306,8 +391,11 @@ def _plot(rows, base, path):
     for ax in axes:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
-    fig.suptitle(("ASSUMED " if base["assumed"] else "") + f"step {base['compute_s'] * 1e3:.1f} ms, "
-                 f"{base['grad_bytes'] / 1e6:.1f} MB gradients", fontsize=10)
+    fig.suptitle(
+        ("ASSUMED " if base["assumed"] else "") + f"step {base['compute_s'] * 1e3:.1f} ms, "
+        f"{base['grad_bytes'] / 1e6:.1f} MB gradients",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

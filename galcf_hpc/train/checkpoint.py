@@ -19,17 +19,19 @@ def checkpoint_dir(run_dir):
     return Path(run_dir) / "checkpoints"
 
 
-def rng_state():
+def rng_state(device):
+    """This rank's random state: the CPU generator and, on a GPU, that GPU's generator only
+    (other visible GPUs belong to other ranks; touching them would create contexts there)."""
     state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state):
+def set_rng_state(state, device):
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def save_checkpoint(run_dir, step, payload, keep=2):
@@ -66,7 +68,8 @@ def load_checkpoint(path):
         raise CheckpointError(
             f"checkpoint {path} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
             "it is truncated, corrupt or not a galcf-hpc checkpoint: use an older one from the same "
-            "directory or retrain") from None
+            "directory or retrain"
+        ) from None
 
 
 def check_compatible(model, state, path):
@@ -86,5 +89,5 @@ def check_compatible(model, state, path):
             parts.append("unexpected: " + ", ".join(unexpected[:6]))
         raise CheckpointError(
             f"checkpoint {path} was made for another model configuration ({'; '.join(parts)}); "
-            "use the config stored in that checkpoint's run directory, or a matching checkpoint")
-
+            "use the config stored in that checkpoint's run directory, or a matching checkpoint"
+        )

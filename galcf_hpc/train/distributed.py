@@ -15,10 +15,13 @@ rank, world size, master address and port, device, backend):
   and a free port reach the other ranks through mpi4py unless MASTER_ADDR/PORT are set;
 - otherwise a single process.
 
-Device: ``cuda:<local rank>`` when CUDA is visible (and ``train.device`` allows it), else
-the CPU. Backend: NCCL on GPUs, gloo on CPUs.
+Device: ``cuda:<local rank>`` when CUDA is visible (and ``train.device`` allows it), or GPU
+0 when the launcher made one GPU visible per task, else the CPU (``device.resolve_device``).
+Backend: NCCL on GPUs, gloo on CPUs. ``configure_process`` applies the per-process torch
+settings (threads, determinism, current GPU).
 """
 
+import contextlib
 import datetime
 import logging
 import os
@@ -31,6 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..device import resolve_device
 from ..errors import ConfigError
 
 log = logging.getLogger("galcf_hpc")
@@ -52,8 +56,10 @@ class DistEnv:
         return self.rank == 0
 
     def describe(self):
-        return (f"rank {self.rank}/{self.world_size} on {socket.gethostname()}: device {self.device}, "
-                f"backend {self.backend}, local rank {self.local_rank}")
+        return (
+            f"rank {self.rank}/{self.world_size} on {socket.gethostname()}: device {self.device}, "
+            f"backend {self.backend}, local rank {self.local_rank}"
+        )
 
 
 def first_host(nodelist):
@@ -88,20 +94,13 @@ def _mpi_master(environ):
     try:
         from mpi4py import MPI
     except ImportError:
-        raise ConfigError("started by mpiexec without MASTER_ADDR/MASTER_PORT, and mpi4py is not installed to "
-                          "share them; pip install 'galcf-hpc[mpi]' or export both variables") from None
+        raise ConfigError(
+            "started by mpiexec without MASTER_ADDR/MASTER_PORT, and mpi4py is not installed to "
+            "share them; pip install 'galcf-hpc[mpi]' or export both variables"
+        ) from None
     comm = MPI.COMM_WORLD
     mine = (socket.gethostname(), free_port()) if comm.Get_rank() == 0 else None
     return comm.bcast(mine, root=0)
-
-
-def resolve_device(name, local_rank=0, option="config key 'train.device'"):
-    """``auto | cpu | cuda`` (``option`` names the setting in errors) -> torch.device for this rank."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"{option}: cuda requested but no GPU is visible; use auto or cpu")
-    if name == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
 def detect(device="auto", environ=None):
@@ -115,7 +114,8 @@ def detect(device="auto", environ=None):
         rank, world = int(environ["SLURM_PROCID"]), int(environ["SLURM_STEP_NUM_TASKS"])
         local = _int(environ, "SLURM_LOCALID", default=0)
         addr = environ.get("MASTER_ADDR") or first_host(
-            environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or "localhost")
+            environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or "localhost"
+        )
         port = _int(environ, "MASTER_PORT", default=20000 + _int(environ, "SLURM_JOB_ID", default=0) % 10000)
     elif environ.get("PMI_RANK") is not None or environ.get("OMPI_COMM_WORLD_RANK") is not None:
         launcher = "mpiexec"
@@ -127,7 +127,7 @@ def detect(device="auto", environ=None):
         launcher, rank, world, local, addr, port = "single", 0, 1, 0, "127.0.0.1", 0
     if not 0 <= rank < world:
         raise ConfigError(f"launcher {launcher} gave rank {rank} of world size {world}")
-    dev = resolve_device(device, local)
+    dev = resolve_device(device, local, option="config key 'train.device'")
     return DistEnv(rank, local, world, addr, port, launcher, dev, "nccl" if dev.type == "cuda" else "gloo")
 
 
@@ -138,13 +138,63 @@ def init_process_group(env, timeout_minutes=10.0, always=False):
     if dist.is_initialized() or (env.world_size == 1 and not always):
         return
     port = env.master_port or free_port()
-    for key, value in (("MASTER_ADDR", env.master_addr), ("MASTER_PORT", str(port)), ("RANK", str(env.rank)),
-                       ("WORLD_SIZE", str(env.world_size)), ("LOCAL_RANK", str(env.local_rank))):
+    for key, value in (
+        ("MASTER_ADDR", env.master_addr),
+        ("MASTER_PORT", str(port)),
+        ("RANK", str(env.rank)),
+        ("WORLD_SIZE", str(env.world_size)),
+        ("LOCAL_RANK", str(env.local_rank)),
+    ):
         os.environ[key] = value  # DeepSpeed reads these instead of probing with mpi4py
     if env.device.type == "cuda":
         torch.cuda.set_device(env.device)
-    dist.init_process_group(env.backend, init_method=f"tcp://{env.master_addr}:{port}", rank=env.rank,
-                            world_size=env.world_size, timeout=datetime.timedelta(minutes=timeout_minutes))
+    dist.init_process_group(
+        env.backend,
+        init_method=f"tcp://{env.master_addr}:{port}",
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=datetime.timedelta(minutes=timeout_minutes),
+    )
+
+
+def configure_process(env, threads=0, deterministic=False):
+    """Per-process torch settings of a rank: intra-op threads on the CPU (``threads``, else
+    Slurm's SLURM_CPUS_PER_TASK), deterministic algorithms (``run.deterministic``), and this
+    rank's GPU as the current device (loaders and DeepSpeed allocate on the current one)."""
+    threads = threads or int(os.environ.get("SLURM_CPUS_PER_TASK", 0))
+    if threads > 0 and env.device.type == "cpu":
+        torch.set_num_threads(threads)
+    if deterministic:
+        # cuBLAS GEMMs are deterministic only with a fixed workspace, set before the first one
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    if env.device.type == "cuda":
+        torch.cuda.set_device(env.device)
+
+
+@contextlib.contextmanager
+def local_rank_of(device, environ=None):
+    """LOCAL_RANK (and Open MPI's OMPI_COMM_WORLD_LOCAL_RANK, which DeepSpeed checks against
+    it) set to the index of ``device`` while the block runs, restored afterwards.
+    ``deepspeed.initialize`` calls ``torch.cuda.set_device(int(LOCAL_RANK))`` itself: with one
+    GPU visible per task (psslurm, ``srun --gpu-bind``) local ranks 1-3 would name GPUs this
+    process cannot see ("invalid device ordinal"). Nothing changes on the CPU."""
+    environ = os.environ if environ is None else environ
+    names = [
+        n
+        for n in ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK")
+        if device.type == "cuda" and (n == "LOCAL_RANK" or n in environ)
+    ]
+    saved = {n: environ.get(n) for n in names}
+    environ.update({n: str(device.index) for n in names})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                environ.pop(name, None)
+            else:
+                environ[name] = value
 
 
 def shutdown():
@@ -170,13 +220,14 @@ def any_rank(flags, device):
     return [bool(v > 0) for v in t.tolist()]
 
 
-def mean_over_ranks(values, device):
-    """Element-wise mean over ranks of a list of floats."""
+def mean_over_ranks(values):
+    """Element-wise mean over ranks of a 1-d tensor on this rank's device (one all-reduce;
+    the result stays on the device)."""
     if not active():
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return (t / dist.get_world_size()).tolist()
+        return values
+    total = values.clone()
+    dist.all_reduce(total)
+    return total / dist.get_world_size()
 
 
 def gather_objects(obj):
@@ -190,8 +241,9 @@ def gather_objects(obj):
 
 class StopSignals:
     """SIGUSR1 (Slurm's warning before the time limit, ``--signal=USR1@...``) and SIGTERM
-    (preemption, scancel) only set a flag here; the training loop checks it between steps,
-    the ranks agree, save a checkpoint together and leave."""
+    (preemption, scancel) only set a flag here; the training loop reads it when it logs
+    (every ``train.log_every`` steps and at the end of an epoch), the ranks agree, save a
+    checkpoint together and leave."""
 
     def __init__(self, signals=(signal.SIGUSR1, signal.SIGTERM)):
         self.received = None
@@ -219,8 +271,9 @@ def requeue_slurm_job(environ=None):
         return False
     done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
     if done.returncode != 0:
-        log.error("scontrol requeue %s failed (%s); resubmit the job by hand, it resumes by itself", job,
-                  done.stderr.strip())
+        log.error(
+            "scontrol requeue %s failed (%s); resubmit the job by hand, it resumes by itself", job, done.stderr.strip()
+        )
         return False
     log.warning("job %s requeued; it continues from the checkpoint when it starts again", job)
     return True

@@ -1,15 +1,18 @@
 """The two training engines behind one interface, chosen by ``train.engine``.
 
-Both wrap ``Objective`` (the model and the frozen VGG16, forward = the batch losses) and
-expose ``micro_step(images, labels, cf_active, boundary)`` (forward + backward of one
-micro-batch; at an accumulation boundary also clip, step and schedule), ``lr()``,
-``last_grad_norm``, ``save(run_dir, step, extra)`` (collective) and ``load(state, path)``.
+Both wrap ``Objective`` (the model and the frozen VGG16, forward = the batch losses), take
+the ``train`` config section only, and expose ``micro_step(images, labels, cf_active,
+boundary)`` (forward + backward of one micro-batch; at an accumulation boundary also clip,
+step and schedule; returns the loss terms as detached tensors on the device: nothing waits
+for the GPU), ``lr()``, ``grad_norm()`` (of the last step, a tensor on the device or None;
+read when logging), ``save(run_dir, step, extra)`` (collective) and ``load(state, path)``.
 
 - ``ddp``: PyTorch DistributedDataParallel (one process alone skips the wrapper), AdamW,
   gradient sync skipped on non-boundary micro-batches (``no_sync``), bf16 autocast on GPU.
   Checkpoint: rank 0 writes one file atomically, every rank loads it.
 - ``deepspeed``: ``deepspeed.initialize`` with the same AdamW and schedule, ZeRO stage
-  ``train.zero_stage`` (0-2), accumulation, clipping and bf16 autocast from the YAML config.
+  ``train.zero_stage`` (0-2), accumulation, clipping and bf16 autocast (``torch_autocast``)
+  from the YAML config; gradients are reduced in fp32 also under bf16 autocast.
   Checkpoint: DeepSpeed's own collective save (optimizer partitions per rank) under
   ``checkpoints/deepspeed/<tag>``, then rank 0 writes the usual ``step-*.pt`` with the
   weights and the tag; that file is written last, so its presence marks a complete
@@ -33,7 +36,7 @@ log = logging.getLogger("galcf_hpc")
 
 
 class Objective(nn.Module):
-    """Model + frozen perceptual network; forward returns (loss, dict of float terms)."""
+    """Model + frozen perceptual network; forward returns (loss, dict of detached terms)."""
 
     def __init__(self, model, vgg, loss_cfg):
         super().__init__()
@@ -45,54 +48,72 @@ class Objective(nn.Module):
         return batch_losses(self.model, self.vgg, images, labels, self.loss_cfg, cf_active)
 
 
-def _optimizer(cfg, model, lr_lambda):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+def _optimizer(train_cfg, model, lr_lambda):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
 
 
 def _check_engine(state, name, path):
     saved = state.get("engine", "ddp")
     if saved != name:
-        raise CheckpointError(f"{path} was written by the {saved} engine, this run uses {name}; resume with "
-                              f"train.engine={saved}, or start a new run.out_dir")
+        raise CheckpointError(
+            f"{path} was written by the {saved} engine, this run uses {name}; resume with "
+            f"train.engine={saved}, or start a new run.out_dir"
+        )
 
 
 class DDPEngine:
     name = "ddp"
 
-    def __init__(self, cfg, model, vgg, env, lr_lambda):
-        self.model, self.env, self.accum = model, env, cfg.train.grad_accumulation
-        self.clip = cfg.train.grad_clip
-        self.objective = Objective(model, vgg, cfg.loss)
+    def __init__(self, train_cfg, objective, env, lr_lambda):
+        self.objective, self.model, self.env = objective, objective.model, env
+        self.accum, self.clip = train_cfg.grad_accumulation, train_cfg.grad_clip
         self.module = self.objective
         if env.world_size > 1:
             self.module = nn.parallel.DistributedDataParallel(
-                self.objective, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-        self.optimizer, self.scheduler = _optimizer(cfg, model, lr_lambda)
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if env.device.type == "cuda" and cfg.train.bf16
-                         else contextlib.nullcontext())
-        self.last_grad_norm = float("nan")
+                self.objective, device_ids=[env.device.index] if env.device.type == "cuda" else None
+            )
+        self.optimizer, self.scheduler = _optimizer(train_cfg, self.model, lr_lambda)
+        self.autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16)
+            if env.device.type == "cuda" and train_cfg.bf16
+            else contextlib.nullcontext()
+        )
+        self._grad_norm = None
 
     def micro_step(self, images, labels, cf_active, boundary):
-        no_sync = self.module.no_sync() if (not boundary and self.module is not self.objective) else contextlib.nullcontext()
+        skip_sync = not boundary and self.module is not self.objective  # DDP inside an accumulation window
+        no_sync = self.module.no_sync() if skip_sync else contextlib.nullcontext()
         with no_sync:
             with self.autocast:
                 loss, terms = self.module(images, labels, cf_active)
             (loss / self.accum).backward()
         if boundary:
-            self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip))
+            self._grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)  # a tensor: no sync
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         return terms
+
+    def grad_norm(self):
+        return self._grad_norm
 
     def lr(self):
         return self.scheduler.get_last_lr()[0]
 
     def save(self, run_dir, step, extra):
         if self.env.is_main:
-            save_checkpoint(run_dir, step, {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                                            "scheduler": self.scheduler.state_dict(), "engine": self.name, **extra})
+            save_checkpoint(
+                run_dir,
+                step,
+                {
+                    "model": self.model.state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "engine": self.name,
+                    **extra,
+                },
+            )
         distributed.barrier()
 
     def load(self, state, path):
@@ -102,45 +123,77 @@ class DDPEngine:
         self.scheduler.load_state_dict(state["scheduler"])
 
 
+def deepspeed_config(train_cfg, micro, global_batch, bf16):
+    """The DeepSpeed config of a run. bf16 is torch autocast (fp32 master weights). Gradients
+    are all-reduced in fp32: ``communication_data_type`` for ZeRO-0, and an empty
+    ``lower_precision_safe_modules`` because with ``torch_autocast`` ZeRO-1/2 would otherwise
+    reduce the gradients of Linear and Conv layers in bf16 and ignore the former."""
+    return {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": train_cfg.grad_accumulation,
+        "train_batch_size": global_batch,
+        "gradient_clipping": train_cfg.grad_clip,
+        "zero_optimization": {"stage": train_cfg.zero_stage},
+        "torch_autocast": {"enabled": bf16, "dtype": "bfloat16", "lower_precision_safe_modules": []},
+        "communication_data_type": "fp32",
+        "steps_per_print": 1 << 30,
+        "zero_allow_untested_optimizer": True,
+    }
+
+
+def _import_deepspeed():
+    """DeepSpeed, checked for the ``torch_autocast`` setting this package's bf16 relies on."""
+    try:
+        import deepspeed
+    except ImportError:
+        raise ConfigError(
+            "train.engine is deepspeed but DeepSpeed is not installed; "
+            "DS_BUILD_OPS=0 pip install 'galcf-hpc[deepspeed]'"
+        ) from None
+    from deepspeed.runtime import constants
+
+    if not hasattr(constants, "TORCH_AUTOCAST"):
+        raise ConfigError(
+            f"train.engine is deepspeed, but the installed DeepSpeed {deepspeed.__version__} does not "
+            "know the 'torch_autocast' setting (bf16 training); upgrade it: "
+            "DS_BUILD_OPS=0 pip install -U 'galcf-hpc[deepspeed]'"
+        )
+    return deepspeed
+
+
 class DeepSpeedEngine:
     name = "deepspeed"
 
-    def __init__(self, cfg, model, vgg, env, lr_lambda, micro, global_batch):
-        try:
-            import deepspeed
-        except ImportError:
-            raise ConfigError("train.engine is deepspeed but DeepSpeed is not installed; "
-                                  "DS_BUILD_OPS=0 pip install 'galcf-hpc[deepspeed]'") from None
+    def __init__(self, train_cfg, objective, env, lr_lambda, micro, global_batch):
+        deepspeed = _import_deepspeed()
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-        self.model, self.env = model, env
-        bf16 = env.device.type == "cuda" and cfg.train.bf16
-        ds_config = {
-            "train_micro_batch_size_per_gpu": micro,
-            "gradient_accumulation_steps": cfg.train.grad_accumulation,
-            "train_batch_size": global_batch,
-            "gradient_clipping": cfg.train.grad_clip,
-            "zero_optimization": {"stage": cfg.train.zero_stage},
-            "torch_autocast": {"enabled": bf16, "dtype": "bfloat16"},
-            "steps_per_print": 1 << 30,
-            "zero_allow_untested_optimizer": True,
-        }
-        for param in model.parameters():  # DeepSpeed broadcasts raw bytes: it needs dense parameters
+        self.objective, self.model, self.env = objective, objective.model, env
+        config = deepspeed_config(train_cfg, micro, global_batch, env.device.type == "cuda" and train_cfg.bf16)
+        for param in self.model.parameters():  # DeepSpeed broadcasts raw bytes: it needs dense parameters
             param.data = param.data.contiguous()
-        optimizer, scheduler = _optimizer(cfg, model, lr_lambda)
-        self.objective = Objective(model, vgg, cfg.loss)
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=self.objective, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
-            model_parameters=[p for p in model.parameters()], dist_init_required=False)
-        self.last_grad_norm = float("nan")
+        optimizer, scheduler = _optimizer(train_cfg, self.model, lr_lambda)
+        if env.device.type == "cuda":
+            torch.cuda.set_device(env.device)
+        with distributed.local_rank_of(env.device):  # DeepSpeed picks its GPU from LOCAL_RANK
+            self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=objective,
+                optimizer=optimizer,
+                lr_scheduler=scheduler,
+                config=config,
+                model_parameters=list(self.model.parameters()),
+                dist_init_required=False,
+            )
 
     def micro_step(self, images, labels, cf_active, boundary):
         loss, terms = self.engine(images, labels, cf_active)
         self.engine.backward(loss)
         self.engine.step()
-        if boundary:
-            norm = self.engine.get_global_grad_norm()
-            self.last_grad_norm = float(norm) if norm is not None else float("nan")
         return terms
+
+    def grad_norm(self):
+        """None where DeepSpeed does not compute one (ZeRO-0 without bf16 clips in torch)."""
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else torch.as_tensor(norm, dtype=torch.float32, device=self.env.device)
 
     def lr(self):
         return self.scheduler.get_last_lr()[0]
@@ -151,8 +204,9 @@ class DeepSpeedEngine:
         self.engine.save_checkpoint(str(ds_dir), tag=tag, client_state={}, save_latest=False)
         distributed.barrier()
         if self.env.is_main:
-            save_checkpoint(run_dir, step, {"model": self.model.state_dict(), "engine": self.name,
-                                            "deepspeed_tag": tag, **extra})
+            save_checkpoint(
+                run_dir, step, {"model": self.model.state_dict(), "engine": self.name, "deepspeed_tag": tag, **extra}
+            )
             keep = {f"step-{int(p.stem.split('-')[1]):08d}" for p in list_checkpoints(run_dir)}
             for old in ds_dir.iterdir():
                 if old.is_dir() and old.name not in keep:
@@ -164,15 +218,19 @@ class DeepSpeedEngine:
         ds_dir = checkpoint_dir(path.parent.parent) / "deepspeed"
         tag = state["deepspeed_tag"]
         if not (ds_dir / tag).is_dir():
-            raise CheckpointError(f"{path} refers to DeepSpeed checkpoint {ds_dir / tag}, which is missing; "
-                                  "resume from an older step-*.pt or start a new run.out_dir")
-        loaded, _ = self.engine.load_checkpoint(str(ds_dir), tag=tag, load_module_strict=True,
-                                                load_optimizer_states=True, load_lr_scheduler_states=True)
+            raise CheckpointError(
+                f"{path} refers to DeepSpeed checkpoint {ds_dir / tag}, which is missing; "
+                "resume from an older step-*.pt or start a new run.out_dir"
+            )
+        loaded, _ = self.engine.load_checkpoint(
+            str(ds_dir), tag=tag, load_module_strict=True, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
         if loaded is None:
             raise CheckpointError(f"DeepSpeed could not load {ds_dir / tag}; resume from an older step-*.pt")
 
 
-def build_engine(cfg, model, vgg, env, micro, global_batch, lr_lambda):
-    if cfg.train.engine == "deepspeed":
-        return DeepSpeedEngine(cfg, model, vgg, env, lr_lambda, micro, global_batch)
-    return DDPEngine(cfg, model, vgg, env, lr_lambda)
+def build_engine(train_cfg, objective, env, micro, global_batch, lr_lambda):
+    """The ``train.engine`` around ``objective``, with AdamW and the schedule ``lr_lambda``."""
+    if train_cfg.engine == "deepspeed":
+        return DeepSpeedEngine(train_cfg, objective, env, lr_lambda, micro, global_batch)
+    return DDPEngine(train_cfg, objective, env, lr_lambda)

@@ -1,77 +1,57 @@
-"""Evaluation: classification metrics on a split (pure functions + one loop), and a quick
-counterfactual-validity estimate so every epoch shows whether the decoder listens to z1."""
+"""Validation during training: classification over every galaxy of a split, and a quick
+counterfactual estimate (the one pass of :mod:`galcf_hpc.model.evaluation`) on its first
+galaxies, so every epoch shows whether the decoder listens to z1."""
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from ..data.classes import CLASS_NAMES, NUM_CLASSES
-from ..explain.metrics import ssim
-from ..train.objective import random_other_class
-
-
-def confusion_matrix(labels, preds, num_classes=NUM_CLASSES):
-    """Rows: true class, columns: predicted class."""
-    idx = labels.long() * num_classes + preds.long()
-    return torch.bincount(idx, minlength=num_classes**2).reshape(num_classes, num_classes)
-
-
-def accuracy(cm):
-    total = int(cm.sum())
-    return float(cm.diagonal().sum()) / total if total else float("nan")
-
-
-def per_class_accuracy(cm):
-    support = cm.sum(1)
-    return [float(cm[i, i] / support[i]) if support[i] > 0 else float("nan") for i in range(cm.shape[0])]
-
-
-def macro_f1(cm):
-    """Mean F1 over the classes present in the labels."""
-    tp = cm.diagonal().double()
-    precision = tp / cm.sum(0).double().clamp_min(1)
-    recall = tp / cm.sum(1).double().clamp_min(1)
-    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall), torch.zeros_like(tp))
-    present = cm.sum(1) > 0
-    return float(f1[present].mean()) if bool(present.any()) else float("nan")
+from ..metrics import classification_summary, confusion_matrix
+from ..model.evaluation import Accumulator, explain_batch
 
 
 @dataclass
 class EvalResult:
-    confusion: torch.Tensor
-    cf_valid: int
-    cf_count: int
+    classification: dict
+    counterfactuals: dict
     recon_mse: float
-    cf_ssim_sum: float = 0.0
 
     @property
     def accuracy(self):
-        return accuracy(self.confusion)
+        return self.classification["accuracy"]
 
     @property
     def macro_f1(self):
-        return macro_f1(self.confusion)
+        return self.classification["macro_f1"]
+
+    @property
+    def cf_count(self):
+        return self.counterfactuals["n"]
 
     @property
     def cf_validity(self):
-        return self.cf_valid / self.cf_count if self.cf_count else float("nan")
+        v = self.counterfactuals["validity_model"]
+        return float("nan") if v is None else v
 
     @property
     def cf_ssim(self):
-        return self.cf_ssim_sum / self.cf_count if self.cf_count else float("nan")
+        v = self.counterfactuals["ssim_rec"]
+        return float("nan") if v is None else v
 
     def summary(self):
-        return {"accuracy": self.accuracy, "macro_f1": self.macro_f1, "cf_validity": self.cf_validity,
-                "cf_ssim_rec": self.cf_ssim, "recon_mse": self.recon_mse}
-
-    def to_json(self):
-        per_class = per_class_accuracy(self.confusion)
         return {
             "accuracy": self.accuracy,
-            "per_class_accuracy": {name: per_class[i] for i, name in enumerate(CLASS_NAMES)},
-            "confusion_matrix": self.confusion.tolist(),
             "macro_f1": self.macro_f1,
-            "num_galaxies": int(self.confusion.sum()),
+            "cf_validity": self.cf_validity,
+            "cf_ssim_rec": self.cf_ssim,
+            "recon_mse": self.recon_mse,
+        }
+
+    def to_json(self):
+        return {
+            **self.classification,
             "cf_validity_estimate": self.cf_validity,
             "cf_validity_samples": self.cf_count,
             "cf_ssim_rec_estimate": self.cf_ssim,
@@ -80,33 +60,30 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, margin, cf_limit=256, seed=0):
+def evaluate(model, loader, device, margin, cf_limit=256):
     """Confusion matrix and reconstruction error over every galaxy the loader yields once
-    (padding excluded), and the validity of counterfactuals towards random other classes
-    for the first ``cf_limit`` of them."""
+    (padding excluded), and about ``cf_limit`` counterfactuals: the first galaxies towards
+    every class other than their own."""
     model.eval()
-    gen = torch.Generator(device="cpu").manual_seed(seed)
     cm = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.long)
-    valid = count = 0
-    ssim_sum = 0.0
+    acc = Accumulator(range(NUM_CLASSES), NUM_CLASSES)
+    cf_galaxies = math.ceil(cf_limit / (NUM_CLASSES - 1))
     sq_err, n_pix = 0.0, 0
     for batch in loader:
         keep = batch.get("valid", torch.ones(len(batch["labels"]), dtype=torch.bool))
-        images = batch["images"][keep].to(device)
-        labels = batch["labels"][keep]
+        images = batch["images"][keep.to(batch["images"].device)].to(device)
+        labels = batch["labels"][keep.to(batch["labels"].device)].cpu()
         if len(labels) == 0:
             continue
-        pred, _, h, z = model.classify(images)
-        cm += confusion_matrix(labels, pred.cpu())
-        recon = model.decoder(z)
-        sq_err += float((recon.float() - images.float()).pow(2).sum())
-        n_pix += images.numel()
-        take = min(len(labels), cf_limit - count)
+        take = min(len(labels), cf_galaxies - acc.n_galaxies)
         if take > 0:
-            target = random_other_class(pred[:take].cpu(), NUM_CLASSES, generator=gen).to(device)
-            x_cf, _ = model.counterfactual(z[:take], h[:take], pred[:take], target, margin)
-            pred_cf = model.classify(x_cf)[0]
-            valid += int((pred_cf == target).sum())
-            ssim_sum += float(ssim(x_cf, recon[:take]).sum())
-            count += take
-    return EvalResult(cm, valid, count, sq_err / max(n_pix, 1), ssim_sum)
+            out = explain_batch(model, images[:take], range(NUM_CLASSES), margin)
+            acc.add(out, labels[:take])
+        cls = model.classify(images)
+        cm += confusion_matrix(labels, cls.pred, NUM_CLASSES)
+        recon = model.decoder(cls.z).float()
+        sq_err += float((recon - images.float()).pow(2).sum())
+        n_pix += images.numel()
+    return EvalResult(
+        classification_summary(cm, CLASS_NAMES), acc.summary(CLASS_NAMES)["overall"], sq_err / max(n_pix, 1)
+    )

@@ -1,25 +1,26 @@
 """The training loop: one process per GPU (or CPU rank), readable top to bottom.
 
-Launcher detection and process groups live in ``distributed.py``, the two engines (PyTorch
-DDP and DeepSpeed) in ``engines.py``; this loop drives either the same way: AdamW, linear
-warm-up then cosine decay, gradient clipping, gradient accumulation, bf16 on GPU,
-evaluation on the validation split after every epoch (rank 0), atomic checkpoints with
-every rank's loader and random state, JSON-lines metrics (means over ranks), resume from
-the newest complete checkpoint, and a clean stop on SIGUSR1/SIGTERM (checkpoint, then
-``scontrol requeue`` under Slurm).
+Set-up (batch sizes, loader, model, engine with its schedule) is ``build.build_rank``,
+shared with the scaling harness; launcher detection and process groups are in
+``distributed.py``, the two engines (PyTorch DDP and DeepSpeed) in ``engines.py``. This loop
+drives either the same way: AdamW, linear warm-up then cosine decay, gradient clipping,
+gradient accumulation, bf16 on GPU, evaluation on the validation split after every epoch
+(rank 0), atomic checkpoints with every rank's loader and random state, JSON-lines metrics
+(means over ranks), resume from the newest complete checkpoint, and a clean stop on
+SIGUSR1/SIGTERM (checkpoint, then ``scontrol requeue`` under Slurm).
 
-Global batch = ``train.batch_size`` (per-rank micro-batch) x world size x
-``train.grad_accumulation``; ``train.global_batch`` fixes the global batch instead and
-derives the micro-batch (it must divide evenly). ``train.lr`` is the learning rate of the
-global batch as configured: when the global batch changes by a factor k, scale it by k
-(linear rule, keep the warm-up) -- docs/distributed.md.
+A step never waits for the GPU: the loss terms stay on the device and are summed there over
+the log window (``LogWindow``). The ranks sync with the host only every ``train.log_every``
+steps, at the end of an epoch, before a checkpoint and at ``train.stop_after_steps``: one
+all-reduce of the stacked window means and one ``.tolist()``; a non-finite loss or gradient
+norm stops the run there, before anything is saved. Mid-epoch the ranks then agree whether
+to stop (a signal on any rank, the time limit: one small all-reduce), so a signal takes
+effect within ``train.log_every`` steps; ``train.stop_after_steps`` stops exactly.
 """
 
-import dataclasses
 import json
 import logging
 import math
-import os
 import re
 import sys
 import time
@@ -28,64 +29,75 @@ from pathlib import Path
 import torch
 
 from ..config import write_resolved_config
-from ..errors import CheckpointError, ConfigError, PeerLostError
-from . import distributed
-from .engines import build_engine
+from ..errors import CheckpointError, PeerLostError
 from ..fileio import write_json
 from ..loaders import build_loader
-from ..model.galcf import GalaxyCF
-from ..model.vgg import load_vgg16
 from ..progress import Progress
+from . import distributed
+from .build import build_rank
 from .checkpoint import check_compatible, latest_checkpoint, load_checkpoint, rng_state, set_rng_state
 from .evaluate import evaluate
 
 log = logging.getLogger("galcf_hpc")
 
-
-def resolve_device(name):
-    """``auto | cpu | cuda`` -> the device of a single-process job (explain, report)."""
-    return distributed.resolve_device(name)
+TIME_LIMIT, STEP_LIMIT = "train.time_limit_minutes", "train.stop_after_steps"
 
 
-def lr_factor(step, total_steps, warmup_steps, min_ratio):
-    """Linear warm-up to 1, then cosine decay to ``min_ratio`` at ``total_steps``."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+class LogWindow:
+    """Loss terms of the micro-batches since the last log line, summed on the device: adding
+    a batch's terms queues two small kernels and never waits for the GPU (nanoGPT reads its
+    loss only when it logs)."""
+
+    def __init__(self, last_step):
+        self.last_step, self.started = last_step, time.monotonic()  # the window holds steps last_step+1..
+        self.keys, self.sums, self.count = None, None, 0
+
+    def add(self, terms):
+        if self.keys is None:
+            self.keys = sorted(terms)
+        values = torch.stack([terms[k].float() for k in self.keys])
+        self.sums = values if self.sums is None else self.sums + values
+        self.count += 1
+
+    def means(self, grad_norm=None):
+        """{term: mean over the window's micro-batches and over ranks, ``grad_norm``: of the
+        last step or None}: one all-reduce and one ``.tolist()``, the window's only host sync."""
+        local = self.sums / self.count
+        if grad_norm is not None:
+            local = torch.cat([local, grad_norm.detach().reshape(1).float().to(local.device)])
+        values = distributed.mean_over_ranks(local).tolist()
+        return {**dict(zip(self.keys, values)), "grad_norm": values[-1] if grad_norm is not None else None}
 
 
-def build_perceptual(cfg, device):
-    m = cfg.model
-    if cfg.loss.perceptual <= 0:
-        return None
-    return load_vgg16(m.vgg_weights, layers=tuple(m.vgg_layers), allow_random=m.vgg_random,
-                      seed=cfg.run.seed).to(device)
+def check_finite(means, last_step, step):
+    """FloatingPointError naming the window if its mean loss or last gradient norm is not
+    finite (all ranks see the same means, so all of them stop here)."""
+    bad = [k for k in ("loss", "grad_norm") if means.get(k) is not None and not math.isfinite(means[k])]
+    if bad:
+        raise FloatingPointError(
+            f"{' and '.join(bad)} became non-finite ({', '.join(f'{k} {means[k]}' for k in bad)}) in the window of "
+            f"steps {last_step + 1}-{step} (mean over ranks; terms {means}); nothing was saved after step {last_step}. "
+            "Lower train.lr or check the input data with `galcf-hpc data verify`, then --resume"
+        )
 
 
-def should_stop(train_cfg, started, steps_done):
-    """train.time_limit_minutes or train.stop_after_steps reached in this invocation."""
-    if train_cfg.stop_after_steps and steps_done >= train_cfg.stop_after_steps:
-        return True
-    return bool(train_cfg.time_limit_minutes) and time.monotonic() - started > 60 * train_cfg.time_limit_minutes
+def stop_reason(train_cfg, signals, started, steps_done, device):
+    """Why this invocation stops now, or None; the same answer on every rank (one small
+    all-reduce: call it on all ranks at the same step). A stop signal on any rank first (then
+    the job is requeued), else ``train.time_limit_minutes``, else ``train.stop_after_steps``."""
+    t = train_cfg
+    timed_out = bool(t.time_limit_minutes) and time.monotonic() - started > 60 * t.time_limit_minutes
+    signalled, timed_out = distributed.any_rank([signals.received is not None, timed_out], device)
+    if signalled:
+        return signals.received or "a stop signal"
+    if timed_out:
+        return TIME_LIMIT
+    return STEP_LIMIT if t.stop_after_steps and steps_done >= t.stop_after_steps else None
 
 
 def append_jsonl(path, record):
     with open(path, "a") as fh:
         fh.write(json.dumps(record) + "\n")
-
-
-def micro_batch(train_cfg, world_size):
-    """(micro-batch per rank, global batch) of ``train_cfg`` on ``world_size`` ranks."""
-    t = train_cfg
-    if t.global_batch:
-        per_step = world_size * t.grad_accumulation
-        if t.global_batch % per_step:
-            raise ConfigError(f"config key 'train.global_batch': {t.global_batch} is not divisible by world size "
-                              f"{world_size} x grad_accumulation {t.grad_accumulation}; choose a global batch that is "
-                              f"a multiple of {per_step}, or another number of ranks")
-        return t.global_batch // per_step, t.global_batch
-    return t.batch_size, t.batch_size * world_size * t.grad_accumulation
 
 
 def train(cfg, resume=False):
@@ -96,8 +108,7 @@ def train(cfg, resume=False):
     print(env.describe(), file=sys.stderr, flush=True)
     if not env.is_main:
         logging.getLogger("galcf_hpc").setLevel(logging.WARNING)
-    distributed.init_process_group(env, cfg.train.collective_timeout_minutes,
-                                   always=cfg.train.engine == "deepspeed")
+    distributed.init_process_group(env, cfg.train.collective_timeout_minutes, always=cfg.train.engine == "deepspeed")
     try:
         result = _train(cfg, resume, env, signals)
         # leave together: a rank that tears gloo down while rank 0 still evaluates can abort
@@ -109,169 +120,189 @@ def train(cfg, resume=False):
             raise PeerLostError(
                 f"rank {env.rank}/{env.world_size}: a collective operation failed ({str(exc).splitlines()[0][:240]}); "
                 "another rank died or was killed (its own log says why). The newest checkpoint "
-                f"({newest or 'none yet'}) is complete: rerun the job with --resume") from None
+                f"({newest or 'none yet'}) is complete: rerun the job with --resume"
+            ) from None
         raise
     finally:
         signals.restore()
         distributed.shutdown()
 
 
-_PEER_LOST = re.compile(r"Connection (reset|closed|refused)|Broken pipe|timed out|NCCL (error|communicator)|"
-                        r"ProcessGroup|unhandled system error", re.I)
+_PEER_LOST = re.compile(
+    r"Connection (reset|closed|refused)|Broken pipe|timed out|NCCL (error|communicator)|"
+    r"ProcessGroup|unhandled system error",
+    re.I,
+)
 
 
-def _rank_states(loader):
-    """Every rank's loader position and random state, gathered for the checkpoint."""
-    return distributed.gather_objects({"loader": loader.state_dict(), "rng": rng_state()})
-
-
-def _restore_rank_state(state, loader, env, path):
+def _start(r, run_dir, resume):
+    """(step, epoch) to start from: the newest checkpoint's with ``resume``, else (0, 0) in a
+    run directory that holds none."""
+    path = latest_checkpoint(run_dir)
+    if not resume:
+        if path is not None:
+            raise CheckpointError(
+                f"{run_dir} already holds checkpoints; pass --resume to continue that run, "
+                "or choose another run.out_dir"
+            )
+        return 0, 0
+    if path is None:
+        log.info("no checkpoint in %s: starting from scratch", run_dir / "checkpoints")
+        return 0, 0
+    state = load_checkpoint(path)
+    check_compatible(r.model, state["model"], path)
+    r.engine.load(state, path)
     ranks = state.get("ranks") or [{"loader": state["loader"], "rng": state["rng"]}]
-    if len(ranks) == env.world_size:
-        mine = ranks[env.rank]
-        loader.load_state_dict(mine["loader"])
-        set_rng_state(mine["rng"])
+    if len(ranks) == r.env.world_size:
+        r.loader.load_state_dict(ranks[r.env.rank]["loader"])
+        set_rng_state(ranks[r.env.rank]["rng"], r.env.device)
     elif state["loader"]["step"] == 0:  # epoch boundary: any world size may continue
-        loader.load_state_dict({**state["loader"], "backend": None})
+        r.loader.load_state_dict({**state["loader"], "backend": None})
     else:
-        raise CheckpointError(f"{path} was written mid-epoch by {len(ranks)} ranks; this job has {env.world_size}. "
-                              f"Resume with {len(ranks)} ranks, or from an epoch-boundary checkpoint")
+        raise CheckpointError(
+            f"{path} was written mid-epoch by {len(ranks)} ranks; this job has {r.env.world_size}. "
+            f"Resume with {len(ranks)} ranks, or from an epoch-boundary checkpoint"
+        )
+    log.info("resumed from %s (step %d, epoch %d)", path, state["step"], state["loader"]["epoch"])
+    return state["step"], state["loader"]["epoch"]
+
+
+def _save(r, run_dir, step):
+    """Checkpoint (collective): weights, optimiser, and every rank's loader position and RNG."""
+    ranks = distributed.gather_objects({"loader": r.loader.state_dict(), "rng": rng_state(r.env.device)})
+    r.engine.save(
+        run_dir,
+        step,
+        {
+            "loader": ranks[0]["loader"],
+            "rng": ranks[0]["rng"],
+            "ranks": ranks,
+            "world_size": r.env.world_size,
+            "config": r.cfg.to_dict(),
+        },
+    )
+
+
+def _validate(cfg, model, device):
+    eval_loader = build_loader(cfg, cfg.train.eval_split, 0, 1, train=False)
+    try:
+        return evaluate(model, eval_loader, device, margin=cfg.explain.margin, cf_limit=256)
+    finally:
+        eval_loader.close()
+
+
+def _log(r, window, step, epoch, path, started):
+    """The window's means (the host sync), checked for non-finite values; rank 0 appends a
+    metrics line. Returns the progress bar's text."""
+    means = window.means(r.engine.grad_norm())
+    check_finite(means, window.last_step, step)
+    if r.env.is_main:
+        elapsed = max(time.monotonic() - window.started, 1e-9)
+        append_jsonl(
+            path,
+            {
+                "kind": "train",
+                "step": step,
+                "epoch": epoch,
+                **means,
+                "lr": r.engine.lr(),
+                "images_per_s": window.count * r.micro * r.env.world_size / elapsed,
+                "elapsed_s": time.monotonic() - started,
+            },
+        )
+    return f"loss {means['loss']:.3f} acc {means['acc']:.2f}"
 
 
 def _train(cfg, resume, env, signals):
+    r = build_rank(cfg, env)
+    cfg, t, model, engine, loader, device = r.cfg, r.cfg.train, r.model, r.engine, r.loader, env.device
     run_dir = Path(cfg.run.out_dir)
-    micro, global_batch = micro_batch(cfg.train, env.world_size)
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=micro))
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_resolved_config(cfg, run_dir)
     distributed.barrier()
-    device = env.device
-    threads = cfg.train.threads or int(os.environ.get("SLURM_CPUS_PER_TASK", 0))
-    if threads > 0 and device.type == "cpu":
-        torch.set_num_threads(threads)
-    if cfg.run.deterministic:
-        torch.use_deterministic_algorithms(True)
-
-    loader = build_loader(cfg, "train", rank=env.rank, world_size=env.world_size, train=True)
-    torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
-    model = GalaxyCF.from_config(cfg).to(device)
-    vgg = build_perceptual(cfg, device)
-    accum = cfg.train.grad_accumulation
-    steps_per_epoch = loader.steps_per_epoch // accum
-    if steps_per_epoch == 0:
-        raise ConfigError(f"config key 'train.grad_accumulation': {accum} micro-batches per step, but an epoch has "
-                          f"only {loader.steps_per_epoch} per rank; lower it or the batch size")
-    total_steps = cfg.train.epochs * steps_per_epoch
-    engine = build_engine(cfg, model, vgg, env, micro, global_batch,
-                          lambda s: lr_factor(s, total_steps, cfg.train.warmup_steps, cfg.train.min_lr_ratio))
-    torch.manual_seed(cfg.run.seed + 1000003 * (env.rank + 1))  # independent noise per rank
-    log.info("engine %s on %d rank(s) (%s): micro-batch %d x %d ranks x %d accumulation = global batch %d",
-             cfg.train.engine, env.world_size, env.launcher, micro, env.world_size, accum, global_batch)
-
-    step, start_epoch = 0, 0
-    if resume:
-        path = latest_checkpoint(run_dir)
-        if path is None:
-            log.info("no checkpoint in %s: starting from scratch", run_dir / "checkpoints")
-        else:
-            state = load_checkpoint(path)
-            check_compatible(model, state["model"], path)
-            engine.load(state, path)
-            _restore_rank_state(state, loader, env, path)
-            step, start_epoch = state["step"], state["loader"]["epoch"]
-            log.info("resumed from %s (step %d, epoch %d)", path, step, start_epoch)
-    elif latest_checkpoint(run_dir) is not None:
-        raise CheckpointError(f"{run_dir} already holds checkpoints; pass --resume to continue that run, "
-                              "or choose another run.out_dir")
-
-    metrics_path = run_dir / "metrics.jsonl"
+    step, start_epoch = _start(r, run_dir, resume)
+    metrics_path, accum = run_dir / "metrics.jsonl", t.grad_accumulation
     started, first_step = time.monotonic(), step
-    result, stopped_by = None, None
+    result, reason = None, None
 
-    def validate():
-        eval_loader = build_loader(cfg, cfg.train.eval_split, 0, 1, train=False)
-        try:
-            return evaluate(model, eval_loader, device, margin=cfg.explain.margin, cf_limit=256)
-        finally:
-            eval_loader.close()
-
-    def save():
-        ranks = _rank_states(loader)
-        engine.save(run_dir, step, {"loader": ranks[0]["loader"], "rng": ranks[0]["rng"], "ranks": ranks,
-                                    "world_size": env.world_size, "config": cfg.to_dict()})
-
-    for epoch in range(start_epoch, cfg.train.epochs):
+    for epoch in range(start_epoch, t.epochs):
         loader.set_epoch(epoch)
         model.train()
         cf_active = epoch >= cfg.loss.cf_warmup_epochs
-        bar = Progress(steps_per_epoch, f"epoch {epoch + 1}/{cfg.train.epochs}") if env.is_main else None
-        window, t_window = [], time.monotonic()
+        bar = Progress(r.steps_per_epoch, f"epoch {epoch + 1}/{t.epochs}") if env.is_main else None
+        window, info = LogWindow(step), ""
         for batch in loader:
-            if loader.position > steps_per_epoch * accum:
+            if loader.position > r.steps_per_epoch * accum:
                 continue  # micro-batches left over at the end of the epoch (fewer than grad_accumulation)
             images = batch["images"].to(device, non_blocking=True)
             labels = batch["labels"].to(device, non_blocking=True)
-            terms = engine.micro_step(images, labels, cf_active, boundary=loader.position % accum == 0)
-            if not math.isfinite(terms["loss"]):
-                raise FloatingPointError(f"loss became {terms['loss']} at step {step} on rank {env.rank} (terms "
-                                         f"{terms}); lower train.lr or check the input data with `galcf-hpc data verify`")
-            window.append(terms)
+            window.add(engine.micro_step(images, labels, cf_active, boundary=loader.position % accum == 0))
             if loader.position % accum:
                 continue
             step += 1
-            position = loader.position // accum
-            if step % cfg.train.log_every == 0 or position == steps_per_epoch:
-                keys = sorted(window[-1])
-                means = distributed.mean_over_ranks([sum(t.get(k, 0.0) for t in window) / len(window)
-                                                     for k in keys], device)
-                elapsed = time.monotonic() - t_window
-                if env.is_main:
-                    append_jsonl(metrics_path, {
-                        "kind": "train", "step": step, "epoch": epoch, **dict(zip(keys, means)),
-                        "grad_norm": engine.last_grad_norm, "lr": engine.lr(),
-                        "images_per_s": len(window) * images.shape[0] * env.world_size / max(elapsed, 1e-9),
-                        "elapsed_s": time.monotonic() - started})
-                window, t_window = [], time.monotonic()
+            end_of_epoch = loader.position == r.steps_per_epoch * accum
+            checkpoint_due = t.checkpoint_every and step % t.checkpoint_every == 0
+            # the only host syncs: log (and check for a non-finite loss), then agree on stopping
+            if (
+                end_of_epoch
+                or checkpoint_due
+                or step % t.log_every == 0
+                or (t.stop_after_steps and step - first_step >= t.stop_after_steps)
+            ):
+                info = _log(r, window, step, epoch, metrics_path, started)
+                window = LogWindow(step)
+                if not end_of_epoch:  # at the end of an epoch: after evaluation and checkpoint
+                    reason = stop_reason(t, signals, started, step - first_step, device)
             if bar:
-                bar(position, info=f"loss {terms['loss']:.3f} acc {terms['acc']:.2f}")
-            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
-                save()
-            signalled, limit = distributed.any_rank(
-                [signals.received is not None, should_stop(cfg.train, started, step - first_step)], device)
-            if signalled or limit:
-                stopped_by = stopped_by or (signals.received or "a stop signal" if signalled else None)
+                bar(loader.position // accum, info=info)
+            if reason:
                 break
+            if checkpoint_due:
+                _save(r, run_dir, step)
         if loader.position != 0:  # stopped mid-epoch: checkpoint and leave
-            save()
-            log.warning("stopping at step %d (mid-epoch %d)%s; continue with --resume", step, epoch + 1,
-                        f" on {stopped_by}" if stopped_by else "")
+            _save(r, run_dir, step)
+            log.warning("stopping at step %d (mid-epoch %d) on %s; continue with --resume", step, epoch + 1, reason)
             break
         if env.is_main:
-            result = validate()
-            append_jsonl(metrics_path, {"kind": "eval", "step": step, "epoch": epoch, "split": cfg.train.eval_split,
-                                        "elapsed_s": time.monotonic() - started, **result.summary()})
-            log.info("epoch %d: %s accuracy %.3f, macro-F1 %.3f, counterfactual validity %.3f, "
-                     "SSIM(x_cf, x~) %.3f (%d samples)", epoch + 1, cfg.train.eval_split, result.accuracy,
-                     result.macro_f1, result.cf_validity, result.cf_ssim, result.cf_count)
-        save()
-        signalled, limit = distributed.any_rank(
-            [signals.received is not None, should_stop(cfg.train, started, step - first_step)], device)
-        if signalled or limit:
-            stopped_by = signals.received or "a stop signal" if signalled else None
-            log.warning("stop condition reached after epoch %d; continue with --resume", epoch + 1)
+            result = _validate(cfg, model, device)
+            append_jsonl(
+                metrics_path,
+                {
+                    "kind": "eval",
+                    "step": step,
+                    "epoch": epoch,
+                    "split": t.eval_split,
+                    "elapsed_s": time.monotonic() - started,
+                    **result.summary(),
+                },
+            )
+            log.info(
+                "epoch %d: %s accuracy %.3f, macro-F1 %.3f, counterfactual validity %.3f, "
+                "SSIM(x_cf, x~) %.3f (%d samples)",
+                epoch + 1,
+                t.eval_split,
+                result.accuracy,
+                result.macro_f1,
+                result.cf_validity,
+                result.cf_ssim,
+                result.cf_count,
+            )
+        _save(r, run_dir, step)
+        reason = stop_reason(t, signals, started, step - first_step, device)
+        if reason:
+            log.warning("stopping after epoch %d on %s; continue with --resume", epoch + 1, reason)
             break
     loader.close()
 
-    if stopped_by:
+    if reason not in (None, TIME_LIMIT, STEP_LIMIT):  # a stop signal: requeue, evaluate later
         if env.is_main:
             distributed.requeue_slurm_job()
         return None
     if not env.is_main:
         return None
     if result is None:  # resumed a finished run, or stopped before the first evaluation
-        result = validate()
-    final = {"split": cfg.train.eval_split, "step": step, "train_seconds": time.monotonic() - started,
-             **result.to_json()}
+        result = _validate(cfg, model, device)
+    final = {"split": t.eval_split, "step": step, "train_seconds": time.monotonic() - started, **result.to_json()}
     write_json(run_dir / "eval.json", final)
     return final

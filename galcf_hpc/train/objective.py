@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from ..model.flow import flow_forward
 from ..model.gmm import class_logits
 from ..model.losses import ib_loss, mmd_unbiased, perceptual_loss
 
@@ -25,15 +24,41 @@ def random_other_class(labels, num_classes, generator=None):
     return (labels + offset) % num_classes
 
 
+class _GradReverse(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by -1 (Ganin & Lempitsky 2015)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -grad
+
+
+def augment_for_reencoding(x, generator=None):
+    """A random symmetry of the sky (rot90 and flip, one per batch), a shift of up to 2
+    pixels and Gaussian noise of up to 0.03: what a galaxy's class does not depend on. A
+    counterfactual must keep its class through them, so pixel-exact codes stop working."""
+    k = int(torch.randint(0, 4, (1,), generator=generator))
+    x = torch.rot90(x, k, dims=(-2, -1))
+    if bool(torch.randint(0, 2, (1,), generator=generator)):
+        x = x.flip(-1)
+    dy, dx = (int(v) for v in torch.randint(-2, 3, (2,), generator=generator))
+    x = torch.roll(x, (dy, dx), dims=(-2, -1))
+    sigma = 0.03 * torch.rand(x.shape[0], 1, 1, 1, generator=generator).to(x.device)
+    return x + sigma * torch.randn(x.shape, generator=generator).to(x.device)
+
+
 def _frozen(module):
     return {k: v.detach() for k, v in module.named_parameters()} | dict(module.named_buffers())
 
 
 def batch_losses(model, vgg, images, labels, loss_cfg, cf_active):
-    """Return (total loss, dict of float components) for one batch."""
-    z = model.encoder(images)
-    z1, _ = model.split(z)
-    recon = model.decoder(z)
+    """Return (total loss, dict of detached 0-dim tensors) for one batch: the terms stay on
+    the device, so nothing here waits for the GPU; the loop reads them when it logs."""
+    lat = model(images, z1_noise=loss_cfg.z1_noise)
+    z, recon = lat.z, lat.recon
     terms = {}
 
     l_rec = images.new_zeros(())
@@ -49,38 +74,84 @@ def batch_losses(model, vgg, images, labels, loss_cfg, cf_active):
     bandwidth = loss_cfg.mmd_bandwidth or 2.0 * z.shape[1]
     terms["mmd"] = mmd_unbiased(z.float(), torch.randn_like(z.float()), bandwidth)
 
-    h, logdet = flow_forward(model.flow, z1 + loss_cfg.z1_noise * torch.randn_like(z1))
-    l_ib, l_x, l_y = ib_loss(h.float(), logdet.float(), labels, model.means, model.log_weights, loss_cfg.beta)
+    h = lat.h
+    l_ib, l_x, l_y = ib_loss(h.float(), lat.logdet.float(), labels, model.means, model.log_weights, loss_cfg.beta)
     terms.update(ib=l_ib, ib_x=l_x, ib_y=l_y)
 
     total = l_rec + loss_cfg.mmd * terms["mmd"] + loss_cfg.ib * l_ib
 
+    if loss_cfg.cf_critic > 0:  # the critic learns from real galaxies (and their reconstructions)
+        seen = images.detach() if not loss_cfg.cf_realism else torch.cat([images.detach(), recon.detach()])
+        terms["critic_real"] = F.cross_entropy(
+            model.critic(augment_for_reencoding(seen)), labels.repeat(len(seen) // len(labels))
+        )
+        total = total + terms["critic_real"]
+    if loss_cfg.cf_critic_colour > 0:
+        terms["colour_critic_real"] = F.cross_entropy(
+            model.colour_critic(augment_for_reencoding(images.detach())), labels
+        )
+        total = total + terms["colour_critic_real"]
+
+    if loss_cfg.z2_adversary > 0:
+        terms["z2_critic"] = F.cross_entropy(model.z2_critic(_GradReverse.apply(lat.z2)), labels)
+        total = total + loss_cfg.z2_adversary * terms["z2_critic"]
+
     k = int(round(loss_cfg.cf_fraction * images.shape[0]))
     if cf_active and loss_cfg.cf_consistency > 0 and k > 0:
         cf_terms = consistency_loss(model, z[:k], h[:k], recon[:k].detach(), loss_cfg)
+        fake = cf_terms.pop("x_cf", None)
         terms.update(cf_terms)
-        total = total + (loss_cfg.cf_consistency * cf_terms["cf"] + loss_cfg.cf_proximity * cf_terms["cf_l1"]
-                         + loss_cfg.cf_z2 * cf_terms["cf_z2"])
+        if fake is not None:  # the critic learns what a decoded counterfactual looks like
+            logits = model.critic(augment_for_reencoding(fake.detach()))
+            terms["critic_fake"] = F.cross_entropy(logits, torch.full_like(labels[:k], logits.shape[1] - 1))
+            total = total + terms["critic_fake"]
+        total = total + (
+            loss_cfg.cf_consistency * cf_terms["cf"]
+            + loss_cfg.cf_proximity * cf_terms["cf_l1"]
+            + loss_cfg.cf_z2 * cf_terms["cf_z2"]
+        )
 
     with torch.no_grad():
         terms["acc"] = (class_logits(h, model.means, model.log_weights).argmax(1) == labels).float().mean()
     terms["loss"] = total
-    return total, {key: float(v.detach()) for key, v in terms.items()}
+    return total, {key: v.detach() for key, v in terms.items()}
 
 
 def consistency_loss(model, z, h, recon, loss_cfg):
     """Terms on decoded counterfactuals x_cf (re-encoded with the frozen encoder and flow):
-    ``cf`` cross-entropy w.r.t. their targets, ``cf_l1`` mean |x_cf - x~| (minimal change),
-    ``cf_z2`` mean squared change of the re-encoded z2 (class-independent content kept)."""
+    ``cf`` cross-entropy w.r.t. their targets (plus ``cf_critic`` times the frozen luminance
+    critic's cross-entropy, ``cf_critic`` in the terms), ``cf_l1`` mean |x_cf - x~| (minimal
+    change), ``cf_z2`` mean squared change of the re-encoded z2 (class-independent content kept)."""
     means = model.means.detach()
     with torch.no_grad():
         pred = class_logits(h.float(), means, model.log_weights).argmax(1)
         target = random_other_class(pred, means.shape[0])
-    z_cf, _ = model.counterfactual_latent(z, h.float(), pred, target, loss_cfg.cf_margin)
+        placement = loss_cfg.cf_placement
+        if placement == "interpolate":  # every point of the path, not only its ends
+            placement = torch.rand(len(pred), device=h.device)
+    z_cf, _ = model.counterfactual_latent(z, h.float(), pred, target, loss_cfg.cf_margin, placement)
     z2 = model.split(z_cf)[1]
     x_cf = model.decoder(z_cf)
-    z_re = functional_call(model.encoder, _frozen(model.encoder), (x_cf,))
-    h_re, _ = functional_call(model.flow, _frozen(model.flow), (model.split(z_re)[0],))
+    encoder = _frozen(model.encoder)
+    z_re = functional_call(model.encoder, encoder, (x_cf,))
+    # the class must survive what a galaxy's class does not depend on; z2 (orientation,
+    # position...) is compared on the image as decoded
+    seen = augment_for_reencoding(x_cf) if loss_cfg.cf_augment else x_cf
+    z_seen = functional_call(model.encoder, encoder, (seen,)) if loss_cfg.cf_augment else z_re
+    h_re, _ = functional_call(model.flow, _frozen(model.flow), (model.split(z_seen)[0],))
     logits = class_logits(h_re.float(), means, model.log_weights)
-    return {"cf": F.cross_entropy(logits, target), "cf_l1": (x_cf - recon).abs().mean(),
-            "cf_z2": F.mse_loss(model.split(z_re)[1], z2)}
+    terms = {
+        "cf": F.cross_entropy(logits, target),
+        "cf_l1": (x_cf - recon).abs().mean(),
+        "cf_z2": F.mse_loss(model.split(z_re)[1], z2),
+    }
+    if loss_cfg.cf_critic > 0:
+        terms["cf_critic"] = F.cross_entropy(functional_call(model.critic, _frozen(model.critic), (seen,)), target)
+        terms["cf"] = terms["cf"] + loss_cfg.cf_critic * terms["cf_critic"]
+        if loss_cfg.cf_realism:
+            terms["x_cf"] = x_cf
+    if loss_cfg.cf_critic_colour > 0:
+        logits = functional_call(model.colour_critic, _frozen(model.colour_critic), (seen,))
+        terms["cf_critic_colour"] = F.cross_entropy(logits, target)
+        terms["cf"] = terms["cf"] + loss_cfg.cf_critic_colour * terms["cf_critic_colour"]
+    return terms

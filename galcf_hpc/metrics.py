@@ -1,9 +1,13 @@
-"""Counterfactual quality metrics: MSD, SSIM and validity, batched, in torch.
+"""Pure numbers, batched, in torch: classification (confusion matrix, accuracy, per-class
+accuracy, macro-F1) and counterfactual quality (MSD, SSIM, validity, the luminance share of
+a change). No I/O, no model: every function here can be checked against hand-computed
+values or a reference library (scikit-learn, scikit-image) in tests.
 
-Images are ``[B, C, H, W]`` tensors with values in [0, 1]. Each function returns one value
-per image (shape ``[B]``). :func:`ssim` reproduces ``skimage.metrics.structural_similarity``
-(mean over channels of the per-channel mean SSIM, computed on the region that the filter
-window covers completely) and runs on whatever device the inputs live on.
+Images are ``[B, C, H, W]`` tensors with values in [0, 1]. Each image metric returns one
+value per image (shape ``[B]``). :func:`ssim` reproduces
+``skimage.metrics.structural_similarity`` (mean over channels of the per-channel mean SSIM,
+computed on the region that the filter window covers completely) and runs on whatever
+device the inputs live on.
 """
 
 import torch
@@ -69,9 +73,7 @@ def ssim(a, b, data_range=1.0, win_size=7, gaussian=False, sigma=1.5):
         raise ValueError(f"win_size must be a positive odd number, got {win_size}")
     _, channels, height, width = a.shape
     if min(height, width) < win_size:
-        raise ValueError(
-            f"images of {height}x{width} pixels are smaller than the {win_size}x{win_size} SSIM window"
-        )
+        raise ValueError(f"images of {height}x{width} pixels are smaller than the {win_size}x{win_size} SSIM window")
     if data_range <= 0:
         raise ValueError(f"data_range must be positive, got {data_range}")
 
@@ -120,4 +122,84 @@ def validity(pred, target):
     return pred == target.to(pred.dtype)
 
 
-__all__ = ["msd", "ssim", "validity"]
+def luminance_share(delta):
+    """Share of a change's energy that is luminance structure, per image: ``[B]`` in [0, 1].
+
+    ``delta`` ``[B, C, H, W]`` (e.g. x_cf - x~) is split orthogonally into its luminance
+    part (the mean over the C bands, the same in every band) and its chromatic part (what is
+    left; it sums to zero over the bands at every pixel). The two are orthogonal, so their
+    energies add up to ||delta||^2, and the share is ||luminance||^2 / ||delta||^2. A change
+    that only recolours (moves flux between bands at constant total) gives 0; a change of
+    brightness structure alike in every band gives 1. Bands are weighted equally: g, r and
+    z are survey bands, not a display's RGB, so the luminance is their mean flux. An image
+    that does not change at all gives NaN (no change to attribute).
+    """
+    delta = _as_images("delta", delta).to(torch.float64)
+    lum = delta.mean(dim=1, keepdim=True).expand_as(delta)
+    e_lum = lum.pow(2).flatten(1).sum(1)
+    e_all = delta.pow(2).flatten(1).sum(1)
+    share = torch.where(e_all > 0, e_lum / e_all.clamp_min(1e-300), torch.full_like(e_all, float("nan")))
+    return share.to(torch.float32)
+
+
+def luminance(x):
+    """Band-mean image ``[B, 1, H, W]`` of ``x`` ``[B, C, H, W]`` (the luminance part above)."""
+    return _as_images("x", x).mean(dim=1, keepdim=True)
+
+
+# ---------------------------------------------------------------- classification ------------
+
+
+def confusion_matrix(labels, preds, num_classes):
+    """Rows: true class, columns: predicted class (int64, on the CPU)."""
+    labels = torch.as_tensor(labels).long().cpu()
+    preds = torch.as_tensor(preds).long().cpu()
+    idx = labels * num_classes + preds
+    return torch.bincount(idx, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def accuracy(cm):
+    total = int(cm.sum())
+    return float(cm.diagonal().sum()) / total if total else float("nan")
+
+
+def per_class_accuracy(cm):
+    """Recall of every class (NaN for a class without galaxies)."""
+    support = cm.sum(1)
+    return [float(cm[i, i] / support[i]) if support[i] > 0 else float("nan") for i in range(cm.shape[0])]
+
+
+def macro_f1(cm):
+    """Mean F1 over the classes present in the labels (scikit-learn's ``f1_score(average=
+    "macro", labels=present)``)."""
+    tp = cm.diagonal().double()
+    precision = tp / cm.sum(0).double().clamp_min(1)
+    recall = tp / cm.sum(1).double().clamp_min(1)
+    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall), torch.zeros_like(tp))
+    present = cm.sum(1) > 0
+    return float(f1[present].mean()) if bool(present.any()) else float("nan")
+
+
+def classification_summary(cm, class_names):
+    """The classification numbers every report, eval.json and judge file carries."""
+    return {
+        "num_galaxies": int(cm.sum()),
+        "accuracy": accuracy(cm),
+        "macro_f1": macro_f1(cm),
+        "per_class_accuracy": dict(zip(class_names, per_class_accuracy(cm))),
+        "confusion_matrix": cm.tolist(),
+    }
+
+
+__all__ = [
+    "msd",
+    "ssim",
+    "validity",
+    "luminance_share",
+    "luminance",
+    "confusion_matrix",
+    "accuracy",
+    "per_class_accuracy",
+    "macro_f1",
+    "classification_summary",
+]

@@ -1,0 +1,267 @@
+"""``galcf-hpc demo``: the whole pipeline on one machine, as a list of stages.
+
+    data -> train -> judges -> explain -> catalog -> report
+
+Each stage is a function of the :class:`Demo` state that returns its result and reuses
+what a previous run left (the synthetic source catalog, shards, a finished run, trained judges, the
+catalog job); :func:`run_demo` times every stage. Training runs on local ranks started
+with the launcher environment torchrun exports, the catalog job under ``mpiexec`` when it
+is on PATH; both fall back to this process with a warning.
+"""
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .config import load_config
+from .errors import ConfigError
+from .train.distributed import free_port
+
+log = logging.getLogger("galcf_hpc")
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "smoke.yaml"
+DEFAULT_RANKS = 2  # enough to exercise DDP (and the catalog job's MPI) on a laptop
+
+
+@dataclass
+class Demo:
+    """What the stages share: the configuration and where each stage writes."""
+
+    config: Path
+    sets: list
+    cfg: object
+    ranks: int
+    judge_epochs: int | None = None  # None: each judge's own
+    results: dict = field(default_factory=dict)  # stage name -> its result
+
+    @property
+    def run_dir(self):
+        return Path(self.cfg.run.out_dir)
+
+    @property
+    def catalog_dir(self):
+        return self.run_dir / "catalog"
+
+
+def local_ranks(requested, train_device):
+    """Local training processes: ``requested``, else 2 (1 on a one-core machine); when
+    training on CUDA at most one per visible GPU (NCCL refuses two ranks on one GPU)."""
+    if requested is not None and requested < 1:
+        raise ConfigError(f"--ranks must be at least 1, got {requested}")
+    if train_device != "cpu" and torch.cuda.is_available():
+        gpus = torch.cuda.device_count()
+        if requested and requested > gpus:
+            log.warning("--ranks %d: only %d GPU(s) visible; training with %d local ranks", requested, gpus, gpus)
+        return min(requested or DEFAULT_RANKS, gpus)
+    return requested or min(DEFAULT_RANKS, os.cpu_count() or 1)
+
+
+# ---------------------------------------------------------------------------------------
+# Stages
+
+
+def stage_data(demo):
+    """Synthesise the catalog with GalSim and shard it (each only when missing)."""
+    from .data.classes import NUM_CLASSES
+    from .data.galaxy10 import write_catalog
+    from .data.shards import write_shards
+    from .data.synth import generate
+    from .progress import Progress
+
+    cfg, s = demo.cfg, demo.cfg.data.synth
+    source, shards = Path(cfg.data.source), Path(cfg.data.shards)
+    if not source.exists():
+        fractions = [1.0 / NUM_CLASSES] * NUM_CLASSES if s.balanced else None
+        cat = generate(
+            s.n, s.size, s.seed, workers=s.workers, class_fractions=fractions, progress=Progress(s.n, "synth")
+        )
+        write_catalog(source, **cat, attrs={"generator": f"galcf-hpc {__version__} GalSim synthetic", "seed": s.seed})
+        log.info("synthesised %d galaxies into %s", s.n, source)
+    if not (shards / "train" / "manifest.json").exists():
+        write_shards(
+            source,
+            shards,
+            shard_size=cfg.data.shard_size,
+            fractions=tuple(cfg.data.split_fractions),
+            seed=cfg.data.split_seed,
+        )
+        log.info("sharded %s into %s", source, shards)
+    return shards
+
+
+def stage_train(demo):
+    """Train (or finish training) on the local ranks; returns the run's eval.json."""
+    from .train.loop import train
+
+    trained = False
+    if demo.ranks > 1:
+        log.info("training with %d local ranks (launcher environment as torchrun's, 1 thread each)", demo.ranks)
+        trained = train_ranks(demo.config, demo.sets, demo.ranks, demo.cfg)
+        if not trained:
+            log.warning("falling back to training in this process")
+    if not trained:
+        train(demo.cfg, resume=True)
+    return json.loads((demo.run_dir / "eval.json").read_text())
+
+
+def stage_judges(demo):
+    """The judge panel (RUN/judges/): independent classifiers that decide whether a
+    counterfactual looks like its target; trains only the judges not trained yet."""
+    from .judges import DEFAULT_PANEL, judges_dir, train_judges
+    from .judges.train import PANEL_FILE
+
+    panel_file = judges_dir(demo.run_dir) / PANEL_FILE
+    panel = json.loads(panel_file.read_text()) if panel_file.is_file() else {}
+    missing = [spec.name for spec in DEFAULT_PANEL if spec.name not in panel]
+    if missing:
+        train_judges(demo.cfg, names=missing, epochs=demo.judge_epochs)
+        panel = json.loads(panel_file.read_text())
+    else:
+        log.info("judge panel %s exists: reused", panel_file.parent)
+    return panel
+
+
+def stage_explain(demo):
+    """Counterfactuals and their metrics on ``explain.split`` (counterfactuals.json, grids)."""
+    from .explain.run import explain
+
+    return explain(demo.run_dir, split=demo.cfg.explain.split)
+
+
+def stage_catalog(demo):
+    """The catalog job on ``explain.split`` -> RUN/catalog/catalog.h5."""
+    out = demo.catalog_dir
+    if (out / "catalog.h5").exists():
+        log.info("catalog %s exists: reused", out / "catalog.h5")
+    else:
+        run_catalog_job(demo.run_dir, Path(demo.cfg.data.shards) / demo.cfg.explain.split, out, demo.ranks)
+    return out
+
+
+def stage_report(demo):
+    """RUN/report/report.html with the catalog summary."""
+    from .report import build_report
+
+    return build_report(demo.run_dir, catalog=demo.catalog_dir)
+
+
+STAGES = (
+    ("data", stage_data),
+    ("train", stage_train),
+    ("judges", stage_judges),
+    ("explain", stage_explain),
+    ("catalog", stage_catalog),
+    ("report", stage_report),
+)
+
+
+def run_demo(config=None, sets=(), ranks=None, judge_epochs=None):
+    """Run every stage of :data:`STAGES` on ``config`` (default configs/smoke.yaml) with the
+    dotted overrides ``sets``; returns {"config", "ranks", "times", "total_seconds",
+    and each stage's result under its name}."""
+    config = Path(config) if config else DEFAULT_CONFIG
+    sets = list(sets or [])
+    cfg = load_config(config, sets)
+    demo = Demo(
+        config=config, sets=sets, cfg=cfg, ranks=local_ranks(ranks, cfg.train.device), judge_epochs=judge_epochs
+    )
+    t0 = time.monotonic()
+    times = {}
+    for name, stage in STAGES:
+        t = time.monotonic()
+        demo.results[name] = stage(demo)
+        times[name] = time.monotonic() - t
+        log.info("demo stage %s done (%.0f s)", name, times[name])
+    return {
+        "config": config,
+        "ranks": demo.ranks,
+        "times": times,
+        "total_seconds": time.monotonic() - t0,
+        **demo.results,
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# Local launchers
+
+
+def _config_argv(config, sets):
+    return ["--config", str(config)] + [x for s in sets for x in ("--set", s)]
+
+
+def train_ranks(config, sets, ranks, cfg, poll_seconds=0.5):
+    """Train with ``ranks`` local processes, 1 torch thread each, the same global batch as
+    one process; False when the launch failed.
+
+    Each process gets the environment torchrun would export (RANK, WORLD_SIZE, LOCAL_RANK,
+    MASTER_ADDR, MASTER_PORT), so `galcf-hpc train` cannot tell the difference; started
+    directly there is no elastic agent to start, and when one rank fails the others are
+    stopped at once instead of waiting in a collective until the timeout.
+    """
+    port = free_port()
+    extra = ["train.threads=1", f"train.global_batch={cfg.train.global_batch or cfg.train.batch_size}"]
+    argv = [sys.executable, "-m", "galcf_hpc.cli", "train"] + _config_argv(config, list(sets) + extra) + ["--resume"]
+    procs = []
+    try:
+        for r in range(ranks):
+            env = {
+                **os.environ,
+                "RANK": str(r),
+                "WORLD_SIZE": str(ranks),
+                "LOCAL_RANK": str(r),
+                "LOCAL_WORLD_SIZE": str(ranks),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+                "OMP_NUM_THREADS": "1",
+            }
+            procs.append(subprocess.Popen(argv, env=env))
+        while any(p.poll() is None for p in procs) and not any(p.poll() for p in procs):
+            time.sleep(poll_seconds)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        codes = [p.wait() for p in procs]
+    if any(codes):
+        log.warning("training with %d local ranks failed (exit codes %s)", ranks, codes)
+        return False
+    return True
+
+
+def run_catalog_job(run_dir, split_dir, out_dir, ranks):
+    """The catalog job on one split: ``mpiexec -n ranks`` when mpiexec is on PATH, else in
+    this process."""
+    from .catalog.job import run_catalog
+
+    mpiexec = shutil.which("mpiexec")
+    args = [
+        "catalog",
+        "run",
+        "--checkpoint",
+        str(run_dir),
+        "--input",
+        str(split_dir),
+        "--out",
+        str(out_dir),
+        "--unit-size",
+        "64",
+        "--device",
+        "cpu",
+    ]
+    if mpiexec and ranks > 1:
+        rc = subprocess.call([mpiexec, "-n", str(ranks), sys.executable, "-m", "galcf_hpc.cli"] + args)
+        if rc == 0:
+            return
+        log.warning("mpiexec -n %d catalog run failed (exit code %d); running it in this process", ranks, rc)
+    elif not mpiexec:
+        log.warning("mpiexec not on PATH: catalog job in a single process")
+    run_catalog(run_dir, split_dir, out_dir, unit_size=64, device="cpu")

@@ -1,0 +1,36 @@
+"""Where a process computes: the one place that turns a device setting into a torch.device.
+
+``auto | cpu | cuda`` (``train.device``, ``--device`` of explain, report, catalog, judges).
+With several processes per node (local ranks), each takes GPU ``local_rank``, unless the
+launcher made exactly one GPU visible to each task (psslurm, ``srun --gpu-bind``): then it
+is GPU 0 of that task. More local ranks than visible GPUs otherwise would put two ranks on
+one GPU (NCCL refuses that), so it is an error that says what to change.
+"""
+
+import torch
+
+from .errors import ConfigError
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(name="auto", local_rank=0, option="--device"):
+    """``auto | cpu | cuda`` -> the torch.device of this process (``option`` names the
+    setting in errors)."""
+    if name not in DEVICES:
+        raise ConfigError(f"{option}: must be one of {', '.join(DEVICES)}, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{option}: cuda requested but no GPU is visible; use auto or cpu")
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    count = torch.cuda.device_count()
+    if count == 1:
+        # one GPU visible per task: the launcher bound this rank to its GPU (psslurm, srun --gpu-bind)
+        return torch.device("cuda", 0)
+    if local_rank >= count:
+        raise ConfigError(
+            f"{option}: local rank {local_rank} needs GPU {local_rank}, but only {count} GPU(s) are visible "
+            "to this process; start at most one rank per visible GPU (e.g. --ntasks-per-node equal to "
+            "--gres=gpu:N), or do not restrict CUDA_VISIBLE_DEVICES to fewer GPUs than ranks"
+        )
+    return torch.device("cuda", local_rank)

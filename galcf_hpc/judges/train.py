@@ -1,0 +1,262 @@
+"""Training and evaluation of the judge panel on a run's shards. Single process.
+
+Each judge trains on the run's train split through the run's loader (rotation and crop), with
+its own seed and its own extra augmentation on top (flips, shifts, noise, PSF-like blur and,
+for colour judges, per-band gain), so that it learns morphology that survives changes of
+rendering rather than one generator's pixels. Nothing here is imported by
+:mod:`galcf_hpc.train` or :mod:`galcf_hpc.model`: the model never trains against a judge.
+"""
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..data.classes import CLASS_NAMES, NUM_CLASSES
+from ..device import resolve_device
+from ..errors import ConfigError
+from ..fileio import write_json
+from ..loaders import build_loader
+from ..loaders.split import open_split
+from ..metrics import classification_summary, confusion_matrix
+from ..progress import Progress
+from .nets import build_judge, load_judge, predict, save_judge
+
+log = logging.getLogger("galcf_hpc")
+
+PANEL_FILE = "panel.json"
+
+
+@dataclass(frozen=True)
+class JudgeSpec:
+    """One judge of the panel: architecture family, input (colour or luminance), seed offset
+    and the strength of its extra augmentation."""
+
+    name: str
+    family: str
+    input: str
+    seed: int
+    epochs: int = 20
+    lr: float = 1e-3
+    noise: float = 0.02  # max std of added Gaussian noise
+    blur: float = 0.8  # max sigma of the Gaussian PSF-like blur, in pixels of a 64 px image
+    shift: int = 2  # max shift (pixels)
+    gain: float = 0.1  # max relative per-band gain change (colour judges)
+    balanced: bool = True  # class-balanced cross-entropy: no prior against rare classes
+
+
+# Two architecture families, different seeds and augmentation, one luminance-only judge.
+DEFAULT_PANEL = (
+    JudgeSpec("cnn", "plain_cnn", "colour", seed=101, epochs=25),
+    JudgeSpec("resnet", "resnet", "colour", seed=202, epochs=20, noise=0.03, blur=1.2, gain=0.2),
+    JudgeSpec("resnet_grey", "resnet", "luminance", seed=303, epochs=20),
+)
+
+
+def judges_dir(run_dir):
+    return Path(run_dir) / "judges"
+
+
+def judge_channels(image_size):
+    """Channels per stage: one stage per halving down to about 4 pixels."""
+    stages = max(2, min(5, int(math.log2(max(image_size, 8) // 4))))
+    return [min(16 * 2**i, 256) for i in range(stages)]
+
+
+def _gaussian_blur(x, sigma):
+    radius = max(1, int(math.ceil(2.5 * sigma)))
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    w = torch.exp(-0.5 * (t / sigma) ** 2)
+    w = w / w.sum()
+    c = x.shape[1]
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), w.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), w.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
+def augment(x, spec, gen):
+    """The judge's own augmentation of a batch in [0, 1] (on top of the loader's)."""
+    b = x.shape[0]
+    dev = x.device
+
+    def u(*shape):
+        return torch.rand(*shape, generator=gen).to(dev)
+
+    flip_h, flip_v = u(b) < 0.5, u(b) < 0.5
+    x = torch.where(flip_h[:, None, None, None], x.flip(-1), x)
+    x = torch.where(flip_v[:, None, None, None], x.flip(-2), x)
+    if spec.shift:
+        dx, dy = (int(v) for v in torch.randint(-spec.shift, spec.shift + 1, (2,), generator=gen))
+        x = torch.roll(x, (dy, dx), dims=(-2, -1))
+    if spec.blur > 0 and float(u(1)) < 0.3:  # a broader PSF; sigma scales with the image size
+        x = _gaussian_blur(x, (0.2 + float(u(1)) * spec.blur) * x.shape[-1] / 64)
+    if spec.gain > 0 and spec.input == "colour":
+        x = x * (1 + spec.gain * (2 * u(b, x.shape[1], 1, 1) - 1))
+    if spec.noise > 0:
+        x = x + spec.noise * u(b, 1, 1, 1) * torch.randn(x.shape, generator=gen).to(dev)
+    return x.clamp(0, 1)
+
+
+@torch.no_grad()
+def evaluate_judge(model, cfg, split, device):
+    """Classification numbers of ``model`` on every galaxy of ``split`` (no augmentation)."""
+    loader = build_loader(cfg, split, 0, 1, train=False)
+    cm = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.long)
+    try:
+        for batch in loader:
+            keep = batch["valid"]
+            if not bool(keep.any()):
+                continue
+            images = batch["images"][keep.to(batch["images"].device)].to(device)
+            cm += confusion_matrix(
+                batch["labels"][keep.to(batch["labels"].device)], predict(model, images), NUM_CLASSES
+            )
+    finally:
+        loader.close()
+    return {"split": split, **classification_summary(cm, CLASS_NAMES)}
+
+
+def class_weights(counts, device):
+    """Cross-entropy weights N / (C n_c), capped at 10: every class counts as much as every
+    other, so a judge asked "is this a cigar?" is not biased by how rare cigars are."""
+    counts = torch.as_tensor(counts, dtype=torch.float32)
+    w = counts.sum() / (len(counts) * counts.clamp_min(1))
+    return w.clamp(max=10.0).to(device)
+
+
+def _schedule(opt, total):
+    warmup = min(50, max(1, total // 10))
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+    )
+
+
+def train_judge(cfg, spec, device, epochs=None):
+    """Train one judge; writes RUN/judges/<name>/{model.pt, eval.json}; returns eval.json's dict."""
+    epochs = epochs if epochs is not None else (cfg.judges.epochs or spec.epochs)
+    if epochs < 1:
+        raise ConfigError(f"--epochs must be >= 1, got {epochs}")
+    out = judges_dir(cfg.run.out_dir) / spec.name
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.run.seed + spec.seed)
+    gen = torch.Generator().manual_seed(cfg.run.seed + spec.seed)
+    channels = judge_channels(cfg.data.image_size)
+    model = build_judge(spec.family, channels, spec.input).to(device)
+    loader = build_loader(cfg, "train", 0, 1, train=True)
+    steps = loader.steps_per_epoch
+    counts = open_split(Path(cfg.data.shards) / "train")[0]["class_counts_by_index"]
+    weights = class_weights(counts, device) if spec.balanced else None
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=1e-4)
+    sched = _schedule(opt, epochs * steps)
+    started, history = time.monotonic(), []
+    try:
+        for epoch in range(epochs):
+            loader.set_epoch(epoch)
+            model.train()
+            bar = Progress(steps, f"judge {spec.name} epoch {epoch + 1}/{epochs}")
+            loss_sum = torch.zeros((), device=device)
+            correct = torch.zeros((), device=device)
+            seen = 0
+            for i, batch in enumerate(loader):
+                images = augment(batch["images"].to(device), spec, gen)
+                labels = batch["labels"].to(device)
+                logits = model(images)
+                loss = F.cross_entropy(logits, labels, weight=weights)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                loss_sum += loss.detach() * len(labels)
+                correct += (logits.argmax(1) == labels).sum()
+                seen += len(labels)
+                bar(i + 1)
+            mean_loss = float(loss_sum) / max(seen, 1)
+            if not math.isfinite(mean_loss):
+                raise FloatingPointError(f"judge {spec.name}: loss became {mean_loss} in epoch {epoch + 1}")
+            history.append({"epoch": epoch, "loss": mean_loss, "train_accuracy": float(correct) / max(seen, 1)})
+            log.info(
+                "judge %s epoch %d: loss %.3f, train accuracy %.3f",
+                spec.name,
+                epoch + 1,
+                mean_loss,
+                history[-1]["train_accuracy"],
+            )
+    finally:
+        loader.close()
+    seconds = time.monotonic() - started
+    model.eval()
+    settings = {
+        **spec.__dict__,
+        "epochs": epochs,
+        "channels": channels,
+        "image_size": cfg.data.image_size,
+        "run_seed": cfg.run.seed,
+    }
+    save_judge(
+        out / "model.pt",
+        model,
+        {"family": spec.family, "channels": channels, "input": spec.input, "num_classes": NUM_CLASSES, "depth": 1},
+        {"name": spec.name, "settings": settings},
+    )
+    splits = {
+        s: evaluate_judge(model, cfg, s, device) for s in dict.fromkeys((cfg.train.eval_split, cfg.explain.split))
+    }
+    summary = {
+        **splits[cfg.explain.split],
+        "splits": splits,
+        "settings": settings,
+        "train_seconds": seconds,
+        "history": history,
+        "model": f"{spec.family} on {spec.input} input (independent of the galcf-hpc model)",
+    }
+    write_json(out / "eval.json", summary)
+    return summary
+
+
+def train_judges(cfg, names=None, device="auto", epochs=None):
+    """Train the panel (or the judges named in ``names``); writes RUN/judges/panel.json."""
+    known = {s.name: s for s in DEFAULT_PANEL}
+    unknown = sorted(set(names or ()) - set(known))
+    if unknown:
+        raise ConfigError(f"--only: unknown judge(s) {unknown}; the panel has {', '.join(known)}")
+    dev = resolve_device(device)
+    if cfg.train.threads > 0 and dev.type == "cpu":
+        torch.set_num_threads(cfg.train.threads)
+    results = {}
+    for spec in DEFAULT_PANEL:
+        if names and spec.name not in names:
+            continue
+        results[spec.name] = train_judge(cfg, spec, dev, epochs)
+    panel_path = judges_dir(cfg.run.out_dir) / PANEL_FILE
+    panel = json.loads(panel_path.read_text()) if panel_path.is_file() else {}
+    panel.update(
+        {
+            name: {k: r[k] for k in ("split", "accuracy", "macro_f1", "num_galaxies", "model", "train_seconds")}
+            for name, r in results.items()
+        }
+    )
+    write_json(panel_path, panel)
+    return results
+
+
+def load_judges(run_dir, device="cpu"):
+    """({name: judge} of every trained judge of the run, a note for the user or None)."""
+    root = judges_dir(run_dir)
+    judges = {}
+    for spec in DEFAULT_PANEL:
+        path = root / spec.name / "model.pt"
+        if path.is_file():
+            judges[spec.name], _ = load_judge(path, device)
+    missing = [s.name for s in DEFAULT_PANEL if s.name not in judges]
+    note = None
+    if missing:
+        note = (
+            f"judge(s) {', '.join(missing)} not trained: validity by independent judges is "
+            f"{'incomplete' if judges else 'missing'}; train them with `galcf-hpc judges train --config "
+            f"{Path(run_dir) / 'config.yaml'}`"
+        )
+    return judges, note

@@ -1,0 +1,47 @@
+"""The luminance critic: a small CNN, part of the training objective, that classifies
+galaxies from their luminance (the mean of the bands) alone.
+
+It learns from real galaxies only (``critic_real``); on decoded counterfactuals its weights
+are frozen and its verdict trains the decoder (``loss.cf_critic``). A counterfactual that
+only recolours a galaxy cannot convince it: the decoder has to change the brightness
+structure (shape, arms, bulge) to reach the target class. With ``loss.cf_realism`` it has one
+more class, "decoded counterfactual", learnt from detached counterfactuals against the
+galaxies and their reconstructions (the decoder's own image domain, so blur alone does not
+give a counterfactual away): the decoder then has to draw something it cannot tell from a
+galaxy of the target class (an auxiliary-classifier GAN). It is something the model is
+*trained against*, so it is never used to judge the model (``galcf_hpc.judges`` are separate
+networks, seeds and training runs).
+"""
+
+from torch import nn
+
+
+def _stage(c_in, c_out):
+    return [
+        nn.Conv2d(c_in, c_out, 3, padding=1),
+        nn.GroupNorm(min(8, c_out), c_out),
+        nn.SiLU(),
+        nn.Conv2d(c_out, c_out, 3, padding=1),
+        nn.GroupNorm(min(8, c_out), c_out),
+        nn.SiLU(),
+        nn.AvgPool2d(2),
+    ]
+
+
+class LuminanceCritic(nn.Module):
+    def __init__(self, image_size, num_classes, width=16, realism=False, colour=False):
+        super().__init__()
+        self.colour = colour  # a colour critic (loss.cf_critic_colour) sees the bands themselves
+        layers, c_in, size = [], 3 if colour else 1, image_size
+        c = width
+        while size > 4:
+            layers += _stage(c_in, c)
+            c_in, c, size = c, min(2 * c, 128), size // 2
+        self.features = nn.Sequential(*layers)
+        # with ``realism`` one more output: "a decoded counterfactual, not a galaxy"
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, num_classes + realism))
+
+    def forward(self, x):
+        """Class logits [B, C] for images [B, 3, H, W] in [0, 1] (colour is discarded unless
+        this is a colour critic)."""
+        return self.head(self.features((x if self.colour else x.mean(dim=1, keepdim=True)) - 0.5))

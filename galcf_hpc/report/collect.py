@@ -1,0 +1,363 @@
+"""Every number of a run's report: one pass over the explained split (``explain.split``, at
+most ``max_galaxies`` galaxies in loader order) with the counterfactual pass of
+:mod:`galcf_hpc.model.evaluation`, the run's judges as the panel, then latent-space
+separation, outliers, training records and the catalog summary.
+
+"Trained against" and "judged by" stay apart here as everywhere: ``validity_model`` is the
+model's own verdict on its counterfactuals, ``validity_<judge>`` the verdict of a classifier
+nothing in training optimised against.
+"""
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..data.classes import CLASS_NAMES, NUM_CLASSES
+from ..errors import DataError, GalcfError
+from ..explain.run import DEFINITIONS
+from ..judges import DEFAULT_PANEL, judges_dir
+from ..loaders import build_loader
+from ..model.evaluation import Accumulator, FigurePool, explain_batch
+from ..progress import Progress
+
+NUM_OUTLIERS = 8
+CATALOG_FILE = "catalog.h5"
+PRED_FILL = -32768  # the catalog's fill value of 'pred': a galaxy no part file provides
+
+
+def iterate(cfg, split, limit):
+    """(keys, images, labels on the CPU) batches of the valid galaxies of ``split``, at most
+    ``limit`` in all; images stay on the loader's device (DALI on GPU, synthetic loader)."""
+    loader = build_loader(cfg, split, 0, 1, train=False)
+    n = 0
+    try:
+        for batch in loader:
+            if n >= limit:
+                break
+            keep = batch["valid"].cpu()
+            take = min(int(keep.sum()), limit - n)
+            if take == 0:
+                continue  # an all-padding batch; later ones may still hold galaxies
+            images = batch["images"][keep.to(batch["images"].device)][:take]
+            labels = batch["labels"].cpu()[keep][:take]
+            keys = [str(k) for k, v in zip(batch["keys"], keep.tolist()) if v][:take]
+            yield keys, images, labels
+            n += take
+    finally:
+        loader.close()
+
+
+class OutlierPool:
+    """The ``k`` galaxies whose h is farthest from its nearest class mean ("far") and the
+    ``k`` closest to a tie between the two nearest means ("between"), kept with their images
+    while the split streams by, so no second pass over the data is needed. Ties go to the
+    galaxy seen first."""
+
+    def __init__(self, k=NUM_OUTLIERS):
+        self.k = k
+        self.kept = {"far": [], "between": []}  # (score, index, image [3, R, R] numpy), best first
+
+    def add(self, start, distance, images):
+        """Galaxies ``start``.. with class-mean ``distance`` [B, C] and ``images`` [B, 3, R, R]."""
+        d = distance.float().cpu().sort(1).values
+        for kind, score in (("far", -d[:, 0]), ("between", d[:, 1] - d[:, 0])):
+            new = [(float(s), start + i, None) for i, s in enumerate(score.tolist())]
+            best = sorted(self.kept[kind] + new, key=lambda c: c[:2])[: self.k]
+            self.kept[kind] = [
+                (s, i, images[i - start].float().cpu().numpy() if img is None else img) for s, i, img in best
+            ]
+
+    def indices(self, kind):
+        return [i for _, i, _ in self.kept[kind]]
+
+    def images(self, kind):
+        return [img for _, _, img in self.kept[kind]]
+
+
+@dataclass
+class Collected:
+    """The pass over the split: the :class:`~galcf_hpc.model.evaluation.Accumulator`
+    summary, per-galaxy arrays (numpy, N galaxies, T = every class as target), the galaxies
+    of the Figure-3 grid and the outliers."""
+
+    summary: dict
+    arrays: dict
+    pool: FigurePool
+    outliers: OutlierPool
+
+
+@torch.no_grad()
+def collect(model, judges, cfg, limit, device):
+    """One pass over ``cfg.explain.split`` with :func:`explain_batch`; ``judges`` {name:
+    module} is the panel (never the model)."""
+    split, targets = cfg.explain.split, list(range(NUM_CLASSES))
+    acc = Accumulator(targets, NUM_CLASSES, list(judges))
+    pool, outliers = FigurePool(), OutlierPool()
+    per_judge = [f"{kind}_{name}" for name in judges for kind in ("pred", "validity")]
+    rows = {
+        k: [] for k in ("labels", "pred", "h", "z1", "z2", "distance", "validity_model", "luminance_share", *per_judge)
+    }
+    keys = []
+    bar = Progress(max(1, math.ceil(limit / cfg.explain.batch_size)), f"report {split}")
+    for b, (bkeys, images, labels) in enumerate(iterate(cfg, split, limit)):
+        images = images.to(device)
+        out = explain_batch(
+            model,
+            images,
+            targets,
+            cfg.explain.margin,
+            judges,
+            cfg.explain.background_fraction,
+            placement=cfg.explain.placement,
+        )
+        acc.add(out, labels)
+        pool.add(images, labels, out)
+        distance = torch.cdist(out.h, model.means.float())
+        outliers.add(len(keys), distance, images)
+        keys += bkeys
+        z1, z2 = model.split(out.z)
+        batch = {
+            "labels": labels,
+            "pred": out.pred,
+            "h": out.h,
+            "z1": z1,
+            "z2": z2,
+            "distance": distance,
+            "validity_model": out.valid["model"],
+            "luminance_share": out.change["luminance_share"],
+        }
+        for name in judges:
+            batch[f"pred_{name}"] = out.judge_pred[name]
+            batch[f"validity_{name}"] = out.valid[name]
+        for k, v in batch.items():
+            rows[k].append(v.cpu())
+        bar(b + 1)
+    if not keys:
+        raise GalcfError(f"split {split!r} of {cfg.data.shards} holds no galaxies to report on")
+    arrays = {k: torch.cat(v).numpy() for k, v in rows.items()}
+    arrays["keys"] = np.array(keys)
+    return Collected(acc.summary(CLASS_NAMES), arrays, pool, outliers)
+
+
+def silhouettes(arrays, do_tsne, seed=0):
+    """Silhouette score by true class of z1, h and z2, in the original space and in a 2-D
+    t-SNE embedding; returns (scores, embeddings)."""
+    from sklearn.manifold import TSNE
+    from sklearn.metrics import silhouette_score
+
+    labels = arrays["labels"]
+    n, n_labels = len(labels), len(set(labels.tolist()))
+    scores, emb = {}, {}
+    ok = 2 <= n_labels <= n - 1
+    for name in ("z1", "h", "z2"):
+        x = arrays[name].astype(np.float64)
+        entry = {"dim": int(x.shape[1]), "original": float(silhouette_score(x, labels)) if ok else None, "tsne": None}
+        if do_tsne and n >= 10:
+            perplexity = float(min(30.0, max(2.0, (n - 1) / 3.0)))
+            e = TSNE(
+                n_components=2, perplexity=perplexity, init="pca", learning_rate="auto", random_state=seed
+            ).fit_transform(x)
+            emb[name] = e
+            entry["tsne"] = float(silhouette_score(e, labels)) if ok else None
+            entry["tsne_perplexity"] = perplexity
+        scores[name] = entry
+    return scores, emb
+
+
+def outlier_table(arrays, outliers, judge_names):
+    """The outliers of :class:`OutlierPool` with their labels, the model's and each judge's
+    class, and their distances."""
+    d = arrays["distance"]
+    order = np.argsort(d, axis=1)
+
+    def entry(i):
+        d1, d2 = float(d[i, order[i, 0]]), float(d[i, order[i, 1]])
+        return {
+            "index": i,
+            "key": str(arrays["keys"][i]),
+            "label": CLASS_NAMES[int(arrays["labels"][i])],
+            "pred": CLASS_NAMES[int(arrays["pred"][i])],
+            "judges": {n: CLASS_NAMES[int(arrays[f"pred_{n}"][i])] for n in judge_names},
+            "nearest": CLASS_NAMES[int(order[i, 0])],
+            "second": CLASS_NAMES[int(order[i, 1])],
+            "min_distance": d1,
+            "margin": d2 - d1,
+        }
+
+    return {
+        "far": [entry(i) for i in outliers.indices("far")],
+        "between": [entry(i) for i in outliers.indices("between")],
+        "definitions": {
+            "far": "largest distance of h to the nearest class mean (unlike every class)",
+            "between": "smallest difference between the distances to the two nearest class means",
+        },
+    }
+
+
+def training_records(run_dir):
+    """(train records, eval records) of RUN/metrics.jsonl."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return [], []
+    train, evals = [], []
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a killed run
+        (evals if r.get("kind") == "eval" else train).append(r)
+    return train, evals
+
+
+def _read_json(path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def panel_info(run_dir, judges, note):
+    """Who judges: the loaded judges, which of them see luminance only, which of the default
+    panel are missing, and what each judge's own eval.json says about it."""
+    trained = {}
+    for name in judges:
+        ev = _read_json(judges_dir(run_dir) / name / "eval.json") or {}
+        trained[name] = {
+            "model": ev.get("model"),
+            "settings": ev.get("settings"),
+            "eval": {k: ev.get(k) for k in ("split", "accuracy", "macro_f1", "num_galaxies")} if ev else None,
+        }
+    return {
+        "names": list(judges),
+        "luminance_only": [n for n, j in judges.items() if j.input == "luminance"],
+        "missing": [s.name for s in DEFAULT_PANEL if s.name not in judges],
+        "note": note,
+        "path": str(judges_dir(run_dir)),
+        "trained": trained,
+    }
+
+
+def _virtual_parts_missing(f, folder):
+    """Part files that the virtual datasets of an open catalog read from but that do not
+    exist (HDF5 then silently returns fill values); relative names resolve against the
+    catalog's folder."""
+    missing = set()
+    for ds in f.values():
+        if getattr(ds, "is_virtual", False):
+            for source in ds.virtual_sources():
+                if source.file_name != "." and not (Path(folder) / source.file_name).is_file():
+                    missing.add(source.file_name)
+    return sorted(missing)
+
+
+def _strings(values):
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
+
+
+def _catalog_means(validity, lum, sel=slice(None)):
+    """Validity by the model and each judge, and the mean luminance share, of catalog columns."""
+    counted = validity["model"][:, sel] >= 0
+    out = {"n": int(counted.sum())}
+    for name, v in validity.items():
+        col = v[:, sel]
+        out[f"validity_{name}"] = float((col == 1).sum() / (col >= 0).sum()) if (col >= 0).any() else None
+    if lum is not None:
+        shares = lum[:, sel][counted & np.isfinite(lum[:, sel])]
+        out["luminance_share"] = float(shares.mean()) if shares.size else None
+    return out
+
+
+def catalog_summary(cat_dir):
+    """Counts per predicted class, and validity by the model and by each judge the catalog
+    job ran (and the luminance share, where recorded) per target, of DIR/catalog.h5. Refuses
+    a catalog whose virtual datasets miss a part file or hold galaxies without a prediction:
+    its numbers would be computed over a wrong number of galaxies."""
+    import h5py
+
+    path = Path(cat_dir) / CATALOG_FILE
+    if not path.is_file():
+        raise GalcfError(
+            f"--catalog {cat_dir}: no {CATALOG_FILE} there; run `galcf-hpc catalog run ... --out {cat_dir}`"
+        )
+    fix = (
+        f"check it with `galcf-hpc catalog verify {cat_dir}` and rerun `galcf-hpc catalog run` with the "
+        "same arguments to recompute the missing parts"
+    )
+    with h5py.File(path, "r") as f:
+        missing = _virtual_parts_missing(f, path.parent)
+        if missing:
+            raise DataError(
+                f"--catalog {cat_dir}: {len(missing)} part file(s) of {path} are missing (first: "
+                f"{missing[0]}), so their galaxies would read as fill values; {fix}"
+            )
+        n = int(f.attrs["num_galaxies"])
+        judge_names = _strings(f.attrs.get("judge_names", []))
+        pred = f["pred"][:].astype(np.int64)
+        label = f["label"][:].astype(np.int64)
+        validity = {"model": f["validity"][:], **{j: f[f"validity_{j}"][:] for j in judge_names}}
+        lum = f["luminance_share"][:] if "luminance_share" in f else None
+        targets = _strings(f.attrs["target_names"])
+    holes = np.flatnonzero(pred == PRED_FILL)
+    if len(pred) != n or len(holes):
+        raise DataError(
+            f"--catalog {cat_dir}: {path} says it holds {n} galaxies but {len(pred) - len(holes)} "
+            f"have a prediction{f' (first without: index {holes[0]})' if len(holes) else ''}; {fix}"
+        )
+    labelled = label >= 0
+    return {
+        "path": str(path),
+        "num_galaxies": n,
+        "judge_names": judge_names,
+        "pred_counts": {CLASS_NAMES[c]: int((pred == c).sum()) for c in range(NUM_CLASSES)},
+        "overall": _catalog_means(validity, lum),
+        "per_target": {name: _catalog_means(validity, lum, slice(j, j + 1)) for j, name in enumerate(targets)},
+        "accuracy": float((pred[labelled] == label[labelled]).mean()) if labelled.any() else None,
+    }
+
+
+REPORT_DEFINITIONS = {
+    **DEFINITIONS,
+    "classification": "the model and each judge on the real (not counterfactual) images of the split",
+    "silhouette": "sklearn silhouette_score by true class (Euclidean), in the latent space itself and in its 2-D "
+    "t-SNE embedding",
+}
+
+
+def report_numbers(run_dir, ckpt, cfg, collected, panel, silhouette, outliers, training, catalog, max_galaxies):
+    """The report's JSON-ready dict (``figures``, ``paths`` and ``seconds`` are filled in by
+    the caller)."""
+    s = collected.summary
+    sep = {k: silhouette[k]["original"] for k in silhouette}
+    train_recs, eval_recs = training
+    return {
+        "version": __version__,
+        "run": str(run_dir),
+        "checkpoint": str(ckpt),
+        "split": cfg.explain.split,
+        "num_galaxies": s["num_galaxies"],
+        "max_galaxies": max_galaxies,
+        "margin": cfg.explain.margin,
+        "placement": cfg.explain.placement,
+        "classification": {
+            "model": {
+                k: s[k] for k in ("num_galaxies", "accuracy", "macro_f1", "per_class_accuracy", "confusion_matrix")
+            },
+            "judges": s["judges"],
+        },
+        "judges": panel,
+        "counterfactuals": {"overall": s["overall"], "per_target": s["per_target"]},
+        "reconstruction": s["reconstruction"],
+        "train_eval": _read_json(Path(run_dir) / "eval.json"),
+        "silhouette": silhouette,
+        "h_separates_better_than_z2": (sep["h"] > sep["z2"]) if None not in (sep["h"], sep["z2"]) else None,
+        "outliers": outliers,
+        "training": {
+            "final_eval": eval_recs[-1] if eval_recs else None,
+            "num_train_records": len(train_recs),
+            "num_eval_records": len(eval_recs),
+        },
+        "catalog": catalog,
+        "definitions": REPORT_DEFINITIONS,
+    }

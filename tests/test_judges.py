@@ -1,0 +1,192 @@
+"""The judge panel (independent classifiers) and the one counterfactual pass that uses it:
+what the pass records equals a recomputation by hand, judges are trained and loaded from
+weights-only files, a luminance judge cannot see colour, and nothing the model trains
+against is a judge."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from galcf_hpc.config import config_from_dict
+from galcf_hpc.data.classes import CLASS_NAMES, NUM_CLASSES
+from galcf_hpc.judges import DEFAULT_PANEL, load_judges, train_judges
+from galcf_hpc.judges.nets import PlainCNN, ResNet, build_judge, load_judge
+from galcf_hpc.metrics import luminance_share, ssim
+from galcf_hpc.model.evaluation import Accumulator, explain_batch
+from galcf_hpc.model.galcf import GalaxyCF
+from galcf_hpc.train.objective import batch_losses
+
+
+def tiny_model(seed=0, z2_critic=False):
+    torch.manual_seed(seed)
+    return GalaxyCF(16, [8, 16], 12, 6, 2, 16, 2.0, 5.0, seed=seed, z2_critic=z2_critic).eval()
+
+
+def tiny_judges():
+    torch.manual_seed(5)
+    return {
+        "cnn": build_judge("plain_cnn", [8, 16], "colour").eval(),
+        "grey": build_judge("resnet", [8, 16], "luminance").eval(),
+    }
+
+
+def test_pass_equals_recomputation_by_hand():
+    model, judges = tiny_model(), tiny_judges()
+    images = torch.rand(7, 3, 16, 16)
+    targets = [0, 3, 9]
+    out = explain_batch(model, images, targets, margin=1.0, judges=judges, keep_images=True)
+    cls = model.classify(images)
+    assert torch.equal(out.pred, cls.pred)
+    recon = model.decoder(cls.z)
+    for j, t in enumerate(targets):
+        sel = cls.pred != t
+        assert torch.equal(out.mask[:, j], sel)
+        assert (out.valid["model"][~sel, j] == -1).all() and torch.isnan(out.change["ssim_rec"][~sel, j]).all()
+        if not bool(sel.any()):
+            continue
+        target = torch.full_like(cls.pred[sel], t)
+        x_cf, _ = model.counterfactual(cls.z[sel], cls.h[sel], cls.pred[sel], target, 1.0)
+        assert torch.allclose(out.cf_images[sel, j], x_cf, atol=1e-6)
+        assert torch.equal(out.valid["model"][sel, j], (model.classify(x_cf).pred == t).to(torch.int8))
+        for name, judge in judges.items():
+            assert torch.equal(out.valid[name][sel, j], (judge(x_cf).argmax(1) == t).to(torch.int8))
+        assert torch.allclose(out.change["ssim_rec"][sel, j], ssim(x_cf, recon[sel]), atol=1e-5)
+        assert torch.allclose(out.change["luminance_share"][sel, j], luminance_share(x_cf - recon[sel]), atol=1e-5)
+    # chunked decoding gives the same numbers
+    chunked = explain_batch(model, images, targets, margin=1.0, judges=judges, chunk=4)
+    for name in out.valid:
+        assert torch.equal(chunked.valid[name], out.valid[name])
+    assert torch.allclose(chunked.change["msd_rec"], out.change["msd_rec"], equal_nan=True)
+
+
+def test_accumulator_means_and_panel_agreement():
+    model, judges = tiny_model(), tiny_judges()
+    acc = Accumulator(range(NUM_CLASSES), NUM_CLASSES, judges)
+    outs, labels = [], []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        images, lab = torch.rand(6, 3, 16, 16), torch.randint(0, NUM_CLASSES, (6,))
+        out = explain_batch(model, images, range(NUM_CLASSES), 1.0, judges)
+        acc.add(out, lab)
+        outs.append(out)
+        labels.append(lab)
+    s = acc.summary(CLASS_NAMES)
+    mask = torch.cat([o.mask for o in outs])
+    votes = {n: torch.cat([o.valid[n] for o in outs]).double() for n in ("model", "cnn", "grey")}
+    assert s["overall"]["n"] == int(mask.sum())
+    for n in votes:
+        assert s["overall"][f"validity_{n}"] == pytest.approx(float(votes[n][mask].mean()))
+    both = (votes["cnn"] == 1) & (votes["grey"] == 1)
+    assert s["overall"]["panel_all"] == pytest.approx(float(both[mask].double().mean()))
+    panel = (votes["cnn"] + votes["grey"]) / 2
+    assert s["overall"]["validity_panel"] == pytest.approx(float(panel[mask].mean()))
+    assert s["num_galaxies"] == 12
+    assert s["judges"]["cnn"]["num_galaxies"] == 12
+
+
+def test_luminance_judge_cannot_see_colour():
+    judge = build_judge("resnet", [8, 16], "luminance").eval()
+    x = torch.rand(4, 3, 16, 16) * 0.5 + 0.25
+    shift = 0.1 * torch.randn(4, 1, 16, 16)
+    recoloured = x + torch.cat([shift, -shift, torch.zeros_like(shift)], dim=1)
+    with torch.no_grad():
+        assert torch.allclose(judge(x), judge(recoloured), atol=1e-5)
+        colour = build_judge("resnet", [8, 16], "colour").eval()
+        assert not torch.allclose(colour(x), colour(recoloured), atol=1e-4)
+
+
+def test_objective_never_imports_or_calls_a_judge(monkeypatch):
+    """The training side must not load the judge package, and a training step with every
+    objective term on must not run any judge network."""
+    code = (
+        "import sys, galcf_hpc.train.loop, galcf_hpc.train.objective, galcf_hpc.train.engines; "
+        "print(sorted(m for m in sys.modules if m.startswith(('galcf_hpc.judges', 'galcf_hpc.baseline'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+    def refuse(self, x):
+        raise AssertionError("a judge ran inside the training objective")
+
+    monkeypatch.setattr(PlainCNN, "forward", refuse)
+    monkeypatch.setattr(ResNet, "forward", refuse)
+    cfg = config_from_dict(
+        {
+            "data": {"image_size": 16},
+            "model": {"channels": [8, 16]},
+            "loss": {
+                "perceptual": 0.0,
+                "z2_adversary": 1.0,
+                "cf_critic": 1.0,
+                "cf_augment": True,
+                "cf_placement": "interpolate",
+            },
+        }
+    )
+    model = GalaxyCF.from_config(cfg).train()
+    total, terms = batch_losses(model, None, torch.rand(8, 3, 16, 16), torch.arange(8) % NUM_CLASSES, cfg.loss, True)
+    total.backward()
+    assert {"cf", "z2_critic", "mmd", "ib", "critic_real", "cf_critic"} <= set(terms)
+    assert model.z2_critic[0].weight.grad is not None and model.critic.head[-1].weight.grad is not None
+
+
+def test_train_panel_and_load_it(sharded, tmp_path):
+    cfg = config_from_dict(
+        {
+            "run": {"out_dir": str(tmp_path / "run"), "seed": 1},
+            "data": {"shards": str(sharded.out), "image_size": 16, "crop_fraction": 0.7, "loader": "torch"},
+            "model": {"channels": [8, 16]},
+            "train": {"batch_size": 16, "threads": 1},
+            "explain": {"batch_size": 32},
+        }
+    )
+    judges, note = load_judges(tmp_path / "run")
+    assert judges == {} and "galcf-hpc judges train" in note
+    results = train_judges(cfg, names=["cnn", "resnet_grey"], epochs=1)
+    assert set(results) == {"cnn", "resnet_grey"}
+    judges, note = load_judges(tmp_path / "run")
+    assert set(judges) == {"cnn", "resnet_grey"} and "resnet" in note
+    for name in judges:
+        state = torch.load(tmp_path / "run" / "judges" / name / "model.pt", weights_only=True)
+        assert state["format"] == "galcf-hpc-judge/1"
+        ev = json.loads((tmp_path / "run" / "judges" / name / "eval.json").read_text())
+        assert ev["num_galaxies"] == sum(int(v) for v in ev["confusion_matrix"][0]) + sum(
+            sum(row) for row in ev["confusion_matrix"][1:]
+        )
+        assert 0.0 <= ev["accuracy"] <= 1.0
+    grey, state = load_judge(tmp_path / "run" / "judges" / "resnet_grey" / "model.pt")
+    assert state["input"] == "luminance" and grey.input == "luminance"
+    panel = json.loads((tmp_path / "run" / "judges" / "panel.json").read_text())
+    assert set(panel) == {"cnn", "resnet_grey"}
+    with pytest.raises(Exception, match="unknown judge"):
+        train_judges(cfg, names=["oracle"])
+    assert [s.name for s in DEFAULT_PANEL] == ["cnn", "resnet", "resnet_grey"]
+
+
+def test_damaged_judge_file_is_named(tmp_path):
+    bad = tmp_path / "judges" / "cnn" / "model.pt"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(Exception, match=str(bad)):
+        load_judges(tmp_path)
+
+
+def test_critic_and_encoder_do_not_learn_from_counterfactuals():
+    """On decoded counterfactuals only the decoder learns: the encoder, flow and luminance
+    critic are frozen there, so they cannot agree with the decoder on a private code."""
+    from galcf_hpc.train.objective import consistency_loss
+
+    cfg = config_from_dict(
+        {"data": {"image_size": 16}, "model": {"channels": [8, 16]}, "loss": {"cf_critic": 1.0, "cf_augment": True}}
+    )
+    model = GalaxyCF.from_config(cfg).train()
+    lat = model(torch.rand(6, 3, 16, 16))
+    terms = consistency_loss(model, lat.z.detach(), lat.h.detach(), lat.recon.detach(), cfg.loss)
+    (terms["cf"] + terms["cf_l1"] + terms["cf_z2"]).backward()
+    assert all(p.grad is None for p in model.critic.parameters())
+    assert all(p.grad is None for p in model.encoder.parameters())
+    assert all(p.grad is None for p in model.flow.parameters())
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in model.decoder.parameters())
