@@ -21,9 +21,9 @@ def test_smoke_config_meets_goals(tmp_path):
     # judges nothing trained against (docs/method.md): well above the 0.29 of the objective
     # without the luminance critic, and the luminance-only judge convinced as often
     assert cf["judge_names"] == ["cnn", "resnet", "resnet_grey"]
-    assert o["validity_panel"] >= 0.45 and o["validity_resnet_grey"] >= 0.45
+    assert o["validity_panel"] >= 0.55 and o["validity_resnet_grey"] >= 0.45
     assert o["luminance_share"] >= 0.8  # the change is structure, not colour
-    assert o["ssim_rec"] >= 0.78
+    assert o["ssim_rec"] >= 0.75
     assert o["background_msd"] < o["center_msd"] / 4  # the change sits on the galaxy, not the sky
     # the decoder reconstructs: far better than predicting the mean image
     assert cf["reconstruction"]["msd"] < 0.006

@@ -70,10 +70,20 @@ def cmd_project(args):
 
 def add_scaling_parser(sub):
     """Register ``scaling`` and its sub-commands on the top-level sub-parser set."""
-    scaling = sub.add_parser("scaling", help="scaling studies: time runs, tables/plots, JURECA-DC projection")
+    scaling = sub.add_parser(
+        "scaling",
+        help="scaling studies: time runs, tables/plots, JURECA-DC projection",
+        description="Scaling studies: time training steps on N ranks, analyse the results into tables and plots, "
+        "and project step times to JURECA-DC nodes.",
+    )
     ssub = scaling.add_subparsers(dest="scaling_cmd", required=True)
 
-    sp = ssub.add_parser("run", help="time training steps on every rank (start with srun/torchrun/mpiexec)")
+    sp = ssub.add_parser(
+        "run",
+        help="time training steps on every rank (start with srun/torchrun/mpiexec)",
+        description="Time training steps on every rank a launcher started (srun, torchrun or mpiexec): data wait, "
+        "compute, communication and memory; rank 0 appends one JSON line to --out.",
+    )
     sp.add_argument("--config", required=True, help="YAML run configuration")
     sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     sp.add_argument(
@@ -82,20 +92,30 @@ def add_scaling_parser(sub):
         default="weak",
         help="weak: fixed micro-batch per GPU; strong: fixed train.global_batch",
     )
-    sp.add_argument("--engine", choices=ENGINES, default="ddp")
-    sp.add_argument("--loader", choices=LOADERS, default="synthetic")
+    sp.add_argument("--engine", choices=ENGINES, default="ddp", help="training engine (default: ddp)")
+    sp.add_argument("--loader", choices=LOADERS, default="synthetic", help="loader back-end (default: synthetic)")
     sp.add_argument("--steps", type=int, default=20, help="timed steps per repeat")
     sp.add_argument("--warmup", type=int, default=5, help="untimed steps first")
-    sp.add_argument("--repeats", type=int, default=3)
+    sp.add_argument("--repeats", type=int, default=3, help="timed blocks of --steps steps (default: 3)")
     sp.add_argument("--out", default="runs/scaling/results.jsonl", help="JSON-lines file rank 0 appends to")
     sp.set_defaults(func=cmd_run)
 
-    sp = ssub.add_parser("analyze", help="results.jsonl -> scaling.md, scaling.csv, PNG plots")
+    sp = ssub.add_parser(
+        "analyze",
+        help="results.jsonl -> scaling.md, scaling.csv, PNG plots",
+        description="Analyse the JSON lines of `scaling run` into a Markdown table, a CSV and plots of images/s, "
+        "efficiency and data share per (mode, engine, loader).",
+    )
     sp.add_argument("results", nargs="+", help="JSON-lines files written by `scaling run`")
     sp.add_argument("--out", required=True, help="output directory")
     sp.set_defaults(func=cmd_analyze)
 
-    sp = ssub.add_parser("project", help="step-time model: weak/strong scaling on 1..64 JURECA-DC nodes")
+    sp = ssub.add_parser(
+        "project",
+        help="step-time model: weak/strong scaling on 1..64 JURECA-DC nodes",
+        description="Project weak and strong scaling to JURECA-DC nodes with a step-time model "
+        "(compute + data + the all-reduce not hidden by the backward pass).",
+    )
     sp.add_argument(
         "--from",
         dest="from_results",
@@ -112,22 +132,32 @@ def add_scaling_parser(sub):
     sp.add_argument("--mode", choices=("weak", "strong"), help="with --from: only records of this mode")
     sp.add_argument("--engine", help="with --from: only records of this engine")
     sp.add_argument("--loader", help="with --from: only records of this loader")
-    sp.add_argument("--nodes", type=int, nargs="+", default=list(P.DEFAULT_NODES))
-    sp.add_argument("--gpus-per-node", type=int, default=P.JURECA_DC.gpus_per_node)
+    sp.add_argument("--nodes", type=int, nargs="+", default=list(P.DEFAULT_NODES), help="node counts to project")
+    sp.add_argument("--gpus-per-node", type=int, default=P.JURECA_DC.gpus_per_node, help="GPUs (ranks) per node")
     sp.add_argument(
         "--nvlink-gbps",
         type=float,
         default=P.JURECA_DC.nvlink_bandwidth / 1e9,
         help="intra-node all-reduce bus bandwidth, GB/s",
     )
-    sp.add_argument("--nvlink-latency-us", type=float, default=P.JURECA_DC.nvlink_latency * 1e6)
+    sp.add_argument(
+        "--nvlink-latency-us",
+        type=float,
+        default=P.JURECA_DC.nvlink_latency * 1e6,
+        help="intra-node all-reduce latency per hop, microseconds (assumed)",
+    )
     sp.add_argument(
         "--ib-gbps",
         type=float,
         default=P.JURECA_DC.ib_bandwidth / 1e9,
         help="inter-node bandwidth per node, GB/s (HDR 200 Gb/s = 25 GB/s)",
     )
-    sp.add_argument("--ib-latency-us", type=float, default=P.JURECA_DC.ib_latency * 1e6)
+    sp.add_argument(
+        "--ib-latency-us",
+        type=float,
+        default=P.JURECA_DC.ib_latency * 1e6,
+        help="inter-node latency per hop, microseconds (assumed)",
+    )
     sp.add_argument(
         "--overlap",
         type=float,
