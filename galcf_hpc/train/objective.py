@@ -7,7 +7,15 @@ The decoded counterfactual is re-encoded by a *frozen* copy of the encoder and f
 weights are detached for this term) and must be classified as t. Only the decoder learns
 from this term: it cannot invent a private code the encoder learns to read, it has to
 draw images that the classifier, trained on real galaxies only, puts into class t. This
-is what makes the decoder listen to z1 (DESIGN.md, "The crux").
+is what makes the decoder listen to z1 (docs/method.md, "The crux").
+
+What the frozen encoder accepts can still be a code only it reads. Optional terms make the
+counterfactual convince more than one network (docs/method.md, "second level"): critics
+trained here on real galaxies and frozen on x_cf (``loss.cf_critic``: luminance only,
+``loss.cf_critic_colour``), a "decoded counterfactual" class for the critic
+(``loss.cf_realism``), re-encoding under symmetries of the sky (``loss.cf_augment``), a
+gradient-reversed class critic on z2 (``loss.z2_adversary``) and other placements of h_cf
+(``loss.cf_placement``). All of them are *trained against*; none is a judge.
 """
 
 import torch
@@ -36,18 +44,18 @@ class _GradReverse(torch.autograd.Function):
         return -grad
 
 
-def augment_for_reencoding(x, generator=None):
+def augment_for_reencoding(x):
     """A random symmetry of the sky (rot90 and flip, one per batch), a shift of up to 2
     pixels and Gaussian noise of up to 0.03: what a galaxy's class does not depend on. A
-    counterfactual must keep its class through them, so pixel-exact codes stop working."""
-    k = int(torch.randint(0, 4, (1,), generator=generator))
-    x = torch.rot90(x, k, dims=(-2, -1))
-    if bool(torch.randint(0, 2, (1,), generator=generator)):
+    counterfactual must keep its class through them, so pixel-exact codes stop working.
+    The geometry is drawn on the host (no device sync), the noise on the images' device."""
+    x = torch.rot90(x, int(torch.randint(0, 4, ())), dims=(-2, -1))
+    if int(torch.randint(0, 2, ())):
         x = x.flip(-1)
-    dy, dx = (int(v) for v in torch.randint(-2, 3, (2,), generator=generator))
+    dy, dx = (int(v) for v in torch.randint(-2, 3, (2,)))
     x = torch.roll(x, (dy, dx), dims=(-2, -1))
-    sigma = 0.03 * torch.rand(x.shape[0], 1, 1, 1, generator=generator).to(x.device)
-    return x + sigma * torch.randn(x.shape, generator=generator).to(x.device)
+    sigma = 0.03 * torch.rand(x.shape[0], 1, 1, 1, device=x.device, dtype=x.dtype)
+    return x + sigma * torch.randn_like(x)
 
 
 def _frozen(module):
