@@ -291,7 +291,7 @@ def _train(cfg, resume, env, signals):
         _save(r, run_dir, step)
         reason = stop_reason(t, signals, started, step - first_step, device)
         if reason:
-            log.warning("stopping after epoch %d on %s; continue with --resume", epoch + 1, reason)
+            log.warning("stopping at step %d (after epoch %d) on %s; continue with --resume", step, epoch + 1, reason)
             break
     loader.close()
 
