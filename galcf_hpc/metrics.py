@@ -142,11 +142,6 @@ def luminance_share(delta):
     return share.to(torch.float32)
 
 
-def luminance(x):
-    """Band-mean image ``[B, 1, H, W]`` of ``x`` ``[B, C, H, W]`` (the luminance part above)."""
-    return _as_images("x", x).mean(dim=1, keepdim=True)
-
-
 # ---------------------------------------------------------------- classification ------------
 
 
@@ -196,7 +191,6 @@ __all__ = [
     "ssim",
     "validity",
     "luminance_share",
-    "luminance",
     "confusion_matrix",
     "accuracy",
     "per_class_accuracy",
