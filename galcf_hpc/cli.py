@@ -2,6 +2,7 @@
 demo.py); this is the only place (with config.py) that parses arguments."""
 
 import argparse
+import faulthandler
 import logging
 import os
 import sys
@@ -560,6 +561,9 @@ def build_parser():
 
 
 def main(argv=None):
+    # A native abort (a communication library's thread, a decoder) still prints the Python
+    # stack of every thread, so a failed rank's Slurm log shows where it was.
+    faulthandler.enable()
     args = build_parser().parse_args(argv)
     from .progress import setup_logging
 

@@ -18,6 +18,28 @@ from slurm import REPO, slurm  # noqa: F401  (slurm: the fixture)
 from test_train import tiny_config
 
 
+def _submit(slurm, config, ntasks, tmp, results):
+    args = ["--mode", "weak", "--engine", "ddp", "--loader", "synthetic", "--steps", "4", "--warmup", "1"]
+    return slurm.sbatch(
+        [
+            "--account=test",
+            "--nodes=1",
+            f"--ntasks-per-node={ntasks}",
+            "--cpus-per-task=1",
+            "--time=10",
+            f"--output={tmp}/slurm-%j.out",
+            "jobs/scaling.sbatch",
+            config,
+            *args,
+            "--repeats",
+            "2",
+            "--out",
+            results,
+        ],
+        timeout=240,
+    )
+
+
 @pytest.fixture(scope="module")
 def measured(slurm, sharded, tmp_path_factory):
     """Two runs of jobs/scaling.sbatch (1 and 2 tasks) appending to one results file."""
@@ -29,34 +51,14 @@ def measured(slurm, sharded, tmp_path_factory):
     results = tmp / "results.jsonl"
     logs = []
     for ntasks in (1, 2):
-        job, rc = slurm.sbatch(
-            [
-                "--account=test",
-                "--nodes=1",
-                f"--ntasks-per-node={ntasks}",
-                "--cpus-per-task=1",
-                "--time=10",
-                f"--output={tmp}/slurm-%j.out",
-                "jobs/scaling.sbatch",
-                config,
-                "--mode",
-                "weak",
-                "--engine",
-                "ddp",
-                "--loader",
-                "synthetic",
-                "--steps",
-                "4",
-                "--warmup",
-                "1",
-                "--repeats",
-                "2",
-                "--out",
-                results,
-            ],
-            timeout=240,
-        )
-        text = (tmp / f"slurm-{job}.out").read_text()
+        # jobs/scaling.sbatch is not requeued: a point whose rank died in native code
+        # ("terminate called", gloo's threads, not this package) is submitted once more,
+        # as jobs/scaling.sbatch tells users to do; a second failure fails the test.
+        for attempt in (1, 2):
+            job, rc = _submit(slurm, config, ntasks, tmp, results)
+            text = (tmp / f"slurm-{job}.out").read_text()
+            if rc == 0 or attempt == 2 or "terminate called" not in text:
+                break
         assert rc == 0 and slurm.job_state(job).exit_code == "0:0", text
         logs.append(text)
     return tmp, results, logs
