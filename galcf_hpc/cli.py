@@ -563,7 +563,10 @@ def build_parser():
 def main(argv=None):
     # A native abort (a communication library's thread, a decoder) still prints the Python
     # stack of every thread, so a failed rank's Slurm log shows where it was.
-    faulthandler.enable()
+    try:
+        faulthandler.enable()
+    except (AttributeError, ValueError):  # stderr without a file descriptor: an in-process caller
+        pass
     args = build_parser().parse_args(argv)
     from .progress import setup_logging
 
