@@ -51,15 +51,31 @@ def cmd_synth(args):
 
 def cmd_shard(args):
     from .data.shards import write_shards
+    from .errors import ConfigError
     from .progress import Progress
 
+    # the config's data section (if any) gives the defaults; options on the command line win
+    d = _load(args).data if args.config else None
+    source = args.input or (d.source if d else None)
+    args.out = args.out or (d.shards if d else None)
+    if not source or not args.out:
+        raise ConfigError("data shard needs --input and --out, or --config naming data.source and data.shards")
+    fractions = args.fractions or (tuple(d.split_fractions) if d else (0.8, 0.1, 0.1))
+    if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
+        raise ConfigError(f"--fractions {fractions}: three non-negative numbers (train, val, test) summing to 1")
+
+    def pick(option, key, default):
+        return option if option is not None else (getattr(d, key) if d else default)
+
     summary = write_shards(
-        args.input,
+        source,
         args.out,
-        shard_size=args.shard_size,
-        seed=args.seed,
+        shard_size=pick(args.shard_size, "shard_size", 1000),
+        fractions=tuple(fractions),
+        seed=pick(args.seed, "split_seed", 0),
         image_format=args.format,
         progress=Progress(1, "shard"),
+        match_radius_arcsec=pick(args.match_radius, "match_radius_arcsec", 10.0),
     )
     for split, info in summary["splits"].items():
         print(f"{split:5s}: {info['num_samples']} galaxies in {info['num_shards']} shards")
@@ -373,10 +389,25 @@ def build_parser():
         "stay in one split) and write each split as WebDataset tars with DALI index files, "
         "a manifest (counts, sha256) and splits.json.",
     )
-    sp.add_argument("--input", required=True, help="astroNN-format .h5 catalog (Galaxy10 DECaLS or `data synth`)")
-    sp.add_argument("--out", required=True, help="output directory (one subdirectory per split)")
-    sp.add_argument("--shard-size", type=int, default=1000, help="galaxies per tar")
-    sp.add_argument("--seed", type=int, default=0, help="seed of the train/val/test split")
+    sp.add_argument("--config", help="take data.source, data.shards, shard size and split settings from this config")
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    sp.add_argument("--input", help="astroNN-format .h5 catalog (Galaxy10 DECaLS or `data synth`); default data.source")
+    sp.add_argument("--out", help="output directory (one subdirectory per split); default data.shards")
+    sp.add_argument("--shard-size", type=int, help="galaxies per tar (default data.shard_size, else 1000)")
+    sp.add_argument("--seed", type=int, help="seed of the train/val/test split (default data.split_seed, else 0)")
+    sp.add_argument(
+        "--fractions",
+        type=float,
+        nargs=3,
+        metavar=("TRAIN", "VAL", "TEST"),
+        help="split fractions (default data.split_fractions, else 0.8 0.1 0.1)",
+    )
+    sp.add_argument(
+        "--match-radius",
+        type=float,
+        metavar="ARCSEC",
+        help="cutouts closer than this on the sky are one galaxy and share a split (default 10)",
+    )
     sp.add_argument("--format", choices=("png", "jpg"), default="png", help="image encoding (png is lossless)")
     sp.set_defaults(func=cmd_shard)
     sp = _command(

@@ -8,8 +8,11 @@ written next to every output (``resolved_config``).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import io
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -270,25 +273,71 @@ def _build(cls, data, prefix):
     return cls(**kwargs)
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` with two differences that matter for configuration files:
+    floats are read as YAML 1.2 reads them (``1e-3`` and ``3e-4`` are numbers, not the
+    strings YAML 1.1 makes of them), and a key given twice in one mapping is an error
+    naming the key and its line instead of the last one silently winning."""
+
+    yaml_implicit_resolvers = {first: list(rs) for first, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping",
+                    node.start_mark,
+                    f"found key {key!r} twice (first on line {seen[key] + 1}); keep one of them",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+# YAML 1.2 core schema floats: an exponent without a decimal point is still a float. The int
+# resolver is registered first, so plain integers stay ints.
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\.[0-9]+|[0-9][0-9_]*(?:\.[0-9_]*)?)(?:[eE][-+]?[0-9]+)?$"),
+    list("-+.0123456789"),
+)
+
+
+def read_yaml(text, name=None):
+    """Parse configuration YAML (safe: plain data only; see ``_ConfigLoader``); errors
+    point into ``name`` (a file name) when given."""
+    stream = io.StringIO(text)
+    stream.name = str(name) if name else "<text>"
+    return yaml.load(stream, Loader=_ConfigLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def _apply_override(tree, assignment):
     if "=" not in assignment:
         raise ConfigError(f"override '{assignment}' must look like section.key=value")
     dotted, raw = assignment.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = read_yaml(raw) if raw != "" else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"override '{assignment}': value is not valid YAML ({exc})") from None
     parts = dotted.strip().split(".")
     node = tree
     for part in parts[:-1]:
-        node = node.setdefault(part, {})
+        if node.get(part) is None:  # absent, or an empty section in the file
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
             raise ConfigError(f"override '{assignment}': '{part}' is not a section")
     node[parts[-1]] = value
 
 
 def config_from_dict(data, overrides=()):
-    tree = dict(data or {})
+    """A validated Config from plain data (the caller's dict is not modified) and
+    ``section.key=value`` overrides."""
+    tree = copy.deepcopy(data) if data is not None else {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"a config is a mapping of sections (run, data, model, ...), got a {type(tree).__name__}")
     for assignment in overrides:
         _apply_override(tree, assignment)
     return _build(Config, tree, "").validate()
@@ -302,7 +351,7 @@ def load_config(path, overrides=()):
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        data = read_yaml(text, path)
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
     try:

@@ -93,6 +93,7 @@ def stage_data(demo):
             shard_size=cfg.data.shard_size,
             fractions=tuple(cfg.data.split_fractions),
             seed=cfg.data.split_seed,
+            match_radius_arcsec=cfg.data.match_radius_arcsec,
         )
         log.info("sharded %s into %s", source, shards)
     return shards

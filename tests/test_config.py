@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import yaml
 
@@ -86,3 +88,45 @@ def test_bad_yaml_file(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_yaml_reads_exponent_floats_like_yaml_1_2(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 1e-3\n  weight_decay: 5E-5\n  epochs: 3\n  grad_clip: .5\nloss:\n  pixel: 1E5\n")
+    cfg = load_config(path, ["train.warmup_steps=10"])
+    assert cfg.train.lr == 0.001 and isinstance(cfg.train.lr, float)
+    assert cfg.train.weight_decay == 5e-5 and cfg.train.epochs == 3 and isinstance(cfg.train.epochs, int)
+    assert cfg.train.grad_clip == 0.5 and cfg.loss.pixel == 1e5
+    cfg = load_config(path, ["train.lr=3e-4"])
+    assert cfg.train.lr == 3e-4
+    # a quoted value stays a string, and a float key still refuses it
+    with pytest.raises(ConfigError, match="train.lr.*expected float"):
+        load_config(path, ['train.lr="3e-4"'])
+
+
+def test_duplicate_yaml_key_is_an_error_naming_key_and_lines(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("train:\n  lr: 0.1\n  epochs: 2\n  lr: 0.2\n")
+    with pytest.raises(ConfigError, match=r"(?s)dup.yaml.*'lr' twice \(first on line 2\)") as err:
+        load_config(path)
+    assert f'"{path}", line 4' in str(err.value)
+    path.write_text("train:\n  lr: 0.1\ntrain:\n  epochs: 2\n")
+    with pytest.raises(ConfigError, match="'train' twice"):
+        load_config(path)
+
+
+def test_config_from_dict_leaves_the_callers_dict_alone():
+    data = {"train": {"lr": 0.1}, "model": {"channels": [8, 16]}}
+    before = copy.deepcopy(data)
+    cfg = config_from_dict(data, ["train.lr=0.5", "model.channels=[4, 8]", "data.image_size=16"])
+    assert cfg.train.lr == 0.5 and cfg.model.channels == [4, 8] and cfg.data.image_size == 16
+    assert data == before
+
+
+def test_top_level_must_be_a_mapping(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- train\n- model\n")
+    with pytest.raises(ConfigError, match="list.yaml.*mapping of sections"):
+        load_config(path, ["train.lr=0.1"])
+    path.write_text("train:\n")  # an empty section takes overrides
+    assert load_config(path, ["train.lr=0.25"]).train.lr == 0.25

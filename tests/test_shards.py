@@ -431,3 +431,30 @@ def test_progress_reports_every_shard(sharded, tmp_path):
     write_shards(sharded.catalog.path, tmp_path / "out", shard_size=50, progress=lambda d, t: calls.append((d, t)))
     assert calls[-1] == (240, 240) and len(calls) == 6
     assert all(a[0] < b[0] for a, b in zip(calls, calls[1:]))
+
+
+def test_shard_command_takes_split_settings_from_the_config(make_catalog, tmp_path):
+    """`data shard --config` honours data.source/shards/shard_size/split_*/match_radius;
+    options on the command line win; bad fractions and missing paths are clear errors."""
+    from galcf_hpc.cli import main
+
+    info = make_catalog(n=40, size=32)
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"data:\n  source: {info.path}\n  shards: {tmp_path / 'out'}\n  shard_size: 7\n"
+        "  split_fractions: [0.5, 0.25, 0.25]\n  split_seed: 5\n  match_radius_arcsec: 3.5\n"
+    )
+    assert main(["data", "shard", "--config", str(config)]) == 0
+    splits = json.loads((tmp_path / "out" / "splits.json").read_text())
+    assert splits["fractions"] == [0.5, 0.25, 0.25] and splits["seed"] == 5
+    assert splits["match_radius_arcsec"] == 3.5 and splits["shard_size"] == 7
+    assert main(["data", "shard", "--config", str(config), "--out", str(tmp_path / "o2"), "--seed", "9"]) == 0
+    assert json.loads((tmp_path / "o2" / "splits.json").read_text())["seed"] == 9
+    assert (
+        main(
+            ["data", "shard", "--input", str(info.path), "--out", str(tmp_path / "o3"), "--fractions", ".5", ".5", ".5"]
+        )
+        == 2
+    )
+    assert not (tmp_path / "o3").exists()
+    assert main(["data", "shard", "--out", str(tmp_path / "o4")]) == 2
