@@ -331,7 +331,10 @@ class _Parser(argparse.ArgumentParser):
 def _command(sub, name, help, description=None):
     """A sub-command with a one-line ``help`` (in the list of commands) and a ``description``
     (at the top of its own --help; default: the one-line help)."""
-    return sub.add_parser(name, help=help, description=description or help[0].upper() + help[1:] + ".")
+    sp = sub.add_parser(name, help=help, description=description or help[0].upper() + help[1:] + ".")
+    # -v after the command too (`galcf-hpc train -v ...`); SUPPRESS keeps an earlier -v
+    sp.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+    return sp
 
 
 def _with_config(sp, required=True, default_help=None):
@@ -391,22 +394,26 @@ def build_parser():
     )
     sp.add_argument("--config", help="take data.source, data.shards, shard size and split settings from this config")
     sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    sp.add_argument("--input", help="astroNN-format .h5 catalog (Galaxy10 DECaLS or `data synth`); default data.source")
-    sp.add_argument("--out", help="output directory (one subdirectory per split); default data.shards")
-    sp.add_argument("--shard-size", type=int, help="galaxies per tar (default data.shard_size, else 1000)")
-    sp.add_argument("--seed", type=int, help="seed of the train/val/test split (default data.split_seed, else 0)")
+    sp.add_argument(
+        "--input", help="astroNN-format .h5 catalog (Galaxy10 DECaLS or `data synth`; default: data.source of --config)"
+    )
+    sp.add_argument("--out", help="output directory, one subdirectory per split (default: data.shards of --config)")
+    sp.add_argument("--shard-size", type=int, help="galaxies per tar (default: data.shard_size of --config, else 1000)")
+    sp.add_argument(
+        "--seed", type=int, help="seed of the train/val/test split (default: data.split_seed of --config, else 0)"
+    )
     sp.add_argument(
         "--fractions",
         type=float,
         nargs=3,
         metavar=("TRAIN", "VAL", "TEST"),
-        help="split fractions (default data.split_fractions, else 0.8 0.1 0.1)",
+        help="split fractions (default: data.split_fractions of --config, else 0.8 0.1 0.1)",
     )
     sp.add_argument(
         "--match-radius",
         type=float,
         metavar="ARCSEC",
-        help="cutouts closer than this on the sky are one galaxy and share a split (default 10)",
+        help="cutouts closer than this share a split (default: data.match_radius_arcsec of --config, else 10)",
     )
     sp.add_argument("--format", choices=("png", "jpg"), default="png", help="image encoding (png is lossless)")
     sp.set_defaults(func=cmd_shard)

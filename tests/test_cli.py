@@ -77,9 +77,17 @@ def test_train_is_the_multi_rank_entry_point():
 
 
 def test_defaults_are_shown():
-    assert "(default: 1000)" in COMMANDS["galcf-hpc data shard"][0].format_help()
+    shard_help = " ".join(COMMANDS["galcf-hpc data shard"][0].format_help().split())  # unwrapped
+    assert "(default: data.shard_size of --config, else 1000)" in shard_help
     assert "(default: 256)" in COMMANDS["galcf-hpc catalog run"][0].format_help()
     assert "(default: None)" not in "".join(p.format_help() for p, _ in COMMANDS.values())
+
+
+def test_verbose_after_the_command_too():
+    parser = build_parser()
+    assert parser.parse_args(["data", "verify", "d", "-v"]).verbose is True
+    assert parser.parse_args(["-v", "data", "verify", "d"]).verbose is True
+    assert parser.parse_args(["data", "verify", "d"]).verbose is False
 
 
 def test_device_choices_match_the_device_module():
