@@ -458,3 +458,24 @@ def test_shard_command_takes_split_settings_from_the_config(make_catalog, tmp_pa
     )
     assert not (tmp_path / "o3").exists()
     assert main(["data", "shard", "--out", str(tmp_path / "o4")]) == 2
+
+
+def test_sharding_another_catalog_into_a_data_set_is_refused(make_catalog, tmp_path):
+    """4000 galaxies must not silently become 60: a directory holding another catalog's
+    shards (or shard files nobody vouches for) is replaced only with overwrite."""
+    big, small = make_catalog("big.h5", n=40, seed=1), make_catalog("small.h5", n=20, seed=2)
+    out = tmp_path / "out"
+    write_shards(big.path, out, shard_size=8)
+    before = {p.name: p.read_bytes() for p in sorted((out / "train").iterdir())}
+    with pytest.raises(
+        DataError, match=r"out already holds shards of big.h5 \(40 galaxies\), not of small.h5.*--overwrite"
+    ):
+        write_shards(small.path, out, shard_size=8)
+    assert {p.name: p.read_bytes() for p in sorted((out / "train").iterdir())} == before
+    assert json.loads((out / "splits.json").read_text())["source"]["file"] == "big.h5"
+    write_shards(big.path, out, shard_size=5, seed=3)  # the same catalog again: a reshard
+    write_shards(small.path, out, shard_size=8, overwrite=True)
+    assert verify_shards(out)["train"] + verify_shards(out)["val"] + verify_shards(out)["test"] == 20
+    (out / "splits.json").unlink()  # shard files without provenance
+    with pytest.raises(DataError, match="shard files but no splits.json"):
+        write_shards(big.path, out)

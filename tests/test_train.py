@@ -1,6 +1,8 @@
 """Training, checkpoints, resume and explanations on a tiny model over the shared shards."""
 
+import dataclasses
 import json
+import logging
 import time
 
 import pytest
@@ -8,7 +10,7 @@ import torch
 from PIL import Image
 
 from galcf_hpc.cli import main
-from galcf_hpc.config import config_from_dict
+from galcf_hpc.config import config_from_dict, load_config
 from galcf_hpc.data.classes import CLASS_NAMES
 from galcf_hpc.errors import CheckpointError
 from galcf_hpc.explain.run import explain, load_run
@@ -84,9 +86,28 @@ def test_checkpoint_loads_weights_only(trained):
 def test_retrain_into_existing_run_refuses(trained):
     cfg, _, out = trained
     before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    config_text = (out / "config.yaml").read_text()
     with pytest.raises(CheckpointError, match="--resume"):
-        train(cfg)
+        train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=0.5)))
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+    assert (out / "config.yaml").read_text() == config_text  # the refused values are not recorded
+
+
+def test_resume_continues_the_schedule_at_a_changed_learning_rate(sharded, tmp_path, caplog):
+    """--resume --set train.lr=X: the schedule continues at the loaded step, scaled to X."""
+    part = tiny_config(sharded.out, tmp_path / "run", stop_after_steps=5)
+    train(part)
+    before = torch.load(latest_checkpoint(tmp_path / "run"), weights_only=True)
+    resumed = tiny_config(sharded.out, tmp_path / "run", lr=1e-4)
+    with caplog.at_level(logging.WARNING, logger="galcf_hpc"):
+        train(resumed, resume=True)
+    assert "changed config" in caplog.text and "lr 0.003 -> 0.0001" in caplog.text
+    after = torch.load(latest_checkpoint(tmp_path / "run"), weights_only=True)
+    assert before["scheduler"]["base_lrs"] == [3e-3] and after["scheduler"]["base_lrs"] == [1e-4]
+    t, total = resumed.train, resumed.train.epochs * build_loader(resumed, "train").steps_per_epoch
+    factor = lr_factor(after["step"], total, t.warmup_steps, t.min_lr_ratio)  # the loop's schedule
+    assert after["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-4 * factor)
+    assert load_config(tmp_path / "run" / "config.yaml").train.lr == 1e-4
 
 
 @pytest.mark.parametrize("loader", ["torch", "dali"])

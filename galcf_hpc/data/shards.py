@@ -244,14 +244,39 @@ def _remove_stale(split_dir, keep):
     return removed
 
 
+def _check_replaceable(out_dir, source, overwrite):
+    """Refuse to replace a data set that another catalog was sharded into (or shard files
+    nobody vouches for) unless ``overwrite``: a rerun from the same catalog is fine."""
+    if overwrite or not out_dir.is_dir():
+        return
+    old = out_dir / "splits.json"
+    ours = [p for split in SPLITS if (out_dir / split).is_dir() for p in (out_dir / split).iterdir()
+            if _SHARD_NAME.match(p.name)]
+    redo = "pass --overwrite to `galcf-hpc data shard` to replace them, or choose another output directory"
+    if old.is_file():
+        try:
+            previous = json.loads(old.read_text())["source"]
+            same = previous["sha256"] == source["sha256"]
+        except (OSError, ValueError, KeyError, TypeError):
+            previous, same = None, False
+        if not same:
+            what = (f"shards of {previous.get('file')} ({previous.get('num_galaxies')} galaxies)"
+                    if isinstance(previous, dict) else "shards with an unreadable splits.json")
+            raise DataError(f"{out_dir} already holds {what}, not of {source['file']}; {redo}")
+    elif ours:
+        raise DataError(f"{out_dir} holds {len(ours)} shard files but no splits.json (an interrupted write, or "
+                        f"not written by galcf-hpc), so nothing says which catalog they came from; {redo}")
+
+
 def write_shards(catalog_path, out_dir, shard_size=1000, fractions=(0.8, 0.1, 0.1), seed=0,
-                 image_format="png", progress=None, match_radius_arcsec=10.0):
+                 image_format="png", progress=None, match_radius_arcsec=10.0, overwrite=False):
     """Split a Galaxy10-format catalog and write WebDataset shards, indexes and manifests.
 
     ``image_format``: ``"png"`` (lossless; decoded pixels equal the catalog's) or
     ``"jpg"`` (quality 95, no chroma subsampling). Samples are in a per-seed shuffled
     order. ``progress(done, total)`` is called with sample counts after every shard.
-    Returns the summary that is also written to ``out_dir/splits.json``.
+    Returns the summary that is also written to ``out_dir/splits.json``. An ``out_dir``
+    that holds shards of another catalog is refused unless ``overwrite``.
     """
     if image_format not in IMAGE_FORMATS:
         raise ValueError(f"image_format must be one of {sorted(IMAGE_FORMATS)}, got {image_format!r}")
@@ -268,6 +293,7 @@ def write_shards(catalog_path, out_dir, shard_size=1000, fractions=(0.8, 0.1, 0.
                             "labels -- use a labelled catalog, or run the catalog job on unlabelled data")
         splits, conflicts = split_indices(cat.ra, cat.dec, cat.labels, fractions, seed, match_radius_arcsec)
         source = {"file": catalog_path.name, "sha256": file_sha256(catalog_path), "num_galaxies": cat.n}
+        _check_replaceable(out_dir, source, overwrite)
         _clear_previous_manifests(out_dir)
         total, done = cat.n, 0
         summary = {

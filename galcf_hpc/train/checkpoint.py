@@ -91,3 +91,46 @@ def check_compatible(model, state, path):
             f"checkpoint {path} was made for another model configuration ({'; '.join(parts)}); "
             "use the config stored in that checkpoint's run directory, or a matching checkpoint"
         )
+
+
+def deepspeed_states(path, state, allowed_globals=()):
+    """The DeepSpeed directory that step file ``path`` refers to, checked before DeepSpeed
+    unpickles anything in it (it loads with ``weights_only=False``, which runs code stored in
+    a crafted file). The tag must be the one galcf-hpc writes for this step (no path of its
+    own choosing), the directory and its files plain (no symbolic links out of the run), and
+    every file must load with ``weights_only=True``: tensors, containers and primitives,
+    plus ``allowed_globals`` (DeepSpeed's own data classes). Loading uses mmap, so the check
+    reads the pickle, not the tensors' bytes."""
+    path = Path(path)
+    m = _NAME.match(path.name)
+    expected = f"step-{m.group(1)}" if m else None
+    tag = state.get("deepspeed_tag")
+    if expected is None or tag != expected:
+        raise CheckpointError(
+            f"{path} names DeepSpeed tag {tag!r}, but galcf-hpc writes {expected!r} for this file; "
+            "refusing to load it (not written by galcf-hpc, or altered): resume from another step-*.pt "
+            "or start a new run.out_dir"
+        )
+    root = checkpoint_dir(path.parent.parent) / "deepspeed"
+    directory = root / tag
+    if directory.is_symlink() or not directory.is_dir():
+        raise CheckpointError(
+            f"{path} refers to DeepSpeed checkpoint {directory}, which is missing or a link; "
+            "resume from an older step-*.pt or start a new run.out_dir"
+        )
+    for item in sorted(directory.iterdir()):
+        if item.is_symlink() or not item.is_file():
+            raise CheckpointError(f"{item} is a link or not a plain file; a DeepSpeed checkpoint holds plain files")
+        if item.suffix != ".pt":
+            continue
+        try:
+            with torch.serialization.safe_globals(list(allowed_globals)):
+                torch.load(item, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:
+            found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+            why = f"it holds {found.group(1)}" if found else str(exc).strip().splitlines()[-1][:200]
+            raise CheckpointError(
+                f"{item} is not plain checkpoint data ({why}); refusing to let DeepSpeed unpickle it: "
+                "resume from another step-*.pt or start a new run.out_dir"
+            ) from None
+    return root

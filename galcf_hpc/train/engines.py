@@ -29,7 +29,7 @@ from torch import nn
 
 from ..errors import CheckpointError, ConfigError
 from . import distributed
-from .checkpoint import checkpoint_dir, list_checkpoints, save_checkpoint
+from .checkpoint import checkpoint_dir, deepspeed_states, list_checkpoints, save_checkpoint
 from .objective import batch_losses
 
 log = logging.getLogger("galcf_hpc")
@@ -53,6 +53,17 @@ def _optimizer(train_cfg, model, lr_lambda):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
 
 
+def _rebase(scheduler, train_cfg):
+    """After loading a checkpoint: continue the schedule from the config's ``train.lr`` and
+    ``train.weight_decay`` (a resume may change them, e.g. a lower rate after a divergence),
+    at the loaded step. The loaded optimiser state (moments) is kept."""
+    scheduler.base_lrs = [train_cfg.lr] * len(scheduler.base_lrs)
+    values = [train_cfg.lr * f(scheduler.last_epoch) for f in scheduler.lr_lambdas]
+    for group, value in zip(scheduler.optimizer.param_groups, values):
+        group.update(initial_lr=train_cfg.lr, lr=value, weight_decay=train_cfg.weight_decay)
+    scheduler._last_lr = values
+
+
 def _check_engine(state, name, path):
     saved = state.get("engine", "ddp")
     if saved != name:
@@ -66,7 +77,7 @@ class DDPEngine:
     name = "ddp"
 
     def __init__(self, train_cfg, objective, env, lr_lambda):
-        self.objective, self.model, self.env = objective, objective.model, env
+        self.objective, self.model, self.env, self.train_cfg = objective, objective.model, env, train_cfg
         self.accum, self.clip = train_cfg.grad_accumulation, train_cfg.grad_clip
         self.module = self.objective
         if env.world_size > 1:
@@ -121,6 +132,7 @@ class DDPEngine:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        _rebase(self.scheduler, self.train_cfg)
 
 
 def deepspeed_config(train_cfg, micro, global_batch, bf16):
@@ -167,7 +179,7 @@ class DeepSpeedEngine:
     def __init__(self, train_cfg, objective, env, lr_lambda, micro, global_batch):
         deepspeed = _import_deepspeed()
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-        self.objective, self.model, self.env = objective, objective.model, env
+        self.objective, self.model, self.env, self.train_cfg = objective, objective.model, env, train_cfg
         config = deepspeed_config(train_cfg, micro, global_batch, env.device.type == "cuda" and train_cfg.bf16)
         for param in self.model.parameters():  # DeepSpeed broadcasts raw bytes: it needs dense parameters
             param.data = param.data.contiguous()
@@ -215,18 +227,18 @@ class DeepSpeedEngine:
 
     def load(self, state, path):
         _check_engine(state, self.name, path)
-        ds_dir = checkpoint_dir(path.parent.parent) / "deepspeed"
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        ds_dir = deepspeed_states(path, state, (LossScaler, ZeroStageEnum, fragment_address))
         tag = state["deepspeed_tag"]
-        if not (ds_dir / tag).is_dir():
-            raise CheckpointError(
-                f"{path} refers to DeepSpeed checkpoint {ds_dir / tag}, which is missing; "
-                "resume from an older step-*.pt or start a new run.out_dir"
-            )
         loaded, _ = self.engine.load_checkpoint(
             str(ds_dir), tag=tag, load_module_strict=True, load_optimizer_states=True, load_lr_scheduler_states=True
         )
         if loaded is None:
             raise CheckpointError(f"DeepSpeed could not load {ds_dir / tag}; resume from an older step-*.pt")
+        _rebase(self.scheduler, self.train_cfg)
 
 
 def build_engine(train_cfg, objective, env, micro, global_batch, lr_lambda):

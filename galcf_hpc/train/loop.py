@@ -164,7 +164,22 @@ def _start(r, run_dir, resume):
             f"Resume with {len(ranks)} ranks, or from an epoch-boundary checkpoint"
         )
     log.info("resumed from %s (step %d, epoch %d)", path, state["step"], state["loader"]["epoch"])
+    changed = _changed_keys(state.get("config") or {}, r.cfg.to_dict())
+    if changed and r.env.is_main:
+        log.warning("resumed with a changed config (now in config.yaml): %s", "; ".join(changed))
     return state["step"], state["loader"]["epoch"]
+
+
+def _changed_keys(old, new, prefix=""):
+    """``section.key old -> new`` for every value that differs between two config trees."""
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key} {a!r} -> {b!r}")
+    return out
 
 
 def _save(r, run_dir, step):
@@ -217,11 +232,11 @@ def _train(cfg, resume, env, signals):
     r = build_rank(cfg, env)
     cfg, t, model, engine, loader, device = r.cfg, r.cfg.train, r.model, r.engine, r.loader, env.device
     run_dir = Path(cfg.run.out_dir)
-    if env.is_main:
+    step, start_epoch = _start(r, run_dir, resume)
+    if env.is_main:  # only once the start is accepted: a refused run leaves config.yaml alone
         run_dir.mkdir(parents=True, exist_ok=True)
         write_resolved_config(cfg, run_dir)
     distributed.barrier()
-    step, start_epoch = _start(r, run_dir, resume)
     metrics_path, accum = run_dir / "metrics.jsonl", t.grad_accumulation
     started, first_step = time.monotonic(), step
     result, reason = None, None

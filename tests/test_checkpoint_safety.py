@@ -1,0 +1,75 @@
+"""A DeepSpeed resume never lets DeepSpeed unpickle code: the step file's tag is the one
+galcf-hpc writes (no path of its own), no links, every states file loads weights-only.
+The crafted pickles below would create a file if they ever ran."""
+
+import pickle
+
+import pytest
+import torch
+
+from galcf_hpc.errors import CheckpointError
+from galcf_hpc.train.checkpoint import deepspeed_states, save_checkpoint
+
+
+class _Payload:
+    """Unpickling this runs ``open(marker, 'w')``: what an attacker's file would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def _run(tmp_path, tag="step-00000005"):
+    run = tmp_path / "run"
+    path = save_checkpoint(run, 5, {"model": {"w": torch.zeros(2)}, "engine": "deepspeed", "deepspeed_tag": tag})
+    states = run / "checkpoints" / "deepspeed" / "step-00000005"
+    states.mkdir(parents=True)
+    torch.save({"module": {"w": torch.ones(2)}, "global_steps": 5}, states / "mp_rank_00_model_states.pt")
+    return run, path, states
+
+
+def test_plain_states_pass_and_name_the_directory(tmp_path):
+    run, path, _ = _run(tmp_path)
+    assert deepspeed_states(path, torch.load(path, weights_only=True)) == run / "checkpoints" / "deepspeed"
+
+
+@pytest.mark.parametrize("tag", ["../../elsewhere/x", "step-00000004", "/tmp/x", None])
+def test_a_tag_galcf_hpc_did_not_write_is_refused(tmp_path, tag):
+    _, path, _ = _run(tmp_path, tag=tag)
+    with pytest.raises(CheckpointError, match=r"step-00000005\.pt names DeepSpeed tag .*refusing"):
+        deepspeed_states(path, torch.load(path, weights_only=True))
+
+
+def test_a_poisoned_states_file_is_refused_before_anything_runs(tmp_path):
+    _, path, states = _run(tmp_path)
+    marker = tmp_path / "code-ran"
+    with open(states / "zero_pp_rank_0_mp_rank_00_optim_states.pt", "wb") as f:
+        pickle.dump({"optimizer": _Payload(marker)}, f)  # legacy format: still a pickle torch reads
+    torch.save({"x": _Payload(marker)}, states / "mp_rank_00_model_states.pt")
+    assert not marker.exists()
+    with pytest.raises(CheckpointError, match="mp_rank_00_model_states.pt is not plain checkpoint data"):
+        deepspeed_states(path, torch.load(path, weights_only=True))
+    assert not marker.exists()
+
+
+def test_links_out_of_the_run_are_refused(tmp_path):
+    _, path, states = _run(tmp_path)
+    outside = tmp_path / "outside.pt"
+    torch.save({"a": torch.zeros(1)}, outside)
+    (states / "mp_rank_00_model_states.pt").unlink()
+    (states / "mp_rank_00_model_states.pt").symlink_to(outside)
+    with pytest.raises(CheckpointError, match="is a link or not a plain file"):
+        deepspeed_states(path, torch.load(path, weights_only=True))
+
+
+def test_deepspeed_data_classes_are_allowed_only_when_named(tmp_path):
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+
+    _, path, states = _run(tmp_path)
+    torch.save({"loss_scaler": LossScaler(1.0)}, states / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    state = torch.load(path, weights_only=True)
+    with pytest.raises(CheckpointError, match="optim_states.pt is not plain checkpoint data.*LossScaler"):
+        deepspeed_states(path, state)
+    assert deepspeed_states(path, state, (LossScaler,)).name == "deepspeed"
