@@ -33,20 +33,34 @@ def _load(args):
 def cmd_synth(args):
     from .data.classes import NUM_CLASSES
     from .data.galaxy10 import write_catalog
-    from .data.synth import generate
     from .progress import Progress
 
     fractions = [1.0 / NUM_CLASSES] * NUM_CLASSES if args.balanced else None
-    cat = generate(
-        args.n,
-        args.size,
-        args.seed,
-        workers=args.workers,
-        class_fractions=fractions,
-        progress=Progress(args.n, "synth"),
-    )
-    write_catalog(args.out, **cat, attrs={"generator": f"galcf-hpc {__version__} GalSim synthetic", "seed": args.seed})
-    print(f"wrote {args.n} synthetic galaxies ({args.size} px) to {args.out}")
+    if args.renderer == "analytic":
+        # numpy models that share no code with the GalSim generator (data/analytic.py); one process
+        from .data.analytic import render_catalog
+
+        try:
+            cat = render_catalog(
+                args.n, args.size, args.seed, class_fractions=fractions, progress=Progress(args.n, "synth")
+            )
+        except ValueError as exc:
+            raise GalcfError(f"data synth --renderer analytic: {exc}") from None
+        generator = f"galcf-hpc {__version__} analytic synthetic (numpy, no GalSim)"
+    else:
+        from .data.synth import generate
+
+        cat = generate(
+            args.n,
+            args.size,
+            args.seed,
+            workers=args.workers,
+            class_fractions=fractions,
+            progress=Progress(args.n, "synth"),
+        )
+        generator = f"galcf-hpc {__version__} GalSim synthetic"
+    write_catalog(args.out, **cat, attrs={"generator": generator, "seed": args.seed, "renderer": args.renderer})
+    print(f"wrote {args.n} synthetic galaxies ({args.size} px, {args.renderer} renderer) to {args.out}")
 
 
 def cmd_shard(args):
@@ -76,6 +90,7 @@ def cmd_shard(args):
         image_format=args.format,
         progress=Progress(1, "shard"),
         match_radius_arcsec=pick(args.match_radius, "match_radius_arcsec", 10.0),
+        overwrite=args.overwrite,
     )
     for split, info in summary["splits"].items():
         print(f"{split:5s}: {info['num_samples']} galaxies in {info['num_shards']} shards")
@@ -176,6 +191,32 @@ def cmd_judges_train(args):
             f"({r['num_galaxies']} galaxies)"
         )
     print(f"wrote {Path(cfg.run.out_dir) / 'judges'}/<judge>/model.pt, eval.json and panel.json")
+
+
+def cmd_judges_check(args):
+    from .device import resolve_device
+    from .judges.check import Classifier, check_panel, summary_lines
+    from .train.checkpoint import latest_checkpoint
+
+    cfg = _load(args)
+    dev = resolve_device(args.device)
+    extra = []
+    if latest_checkpoint(cfg.run.out_dir) is not None:  # the run's model too, next to its judges
+        from .explain.run import load_run
+
+        model, mcfg, ckpt = load_run(cfg.run.out_dir, device=dev)
+        extra.append(
+            Classifier(
+                "model",
+                lambda x: model.classify(x).pred,
+                mcfg.data.image_size,
+                mcfg.data.crop_fraction,
+                "model",
+                f"galcf-hpc model, {ckpt} (trained against its own critics, not a judge)",
+            )
+        )
+    summary = check_panel(cfg, args.data, device=dev, out=args.out, extra=extra)
+    print("\n".join(summary_lines(summary)))
 
 
 def cmd_report(args):
@@ -373,15 +414,23 @@ def build_parser():
     sp = _command(
         data,
         "synth",
-        "render a Galaxy10-like catalog with GalSim (astroNN .h5 format)",
-        "Render synthetic galaxies of the ten Galaxy10 classes with GalSim and write them in "
-        "the astroNN Galaxy10 .h5 format (images, ans, ra, dec, redshift, pxscale).",
+        "render a Galaxy10-like catalog with GalSim or the analytic renderer (astroNN .h5 format)",
+        "Render synthetic galaxies of the ten Galaxy10 classes with GalSim (default) or with an "
+        "independent analytic numpy renderer, and write them in the astroNN Galaxy10 .h5 format "
+        "(images, ans, ra, dec, redshift, pxscale).",
     )
     sp.add_argument("--out", required=True, help="astroNN-format .h5 file to write")
     sp.add_argument("--n", type=int, required=True, help="number of galaxies")
     sp.add_argument("--size", type=int, default=64, help="image size in pixels")
     sp.add_argument("--seed", type=int, default=0, help="random seed (same seed, same catalog)")
-    sp.add_argument("--workers", type=int, default=2, help="rendering processes")
+    sp.add_argument(
+        "--renderer",
+        choices=("galsim", "analytic"),
+        default="galsim",
+        help="galsim: the training generator; analytic: numpy models sharing no code with it, for "
+        "checking classifiers on galaxies they have never seen (`judges check`)",
+    )
+    sp.add_argument("--workers", type=int, default=2, help="rendering processes (galsim only; analytic uses one)")
     sp.add_argument("--balanced", action="store_true", help="equal class fractions instead of Galaxy10's")
     sp.set_defaults(func=cmd_synth)
     sp = _command(
@@ -416,6 +465,9 @@ def build_parser():
         help="cutouts closer than this share a split (default: data.match_radius_arcsec of --config, else 10)",
     )
     sp.add_argument("--format", choices=("png", "jpg"), default="png", help="image encoding (png is lossless)")
+    sp.add_argument(
+        "--overwrite", action="store_true", help="replace shards of another catalog already in the output directory"
+    )
     sp.set_defaults(func=cmd_shard)
     sp = _command(
         data,
@@ -576,6 +628,20 @@ def build_parser():
     sp.add_argument("--epochs", type=int, default=None, help="epochs for every judge (default: each judge's own)")
     _device(sp, "training")
     sp.set_defaults(func=cmd_judges_train)
+    sp = _command(
+        judges,
+        "check",
+        "accuracy of the panel (and the run's model) on a labelled catalog it has never seen",
+        "Classify every galaxy of a labelled astroNN-format .h5 (e.g. `data synth --renderer "
+        "analytic`, galaxies of a renderer the run never saw) with every judge of RUN/judges and "
+        "the run's newest checkpoint, after the evaluation transform (central crop, resize); "
+        "prints accuracy, macro-F1 and per-class accuracy and writes them as JSON.",
+    )
+    _with_config(sp)
+    sp.add_argument("--data", required=True, help="labelled astroNN-format .h5 catalog to classify")
+    _device(sp, "classification")
+    sp.add_argument("--out", default=None, help="JSON file to write (default: RUN/judges/check-<data file stem>.json)")
+    sp.set_defaults(func=cmd_judges_check)
 
     sp = _command(
         sub,
