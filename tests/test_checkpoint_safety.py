@@ -73,3 +73,28 @@ def test_deepspeed_data_classes_are_allowed_only_when_named(tmp_path):
     with pytest.raises(CheckpointError, match="optim_states.pt is not plain checkpoint data.*LossScaler"):
         deepspeed_states(path, state)
     assert deepspeed_states(path, state, (LossScaler,)).name == "deepspeed"
+
+
+def _record(run, path):
+    """Re-save the step file with the sha256 of the DeepSpeed files, as the engine does."""
+    from galcf_hpc.fileio import file_sha256
+
+    state = torch.load(path, weights_only=True)
+    states = run / "checkpoints" / "deepspeed" / state["deepspeed_tag"]
+    files = {p.name: file_sha256(p) for p in sorted(states.iterdir())}
+    save_checkpoint(run, state["step"], {**state, "deepspeed_files": files})
+    return torch.load(path, weights_only=True)
+
+
+def test_files_are_the_ones_the_step_recorded(tmp_path):
+    run, path, states = _run(tmp_path)
+    state = _record(run, path)
+    assert deepspeed_states(path, state).name == "deepspeed"
+    # same size, other tensor values: loads weights-only, but is not what was saved
+    torch.save({"module": {"w": torch.full((2,), 7.0)}, "global_steps": 5}, states / "mp_rank_00_model_states.pt")
+    with pytest.raises(CheckpointError, match="mp_rank_00_model_states.pt changed since .*step-00000005.pt"):
+        deepspeed_states(path, state)
+    state = _record(run, path)
+    torch.save({"extra": torch.zeros(1)}, states / "zero_pp_rank_9_mp_rank_00_optim_states.pt")
+    with pytest.raises(CheckpointError, match="refusing to load files galcf-hpc did not write"):
+        deepspeed_states(path, state)

@@ -10,7 +10,7 @@ import torch
 
 from .. import __version__
 from ..errors import CheckpointError
-from ..fileio import atomic_path
+from ..fileio import atomic_path, file_sha256
 
 _NAME = re.compile(r"^step-(\d{8})\.pt$")
 
@@ -97,8 +97,10 @@ def deepspeed_states(path, state, allowed_globals=()):
     """The DeepSpeed directory that step file ``path`` refers to, checked before DeepSpeed
     unpickles anything in it (it loads with ``weights_only=False``, which runs code stored in
     a crafted file). The tag must be the one galcf-hpc writes for this step (no path of its
-    own choosing), the directory and its files plain (no symbolic links out of the run), and
-    every file must load with ``weights_only=True``: tensors, containers and primitives,
+    own choosing), the directory and its files plain (no symbolic links out of the run), the
+    files exactly those whose sha256 the step file recorded at save time (``deepspeed_files``;
+    step files written before it existed skip this), and every file must load with
+    ``weights_only=True``: tensors, containers and primitives,
     plus ``allowed_globals`` (DeepSpeed's own data classes). Loading uses mmap, so the check
     reads the pickle, not the tensors' bytes."""
     path = Path(path)
@@ -118,9 +120,22 @@ def deepspeed_states(path, state, allowed_globals=()):
             f"{path} refers to DeepSpeed checkpoint {directory}, which is missing or a link; "
             "resume from an older step-*.pt or start a new run.out_dir"
         )
+    recorded = state.get("deepspeed_files")  # sha256 per file, recorded when the step was saved
+    if recorded is not None:
+        present = sorted(p.name for p in directory.iterdir())
+        if present != sorted(recorded):
+            raise CheckpointError(
+                f"{directory} holds {present}, but {path} recorded {sorted(recorded)}; refusing to load "
+                "files galcf-hpc did not write: resume from another step-*.pt or start a new run.out_dir"
+            )
     for item in sorted(directory.iterdir()):
         if item.is_symlink() or not item.is_file():
             raise CheckpointError(f"{item} is a link or not a plain file; a DeepSpeed checkpoint holds plain files")
+        if recorded is not None and file_sha256(item) != recorded[item.name]:
+            raise CheckpointError(
+                f"{item} changed since {path} was saved (sha256 differs); refusing to load it: resume from "
+                "another step-*.pt or start a new run.out_dir"
+            )
         if item.suffix != ".pt":
             continue
         try:

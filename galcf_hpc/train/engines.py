@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
+from ..fileio import file_sha256
 from . import distributed
 from .checkpoint import checkpoint_dir, deepspeed_states, list_checkpoints, save_checkpoint
 from .objective import batch_losses
@@ -216,9 +217,10 @@ class DeepSpeedEngine:
         self.engine.save_checkpoint(str(ds_dir), tag=tag, client_state={}, save_latest=False)
         distributed.barrier()
         if self.env.is_main:
-            save_checkpoint(
-                run_dir, step, {"model": self.model.state_dict(), "engine": self.name, "deepspeed_tag": tag, **extra}
-            )
+            # the sha256 of every file DeepSpeed wrote: a resume hands DeepSpeed only these files
+            files = {p.name: file_sha256(p) for p in sorted((ds_dir / tag).iterdir()) if p.is_file()}
+            payload = {"model": self.model.state_dict(), "engine": self.name, "deepspeed_tag": tag}
+            save_checkpoint(run_dir, step, {**payload, "deepspeed_files": files, **extra})
             keep = {f"step-{int(p.stem.split('-')[1]):08d}" for p in list_checkpoints(run_dir)}
             for old in ds_dir.iterdir():
                 if old.is_dir() and old.name not in keep:
