@@ -247,8 +247,9 @@ def _mpi_world():
         raise GalcfError(
             f"the launcher started {launched} tasks but each sees an MPI world of size 1"
             f"{'' if MPI else ' (mpi4py is not installed)'}: srun's MPI plug-in does not match the MPI "
-            "of mpi4py. With the pip mpich wheel use `srun --mpi=pmi2` (or MpiDefault=pmi2); on JSC "
-            "systems load the MPI module mpi4py was built against"
+            "of mpi4py. On JSC systems (psslurm) build mpi4py against the loaded MPI module and use "
+            "`srun --mpi=pspmix` or psslurm's default (pmi2 settings do nothing there); on stock Slurm "
+            "with the pip mpich wheel use `srun --mpi=pmi2` (or MpiDefault=pmi2)"
         )
     return MPI.COMM_WORLD if size > 1 else None
 

@@ -9,9 +9,21 @@ case "${GALCF_SITE:-${SYSTEMNAME:-}}" in
     *) return 0 ;;
 esac
 
-# module --force purge
-# module load Stages/2025 GCC OpenMPI Python PyTorch   # or a venv: source "$SLURM_SUBMIT_DIR/.venv/bin/activate"
-# With the MPICH wheel instead of the site MPI (catalog job): export SLURM_MPI_TYPE=pmi2
+# The software a job runs with: the modules galcf-hpc was installed with (docs/jureca.md,
+# section 1), then the repository's virtual environment. Override with
+# `export GALCF_MODULES="..."` before sbatch; GALCF_MODULES=none leaves modules alone.
+GALCF_MODULES=${GALCF_MODULES:-Stages/2025 GCC OpenMPI Python CUDA}
+if [ "$GALCF_MODULES" != none ] && command -v module >/dev/null 2>&1; then
+    module --force purge
+    # shellcheck disable=SC2086  # a list of module names
+    module load $GALCF_MODULES
+fi
+if [ -f "${SLURM_SUBMIT_DIR:-.}/.venv/bin/activate" ]; then
+    # shellcheck source=/dev/null
+    source "${SLURM_SUBMIT_DIR:-.}/.venv/bin/activate"
+fi
+# MPI: psslurm starts ranks with its own PMI (or `srun --mpi=pspmix`); SLURM_MPI_TYPE=pmi2,
+# stock Slurm's setting for the pip MPICH wheel, does nothing there: use the module's MPI.
 
 # Node-to-node traffic over InfiniBand: NCCL and gloo bind to ib0, and the rendezvous host
 # is the first node's InfiniBand name, which on JSC systems is its host name with an "i".

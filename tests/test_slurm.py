@@ -2,6 +2,7 @@
 JURECA-DC GPU node (scripts/slurm_local.sh). Skipped where Slurm cannot be started."""
 
 import json
+import os
 import re
 import subprocess
 import time
@@ -68,6 +69,32 @@ def test_site_settings_only_on_jsc_systems(slurm, site, expected):
         check=True,
     )
     assert done.stdout.split() == expected.split()
+
+
+@pytest.mark.parametrize(
+    "modules, expected",
+    [
+        (None, ["--force purge", "load Stages/2025 GCC OpenMPI Python CUDA"]),
+        ("Stages/2026 GCC ParaStationMPI", ["--force purge", "load Stages/2026 GCC ParaStationMPI"]),
+        ("none", []),
+    ],
+)
+def test_site_settings_load_the_install_modules(modules, expected):
+    """On JSC systems a job loads the modules galcf-hpc was installed with, not whatever
+    the submitting shell had (a shell function stands in for Lmod's `module`)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("GALCF_MODULES", "SLURM_SUBMIT_DIR")}
+    env.update(SYSTEMNAME="jurecadc", MASTER_ADDR="jrc0041i")  # set: no scontrol call
+    if modules is not None:
+        env["GALCF_MODULES"] = modules
+    done = subprocess.run(
+        ["bash", "-c", 'module() { echo "$*"; }; set -euo pipefail; source jobs/site-jsc.sh'],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert done.stdout.splitlines() == expected
 
 
 @pytest.fixture
