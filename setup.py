@@ -42,10 +42,12 @@ setup(
         # install with DS_BUILD_OPS=0: no CUDA extensions are compiled (the optimiser is torch's)
         "deepspeed": ["deepspeed>=0.14"],
         "mpich": ["mpi4py>=3.1", "mpich"],
+        # train.tensorboard: metrics also as TensorBoard event files
+        "tensorboard": ["tensorboard>=2.14"],
         # ruff and import-linter: .ci/run lints and checks the import contracts before the
         # tests. ruff within one minor release: its formatter's style changes between them.
         "dev": ["pytest>=7", "scikit-image>=0.21", "galsim>=2.5", "matplotlib>=3.7", "scikit-learn>=1.3",
-                "ruff~=0.17.6", "import-linter>=2.17,<3"],
+                "ruff~=0.17.6", "import-linter>=2.17,<3", "tensorboard>=2.14"],
     },
     entry_points={"console_scripts": ["galcf-hpc=galcf_hpc.cli:main"]},
 )

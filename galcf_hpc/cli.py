@@ -105,8 +105,9 @@ def cmd_shard(args):
 
 def cmd_verify(args):
     from .data.shards import verify_shards
+    from .progress import Progress
 
-    counts = verify_shards(args.dir)
+    counts = verify_shards(args.dir, progress=Progress(1, "verify"))
     print(f"OK: {args.dir} verified ({', '.join(f'{k} {v}' for k, v in counts.items())})")
 
 

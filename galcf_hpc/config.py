@@ -121,6 +121,7 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads on CPU; 0 = leave torch's default
     log_every: int = 20
     checkpoint_every: int = 0  # steps; 0 = once per epoch
+    tensorboard: bool = False  # also write metrics as TensorBoard scalars to RUN/tensorboard/
     eval_split: str = "val"
     time_limit_minutes: float = 0.0  # stop training (with a checkpoint) after this; 0 = none
     stop_after_steps: int = 0  # stop this invocation (with a checkpoint) after N steps; 0 = none

@@ -479,3 +479,21 @@ def test_sharding_another_catalog_into_a_data_set_is_refused(make_catalog, tmp_p
     (out / "splits.json").unlink()  # shard files without provenance
     with pytest.raises(DataError, match="shard files but no splits.json"):
         write_shards(big.path, out)
+
+
+def test_manifest_naming_a_file_elsewhere_is_refused(sharded_copy):
+    """A manifest entry may only name shard-NNNNNN.tar/.idx of its own directory."""
+    path = sharded_copy / "val" / "manifest.json"
+    for bad in ("/etc/passwd", "../train/shard-000000.tar", "shard-000000.idx"):
+        manifest = json.loads(path.read_text())
+        manifest["shards"][0]["tar"]["file"] = bad
+        path.write_text(json.dumps(manifest))
+        with pytest.raises(DataError, match=r"val/manifest.json: shards\[0\] names tar file"):
+            verify_shards(sharded_copy)
+
+
+def test_verify_reports_progress_over_all_samples(sharded):
+    calls = []
+    counts = verify_shards(sharded.out, progress=lambda done, total: calls.append((done, total)))
+    assert calls[-1] == (sum(counts.values()), sum(counts.values()))
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls) and len(calls) >= 3

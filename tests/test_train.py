@@ -235,3 +235,21 @@ def test_non_finite_loss_stops_at_its_log_window_without_saving(sharded, tmp_pat
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-00000004.pt"]
     weights = load_checkpoint(latest_checkpoint(tmp_path / "run"))["model"]
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_tensorboard_gets_the_numbers_of_metrics_jsonl(sharded, tmp_path):
+    """train.tensorboard: every train/eval number of metrics.jsonl is also a TensorBoard
+    scalar at its step, read back with tensorboard's own event reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = tiny_config(sharded.out, tmp_path / "run", epochs=1, tensorboard=True)
+    train(cfg)
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for record in lines:
+        for name in ("loss", "lr", "pixel") if record["kind"] == "train" else ("accuracy", "macro_f1"):
+            got = {e.step: e.value for e in events.Scalars(f"{record['kind']}/{name}")}
+            assert got[record["step"]] == pytest.approx(record[name], rel=1e-6), (record["kind"], name)
+    assert {"train/loss", "eval/accuracy"} <= tags and not any(t.endswith(("/step", "/epoch")) for t in tags)

@@ -376,6 +376,11 @@ def read_manifest(split_dir):
             for k in ("tar", "idx"))
         if not ok:
             raise DataError(f"{path}: shards[{n}] lacks num_samples or tar/idx file, bytes, sha256; {_REDO}")
+        for k in ("tar", "idx"):  # a file of this split: never a path that leads elsewhere
+            name = shard[k]["file"]
+            if not isinstance(name, str) or not _SHARD_NAME.match(name) or not name.endswith(f".{k}"):
+                raise DataError(f"{path}: shards[{n}] names {k} file {name!r}; a manifest lists files of its "
+                                f"own directory named shard-NNNNNN.{k}; {_REDO}")
     return manifest
 
 
@@ -503,8 +508,9 @@ def _verify_shard(split_dir, manifest, shard, seen, class_counts):
                                 f"{meta.get('source_index')!r}; expected split {split!r} and key {key}; {_REDO}")
 
 
-def verify_shards(out_dir):
+def verify_shards(out_dir, progress=None):
     """Re-check a shard directory end to end; return ``{split: number of samples}``.
+    ``progress(done, total)`` is called with sample counts after every shard.
 
     Checks manifests, presence, size and sha256 of every tar and idx, that each tar parses
     and its index points at its members' data, that every sample has image + cls + json,
@@ -518,15 +524,20 @@ def verify_shards(out_dir):
                         f"interrupted); {_REDO}")
     seen = {}
     counts = {}
+    manifests = {split: read_manifest(out_dir / split) for split in SPLITS}
+    total, done = sum(m["num_samples"] for m in manifests.values()), 0
     for split in SPLITS:
         split_dir = out_dir / split
-        manifest = read_manifest(split_dir)
+        manifest = manifests[split]
         where = split_dir / "manifest.json"
         if manifest["split"] != split:
             raise DataError(f"{where}: says split {manifest['split']!r}, but it lies in {split_dir}; {_REDO}")
         class_counts = [0] * NUM_CLASSES
         for shard in manifest["shards"]:
             _verify_shard(split_dir, manifest, shard, seen, class_counts)
+            done += shard["num_samples"]
+            if progress is not None:
+                progress(done, total)
         n = sum(class_counts)
         if n != manifest["num_samples"] or class_counts != manifest["class_counts_by_index"]:
             raise DataError(f"{where}: the shards hold {n} samples with class counts {class_counts}, the "

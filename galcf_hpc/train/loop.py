@@ -18,6 +18,7 @@ to stop (a signal on any rank, the time limit: one small all-reduce), so a signa
 effect within ``train.log_every`` steps; ``train.stop_after_steps`` stops exactly.
 """
 
+import importlib.util
 import json
 import logging
 import math
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 
 from ..config import write_resolved_config
-from ..errors import CheckpointError, PeerLostError
+from ..errors import CheckpointError, ConfigError, PeerLostError
 from ..fileio import write_json
 from ..loaders import build_loader
 from ..progress import Progress
@@ -98,6 +99,44 @@ def stop_reason(train_cfg, signals, started, steps_done, device):
 def append_jsonl(path, record):
     with open(path, "a") as fh:
         fh.write(json.dumps(record) + "\n")
+
+
+def _check_tensorboard(t):
+    """``train.tensorboard`` needs the tensorboard package: said before step 1, on every rank."""
+    if t.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError(
+            "train.tensorboard: true needs the tensorboard package: pip install tensorboard "
+            "(or the package's [tensorboard] extra), or set train.tensorboard: false"
+        )
+
+
+class MetricsLog:
+    """Where rank 0 writes metrics: ``metrics.jsonl`` always, and with ``train.tensorboard``
+    the same numbers as TensorBoard scalars in RUN/tensorboard/ (tag ``<kind>/<name>``,
+    x-axis the optimiser step), so one record reaches both."""
+
+    def __init__(self, run_dir, tensorboard=False):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+
+    def write(self, record):
+        append_jsonl(self.path, record)
+        if self.writer is None:
+            return
+        for name, value in record.items():
+            if name in ("kind", "step", "epoch") or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if math.isfinite(value):
+                self.writer.add_scalar(f"{record['kind']}/{name}", value, record["step"])
+        self.writer.flush()
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
 
 
 def train(cfg, resume=False):
@@ -206,15 +245,14 @@ def _validate(cfg, model, device):
         eval_loader.close()
 
 
-def _log(r, window, step, epoch, path, started):
+def _log(r, window, step, epoch, metrics, started):
     """The window's means (the host sync), checked for non-finite values; rank 0 appends a
     metrics line. Returns the progress bar's text."""
     means = window.means(r.engine.grad_norm())
     check_finite(means, window.last_step, step)
     if r.env.is_main:
         elapsed = max(time.monotonic() - window.started, 1e-9)
-        append_jsonl(
-            path,
+        metrics.write(
             {
                 "kind": "train",
                 "step": step,
@@ -230,14 +268,26 @@ def _log(r, window, step, epoch, path, started):
 
 def _train(cfg, resume, env, signals):
     r = build_rank(cfg, env)
-    cfg, t, model, engine, loader, device = r.cfg, r.cfg.train, r.model, r.engine, r.loader, env.device
+    cfg, t = r.cfg, r.cfg.train
     run_dir = Path(cfg.run.out_dir)
+    _check_tensorboard(t)
     step, start_epoch = _start(r, run_dir, resume)
     if env.is_main:  # only once the start is accepted: a refused run leaves config.yaml alone
         run_dir.mkdir(parents=True, exist_ok=True)
         write_resolved_config(cfg, run_dir)
     distributed.barrier()
-    metrics_path, accum = run_dir / "metrics.jsonl", t.grad_accumulation
+    metrics = MetricsLog(run_dir, t.tensorboard) if env.is_main else None
+    try:
+        return _epochs(r, run_dir, step, start_epoch, metrics, signals)
+    finally:
+        if metrics is not None:
+            metrics.close()
+
+
+def _epochs(r, run_dir, step, start_epoch, metrics, signals):
+    """The training loop proper, from ``step`` (epoch ``start_epoch``) to the end or a stop."""
+    cfg, t, model, engine, loader, env = r.cfg, r.cfg.train, r.model, r.engine, r.loader, r.env
+    device, accum = env.device, t.grad_accumulation
     started, first_step = time.monotonic(), step
     result, reason = None, None
 
@@ -265,7 +315,7 @@ def _train(cfg, resume, env, signals):
                 or step % t.log_every == 0
                 or (t.stop_after_steps and step - first_step >= t.stop_after_steps)
             ):
-                info = _log(r, window, step, epoch, metrics_path, started)
+                info = _log(r, window, step, epoch, metrics, started)
                 window = LogWindow(step)
                 if not end_of_epoch:  # at the end of an epoch: after evaluation and checkpoint
                     reason = stop_reason(t, signals, started, step - first_step, device)
@@ -281,8 +331,7 @@ def _train(cfg, resume, env, signals):
             break
         if env.is_main:
             result = _validate(cfg, model, device)
-            append_jsonl(
-                metrics_path,
+            metrics.write(
                 {
                     "kind": "eval",
                     "step": step,
