@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import difflib
 import io
+import math
 import re
 import types
 import typing
@@ -203,10 +204,81 @@ class Config:
         for ok, key, msg in checks:
             if not ok:
                 raise ConfigError(f"config key '{key}': {msg}")
+        _check_ranges(self)
         return self
 
     def to_dict(self):
         return dataclasses.asdict(self)
+
+
+# Allowed ranges of numeric keys: (low, high), None = unbounded; both ends inclusive. Every
+# float must also be finite (no NaN or inf) and a list of ints is checked item by item.
+_RANGES = {
+    "run.seed": (0, 2**63 - 1),
+    "data.synth.n": (1, None),
+    "data.synth.size": (8, 4096),
+    "data.synth.seed": (0, 2**63 - 1),
+    "data.synth.workers": (1, 1024),
+    "data.shard_size": (1, None),
+    "data.split_seed": (0, 2**63 - 1),
+    "data.match_radius_arcsec": (0.0, 3600.0),
+    "data.image_size": (8, 4096),
+    "data.rotation_degrees": (0.0, 360.0),
+    "model.channels": (1, 4096),
+    "model.z_dim": (3, 4096),
+    "model.flow_blocks": (1, 64),
+    "model.flow_hidden": (1, 16384),
+    "model.flow_clamp": (0.1, 10.0),
+    "model.mean_distance": (1e-3, 1e3),
+    "loss.mmd_bandwidth": (1e-6, None),
+    "loss.beta": (1e-6, None),
+    "loss.cf_warmup_epochs": (0, None),
+    "loss.cf_margin": (0.0, 100.0),
+    "train.epochs": (1, None),
+    "train.collective_timeout_minutes": (0.1, None),
+    "train.lr": (1e-12, 10.0),
+    "train.weight_decay": (0.0, 10.0),
+    "train.warmup_steps": (0, None),
+    "train.min_lr_ratio": (0.0, 1.0),
+    "train.grad_clip": (0.0, None),
+    "train.threads": (0, 1024),
+    "train.log_every": (1, None),
+    "train.checkpoint_every": (0, None),
+    "train.time_limit_minutes": (0.0, None),
+    "train.stop_after_steps": (0, None),
+    "explain.margin": (0.0, 100.0),
+    "explain.max_galaxies": (0, None),
+    "explain.batch_size": (1, None),
+    "explain.background_fraction": (0.01, 0.49),
+}
+_WEIGHTS = ("loss.",)  # other loss numbers are weights: finite and >= 0
+
+
+def _check_ranges(cfg):
+    """Every numeric key finite and within ``_RANGES`` (loss weights >= 0); the error names
+    the key, its value and the range."""
+
+    def walk(obj, prefix):
+        for f in dataclasses.fields(obj):
+            value, key = getattr(obj, f.name), f"{prefix}{f.name}"
+            if dataclasses.is_dataclass(value):
+                yield from walk(value, f"{key}.")
+            else:
+                yield key, value
+
+    for key, value in walk(cfg, ""):
+        items = value if isinstance(value, list) else [value]
+        if key == "model.channels" and not items:
+            raise ConfigError("config key 'model.channels': needs at least one entry (one per downsampling)")
+        for v in items:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"config key '{key}': must be a finite number, got {v}")
+            low, high = _RANGES.get(key, (0, None) if key.startswith(_WEIGHTS) else (None, None))
+            if (low is not None and v < low) or (high is not None and v > high):
+                bounds = f"[{low}, {high}]" if high is not None else f">= {low}"
+                raise ConfigError(f"config key '{key}': must be {bounds}, got {v}")
 
 
 def _type_name(tp):

@@ -130,3 +130,28 @@ def test_top_level_must_be_a_mapping(tmp_path):
         load_config(path, ["train.lr=0.1"])
     path.write_text("train:\n")  # an empty section takes overrides
     assert load_config(path, ["train.lr=0.25"]).train.lr == 0.25
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.epochs=-3", "'train.epochs': must be >= 1, got -3"),
+        ("train.lr=.nan", "'train.lr': must be a finite number"),
+        ("train.lr=-0.1", "'train.lr': must be [1e-12, 10.0], got -0.1"),
+        ("train.log_every=0", "'train.log_every': must be >= 1"),
+        ("model.channels=[]", "'model.channels': needs at least one entry"),
+        ("model.channels=[8, 0]", "'model.channels': must be [1, 4096], got 0"),
+        ("model.flow_blocks=0", "'model.flow_blocks': must be [1, 64]"),
+        ("model.z_dim=1000000", "'model.z_dim': must be [3, 4096]"),
+        ("data.rotation_degrees=.inf", "'data.rotation_degrees': must be a finite number"),
+        ("data.shard_size=0", "'data.shard_size': must be >= 1"),
+        ("explain.batch_size=0", "'explain.batch_size': must be >= 1"),
+        ("run.seed=-1", "'run.seed': must be [0,"),
+        ("loss.pixel=-1", "'loss.pixel': must be >= 0"),
+        ("loss.cf_critic=.inf", "'loss.cf_critic': must be a finite number"),
+    ],
+)
+def test_numeric_keys_have_ranges(override, message):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({}, [override])
+    assert message in str(err.value)

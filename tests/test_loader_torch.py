@@ -232,3 +232,27 @@ def test_too_few_samples_for_a_training_batch(sharded):
     n = read_manifest(sharded.out / "val")["num_samples"]
     with pytest.raises(DataError, match="lower the batch size"):
         build_torch_loader(sharded.out / "val", batch_size=n, image_size=8, world_size=2)
+
+
+def test_label_outside_the_classes_names_shard_and_sample(sharded_copy):
+    """A shard rewritten with label 10 for one sample: a data error naming shard and sample
+    before any loss sees it (not an IndexError inside the loss)."""
+    import tarfile
+
+    from galcf_hpc.data import shards
+
+    split_dir = sharded_copy / "test"
+    tar_path = split_dir / "shard-000000.tar"
+    samples = {}
+    with tarfile.open(tar_path) as tar:
+        for member in tar.getmembers():
+            key, ext = member.name.split(".", 1)
+            samples.setdefault(key, []).append((ext, tar.extractfile(member).read()))
+    keys = list(samples)
+    samples[keys[1]] = [(ext, b"10" if ext == "cls" else data) for ext, data in samples[keys[1]]]
+    rows = shards._write_tar(tar_path, list(samples.items()))
+    tar_path.with_suffix(".idx").write_text(shards.format_index(rows))
+    ds = ShardDataset(split_dir)
+    ds[0]
+    with pytest.raises(DataError, match=rf"shard-000000\.tar: sample {keys[1]} has label b'10', not a class 0-9"):
+        ds[1]

@@ -38,6 +38,7 @@ import re
 import numpy as np
 import torch
 
+from galcf_hpc.data.classes import NUM_CLASSES
 from galcf_hpc.errors import CheckpointError, ConfigError, DataError
 from galcf_hpc.loaders.augment import crop_box
 from galcf_hpc.loaders.split import EpochPosition, ceil_div, open_split, steps_per_epoch, verify_hint
@@ -284,9 +285,12 @@ class DaliLoader(EpochPosition):
             tar_path, _, member = info.rpartition(":")
             key = member[: -len(self._image_ext) - 1] if member.endswith("." + self._image_ext) else member
             raw = bytes(np.asarray(cls[i])).strip()
-            if not raw.isdigit():
+            if not raw.isdigit() or int(raw) >= NUM_CLASSES:
                 where = tar_path.rpartition(":")[0] or str(self.split_dir)
-                raise DataError(f"{where}: sample {key} has label {raw[:20]!r}; {verify_hint(self.split_dir)}")
+                raise DataError(
+                    f"{where}: sample {key} has label {raw[:20]!r}, not a class 0-{NUM_CLASSES - 1}; "
+                    f"{verify_hint(self.split_dir)}"
+                )
             keys.append(key)
             labels.append(int(raw))
         return keys, torch.tensor(labels, dtype=torch.int64)

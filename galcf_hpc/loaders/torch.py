@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from galcf_hpc.data.classes import NUM_CLASSES
 from galcf_hpc.data.shards import read_index
 from galcf_hpc.errors import CheckpointError, DataError
 from galcf_hpc.loaders.augment import augment_batch, sample_angles
@@ -137,8 +138,11 @@ class ShardDataset(torch.utils.data.Dataset):
                 f"{self.image_size}x{self.image_size}; {_verify_hint(self.split_dir)}"
             )
         label = self._read(i, *self._label_at[i]).strip()
-        if not label.isdigit():
-            raise DataError(f"{tar_path}: sample {key} has label {label!r}; {_verify_hint(self.split_dir)}")
+        if not label.isdigit() or int(label) >= NUM_CLASSES:
+            raise DataError(
+                f"{tar_path}: sample {key} has label {label[:20]!r}, not a class 0-{NUM_CLASSES - 1}; "
+                f"{_verify_hint(self.split_dir)}"
+            )
         return {"image": image, "label": int(label), "key": key}
 
     def close(self):
