@@ -56,3 +56,68 @@ def file_sha256(path, chunk=1 << 20):
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+class DirLock:
+    """One job at a time in a directory: ``<dir>/.lock`` made with O_EXCL holds the owner's
+    host, pid and Slurm job id. A lock is taken over when its owner is gone: the same host
+    and no such process, or the same Slurm job id (a requeued job restarts on any node).
+    Otherwise ``acquire`` returns the holder's description and leaves the lock alone."""
+
+    NAME = ".lock"
+
+    def __init__(self, directory):
+        self.path = Path(directory) / self.NAME
+        self.me = {
+            "host": os.uname().nodename,
+            "pid": os.getpid(),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        }
+        self.held = False
+
+    def acquire(self):
+        """None when this process holds the lock now, else a description of the holder."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is not None and not self._gone(holder):
+                    return f"host {holder.get('host')}, pid {holder.get('pid')}" + (
+                        f", Slurm job {holder['slurm_job_id']}" if holder.get("slurm_job_id") else ""
+                    )
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)  # the owner is gone: take the lock over
+                continue
+            with os.fdopen(fd, "w") as fh:
+                json.dump(self.me, fh)
+            self.held = True
+            return None
+        return "another process that took it at the same moment"
+
+    def _holder(self):
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None  # unreadable: a process died while writing it
+
+    def _gone(self, holder):
+        job = holder.get("slurm_job_id")
+        if job and job == self.me["slurm_job_id"]:
+            return True
+        if holder.get("host") != self.me["host"]:
+            return False
+        try:
+            os.kill(int(holder.get("pid")), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, TypeError, ValueError):
+            return False
+        return False
+
+    def release(self):
+        if self.held:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+            self.held = False

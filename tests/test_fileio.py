@@ -1,8 +1,11 @@
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 
-from galcf_hpc.fileio import atomic_path, file_sha256, write_json
+from galcf_hpc.fileio import DirLock, atomic_path, file_sha256, write_json
 
 
 def test_atomic_path_commits_with_umask_mode(tmp_path):
@@ -29,3 +32,30 @@ def test_atomic_path_failure_keeps_old_file(tmp_path):
 def test_file_sha256(tmp_path):
     (tmp_path / "b").write_bytes(b"abc")
     assert file_sha256(tmp_path / "b") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_dir_lock_one_holder_and_takeover_of_dead_owners(tmp_path, monkeypatch):
+    # a live process elsewhere holds it: refused with its host and pid, lock untouched
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock_file = tmp_path / ".lock"
+        mine = {"host": os.uname().nodename, "pid": holder.pid, "slurm_job_id": None}
+        lock_file.write_text(json.dumps(mine))
+        lock = DirLock(tmp_path)
+        assert lock.acquire() == f"host {mine['host']}, pid {holder.pid}"
+        assert json.loads(lock_file.read_text())["pid"] == holder.pid and not lock.held
+    finally:
+        holder.kill()
+        holder.wait()
+    # its process is gone: taken over
+    assert lock.acquire() is None and lock.held
+    assert json.loads(lock_file.read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not lock_file.exists()
+    # another host's lock is respected, unless it is this Slurm job's (a requeued job)
+    lock_file.write_text(json.dumps({"host": "elsewhere", "pid": 1, "slurm_job_id": "77"}))
+    assert "host elsewhere, pid 1, Slurm job 77" == DirLock(tmp_path).acquire()
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    again = DirLock(tmp_path)
+    assert again.acquire() is None and json.loads(lock_file.read_text())["slurm_job_id"] == "77"
+    again.release()

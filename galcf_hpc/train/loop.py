@@ -31,7 +31,7 @@ import torch
 
 from ..config import write_resolved_config
 from ..errors import CheckpointError, ConfigError, PeerLostError
-from ..fileio import write_json
+from ..fileio import DirLock, write_json
 from ..loaders import build_loader
 from ..progress import Progress
 from . import distributed
@@ -271,6 +271,21 @@ def _train(cfg, resume, env, signals):
     cfg, t = r.cfg, r.cfg.train
     run_dir = Path(cfg.run.out_dir)
     _check_tensorboard(t)
+    lock = DirLock(run_dir)
+    holder = lock.acquire() if env.is_main else None
+    if distributed.any_rank([holder is not None], env.device)[0]:
+        raise CheckpointError(
+            f"{run_dir} is in use by another training ({holder or 'see rank 0'}, {lock.path}); wait for it, "
+            "choose another run.out_dir, or delete the lock file if that process is gone"
+        )
+    try:
+        return _locked(r, run_dir, resume, signals)
+    finally:
+        lock.release()
+
+
+def _locked(r, run_dir, resume, signals):
+    cfg, t, env = r.cfg, r.cfg.train, r.env
     step, start_epoch = _start(r, run_dir, resume)
     if env.is_main:  # only once the start is accepted: a refused run leaves config.yaml alone
         run_dir.mkdir(parents=True, exist_ok=True)
