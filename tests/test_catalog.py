@@ -1,6 +1,8 @@
 """The catalog job: MPI run vs single process vs the model itself and the shared
-counterfactual pass (judges included), kill -9 and resume, verify, and clear errors for bad
-inputs and foreign output directories."""
+counterfactual pass (judges included), kill -9 and resume, damaged and foreign part files
+moved aside and recomputed, verify (never a crash, every bad part named), readers that
+never read another catalog's parts, and clear errors for bad inputs and foreign output
+directories."""
 
 import hashlib
 import json
@@ -19,13 +21,16 @@ import torch.nn.functional as F
 
 from galcf_hpc import cli
 from galcf_hpc.catalog.job import run_catalog, verify_catalog
+from galcf_hpc.catalog.store import pack_catalog
 from galcf_hpc.data.classes import NUM_CLASSES
+from galcf_hpc.errors import DataError
 from galcf_hpc.explain.run import load_run
 from galcf_hpc.judges import load_judges
 from galcf_hpc.judges.nets import build_judge, save_judge
 from galcf_hpc.loaders.augment import augment_batch
 from galcf_hpc.loaders.torch import ShardDataset
 from galcf_hpc.model.evaluation import explain_batch
+from galcf_hpc.report.collect import catalog_summary
 from galcf_hpc.train.checkpoint import latest_checkpoint, load_checkpoint
 from galcf_hpc.train.loop import train
 from test_train import tiny_config
@@ -276,6 +281,7 @@ def test_kill_one_rank_then_resume(run_dir, sharded, tmp_path):
     assert len(list(parts.glob("unit-*.h5"))) == 15 and not list(parts.glob(".*.tmp"))
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["skipped_units"], summary["computed_units"]) == (len(done), 15 - len(done))
+    assert summary["rejected_parts"] == []  # what a killed run finished is whole
     assert sum(r["units"] for r in summary["per_rank"]) == 15 - len(done)
     ok = galcf("catalog", "verify", out)
     assert ok.returncode == 0, ok.stderr
@@ -303,8 +309,169 @@ def test_verify_finds_deleted_part_and_changed_judge(mpi_catalog, tmp_path, monk
         assert (f["validity_cnn"][8:12] == -128).all() and (f["pred"][:8] >= 0).all()
     code, err = run_cli(monkeypatch, capsys, "catalog", "verify", out)
     assert code == 2
-    assert "unit-000002.h5 (galaxies 8-11) is missing" in err
-    assert "'pred' holds its fill value -32768 for 4 galaxies, first index 8" in err
+    assert "unit-000002.h5 (galaxies 8-11) is missing" in err and "values were not read through" in err
+    assert "fill value" not in err  # nothing is read through the virtual datasets with a part missing
+
+    # a part whose every attribute and shape is right but whose rows were never written
+    shutil.copy(mpi_catalog[0] / "parts" / "unit-000002.h5", out / "parts" / "unit-000002.h5")
+    with h5py.File(out / "parts" / "unit-000002.h5", "a") as f:
+        f["pred"][1:3] = -32768
+    code, err = run_cli(monkeypatch, capsys, "catalog", "verify", out)
+    assert code == 2 and "'pred' holds its fill value -32768 for 2 galaxies, first index 9" in err
+
+
+def _catalog_run(ckpt, input_path, out):
+    """run_catalog with units of 2 galaxies and 2 targets (quick on 2 shared cores); returns
+    (summary, catalog arrays)."""
+    summary = run_catalog(ckpt, input_path, out, unit_size=2, targets="Merging,3")
+    return summary, read_all(out / "catalog.h5")[0]
+
+
+def _other_checkpoint(ckpt, tmp_path):
+    """The same weights under another sha256 (one more step recorded), in a run directory
+    with the same judges next to it: its catalog rows are the same, its provenance is not."""
+    other = load_checkpoint(ckpt)
+    other["step"] += 1
+    path = tmp_path / "other_run" / "checkpoints" / "step-other.pt"
+    path.parent.mkdir(parents=True)
+    torch.save(other, path)
+    shutil.copytree(ckpt.parent.parent / "judges", path.parent.parent / "judges")
+    return path
+
+
+def test_damaged_and_foreign_parts_are_moved_aside_and_recomputed(run_dir, make_catalog, tmp_path, caplog):
+    """A part file counts as done only if it is a whole part of this very run; anything else
+    under its name is renamed to unit-NNNNNN.h5.rejected-<reason> (never deleted), logged,
+    and its unit computed again."""
+    ckpt = latest_checkpoint(run_dir)
+    cat = make_catalog(n=12, size=32, seed=0)
+    out, parts = tmp_path / "out", tmp_path / "out" / "parts"
+    first, before = _catalog_run(ckpt, cat.path, out)
+    assert first["computed_units"] == 6
+    # the same galaxies through another checkpoint file, and other galaxies (another input)
+    _catalog_run(_other_checkpoint(ckpt, tmp_path), cat.path, tmp_path / "other_ckpt")
+    other_input = make_catalog(name="other.h5", n=14, size=32, seed=3)
+    _catalog_run(ckpt, other_input.path, tmp_path / "other_input")
+
+    name = [f"unit-{u:06d}.h5" for u in range(6)]
+    (parts / name[0]).write_bytes((parts / name[0]).read_bytes()[:2000])  # truncated
+    (parts / name[1]).write_bytes(b"")  # zero bytes
+    shutil.copy(tmp_path / "other_ckpt" / "parts" / name[2], parts / name[2])
+    shutil.copy(tmp_path / "other_input" / "parts" / name[3], parts / name[3])
+    with h5py.File(parts / name[4], "a") as f:  # what an older galcf-hpc wrote: no input_sha256
+        f.attrs.pop("input_sha256", None)
+    moved = {u: hashlib.sha256((parts / name[u]).read_bytes()).hexdigest() for u in range(5)}
+    kept = (parts / name[5]).stat()
+
+    with caplog.at_level(logging.WARNING, logger="galcf_hpc"):
+        again, after = _catalog_run(ckpt, cat.path, out)
+    reasons = ["unreadable", "unreadable", "checkpoint", "input", "unrecorded"]
+    aside = [f"{name[u]}.rejected-{reason}" for u, reason in enumerate(reasons)]
+    assert (again["skipped_units"], again["computed_units"]) == (1, 5) and again["rejected_parts"] == aside
+    for u in range(5):  # moved aside untouched, named in the log with the reason
+        assert hashlib.sha256((parts / aside[u]).read_bytes()).hexdigest() == moved[u]
+        assert f"{parts / name[u]} " in caplog.text and f"moved aside to {aside[u]}" in caplog.text
+    assert "a part of another catalog" in caplog.text and "lacks the attribute(s) input_sha256" in caplog.text
+    assert "from input 'h5:14x32px:" in caplog.text
+    st = (parts / name[5]).stat()
+    assert (st.st_ino, st.st_mtime_ns) == (kept.st_ino, kept.st_mtime_ns)  # the whole part stays
+    for key in before:
+        assert np.array_equal(after[key], before[key], equal_nan=after[key].dtype.kind == "f"), key
+    notes = verify_catalog(out)["notes"]
+    assert any("5 file(s) moved aside by `catalog run`" in n for n in notes)
+
+    # damaged again: moved aside next to the first one, under a new name
+    (parts / name[0]).write_bytes(b"")
+    third, _ = _catalog_run(ckpt, cat.path, out)
+    assert third["rejected_parts"] == [f"{name[0]}.rejected-unreadable-2"] and third["computed_units"] == 1
+    assert (parts / aside[0]).is_file()
+
+
+def test_verify_names_every_bad_part_and_never_crashes(run_dir, make_catalog, tmp_path, monkeypatch, capsys):
+    ckpt = latest_checkpoint(run_dir)
+    cat = make_catalog(n=12, size=32, seed=0)
+    out, parts = tmp_path / "out", tmp_path / "out" / "parts"
+    _catalog_run(ckpt, cat.path, out)
+    # an input that looks the same from outside (same count, image size and byte size: the
+    # same input fingerprint) but holds other galaxies
+    look_alike = make_catalog(name="look_alike.h5", n=12, size=32, seed=5)
+    _catalog_run(ckpt, look_alike.path, tmp_path / "look_alike")
+    run = json.loads((out / "run.json").read_text())
+    assert (
+        json.loads((tmp_path / "look_alike" / "run.json").read_text())["input_fingerprint"] == run["input_fingerprint"]
+    )
+
+    (parts / "unit-000001.h5").write_bytes((parts / "unit-000001.h5").read_bytes()[:3000])
+    shutil.copy(tmp_path / "look_alike" / "parts" / "unit-000002.h5", parts / "unit-000002.h5")
+    with h5py.File(parts / "unit-000003.h5", "a") as f:
+        f.attrs["checkpoint_sha256"] = "0" * 64
+    (parts / "unit-000005.h5").unlink()
+    code, err = run_cli(monkeypatch, capsys, "catalog", "verify", out)
+    assert code == 2 and "Traceback" not in err
+    assert f"{parts / 'unit-000001.h5'} (galaxies 2-3) cannot be read as a part file" in err
+    assert f"{parts / 'unit-000002.h5'} (galaxies 4-5) was computed from other galaxies" in err
+    assert f"mv {parts / 'unit-000002.h5'} {parts / 'unit-000002.h5'}.rejected-input-rows" in err
+    assert f"{parts / 'unit-000003.h5'} (galaxies 6-7) was computed with a checkpoint of sha256 {'0' * 64}" in err
+    assert f"{parts / 'unit-000005.h5'} (galaxies 10-11) is missing" in err
+    assert "values were not read through" in err and "unit-000000" not in err and "unit-000004" not in err
+
+    # `catalog run` checks attributes only: it moves the damaged and the foreign part aside,
+    # and keeps the look-alike one, which verify goes on naming until it is moved aside
+    again, _ = _catalog_run(ckpt, cat.path, out)
+    assert again["rejected_parts"] == ["unit-000001.h5.rejected-unreadable", "unit-000003.h5.rejected-checkpoint"]
+    assert again["computed_units"] == 3
+    with pytest.raises(DataError, match=r"unit-000002.h5 \(galaxies 4-5\) was computed from other galaxies"):
+        verify_catalog(out)
+    os.replace(parts / "unit-000002.h5", parts / "unit-000002.h5.rejected-input-rows")
+    assert _catalog_run(ckpt, cat.path, out)[0]["computed_units"] == 1
+    assert verify_catalog(out)["num_galaxies"] == 12
+
+    # catalog.h5 without an attribute, or damaged: a DataError naming the file and attribute
+    shutil.copy(out / "catalog.h5", tmp_path / "good.h5")
+    with h5py.File(out / "catalog.h5", "a") as f:
+        del f.attrs["unit_size"]
+    code, err = run_cli(monkeypatch, capsys, "catalog", "verify", out)
+    assert code == 2 and f"{out / 'catalog.h5'}: attribute 'unit_size' is missing" in err and "rerun" in err
+    (out / "catalog.h5").write_bytes((tmp_path / "good.h5").read_bytes()[:1500])
+    code, err = run_cli(monkeypatch, capsys, "catalog", "verify", out)
+    assert code == 2 and f"{out / 'catalog.h5'} cannot be opened as HDF5" in err
+
+
+def test_readers_never_read_another_catalogs_parts(mpi_catalog, tmp_path, monkeypatch, capsys):
+    """HDF5 looks for a missing part of a virtual dataset last in the current directory: run
+    from inside another catalog's directory, a reader of a catalog with a part missing reads
+    that catalog's rows. verify, pack and the report's catalog summary refuse instead."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(mpi_catalog[0], a)
+    shutil.copytree(mpi_catalog[0], b)
+    with h5py.File(b / "parts" / "unit-000002.h5", "a") as f:  # b's rows 8-11 differ from a's
+        f["ra"][:] = 1000.0
+    (a / "parts" / "unit-000002.h5").unlink()
+    monkeypatch.chdir(b)
+    with h5py.File(a / "catalog.h5", "r") as f:  # the wrong read, as plain h5py does it
+        assert (f["ra"][8:12] == 1000.0).all()
+
+    with pytest.raises(DataError, match=r"not packed: .*unit-000002.h5 is missing"):
+        pack_catalog(a / "catalog.h5", tmp_path / "packed.h5")
+    assert not (tmp_path / "packed.h5").exists()
+    code, err = run_cli(monkeypatch, capsys, "catalog", "pack", a, "--out", tmp_path / "packed.h5")
+    assert code == 2 and "unit-000002.h5 (galaxies 8-11) is missing" in err and not (tmp_path / "packed.h5").exists()
+    with pytest.raises(DataError, match=r"(?s)unit-000002.h5 \(galaxies 8-11\) is missing.*values were not read"):
+        verify_catalog(a)
+    with pytest.raises(DataError, match=r"unit-000002.h5 is missing"):
+        catalog_summary(a)
+
+    # $HDF5_VDS_PREFIX comes before the catalog's own folder: with every part of a in place,
+    # HDF5 would still read b's rows
+    shutil.copy(mpi_catalog[0] / "parts" / "unit-000002.h5", a / "parts" / "unit-000002.h5")
+    monkeypatch.setenv("HDF5_VDS_PREFIX", str(b))
+    with h5py.File(a / "catalog.h5", "r") as f:
+        assert (f["ra"][8:12] == 1000.0).all()
+    for read in (verify_catalog, catalog_summary, lambda d: pack_catalog(d / "catalog.h5", tmp_path / "p.h5")):
+        with pytest.raises(DataError, match="HDF5_VDS_PREFIX is set"):
+            read(a)
+    monkeypatch.delenv("HDF5_VDS_PREFIX")
+    assert verify_catalog(a)["num_galaxies"] == 24 and catalog_summary(a)["num_galaxies"] == 24
 
 
 def test_pack_copies_every_field_into_one_file(mpi_catalog, tmp_path, monkeypatch, capsys):
@@ -442,7 +609,7 @@ def test_tasks_without_a_shared_mpi_world_are_refused(tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,  # only guards against a hang: on 2 shared cores importing torch alone can take long
     )
     assert res.returncode == 2 and "started 4 tasks but each sees an MPI world of size 1" in res.stderr
     assert not (tmp_path / "out").exists()

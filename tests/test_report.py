@@ -1,10 +1,11 @@
 """The report of a tiny trained run with a judge panel: validity by the model and by every
 judge consistent with an independent recomputation, every referenced image a real PNG, the
-files next to --out, a catalog with a missing part refused, and (where Chromium exists) a
-rendered page."""
+files next to --out, a catalog with a missing, damaged or foreign part refused, and (where
+Chromium exists) a rendered page."""
 
 import json
 import re
+import shutil
 import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
@@ -253,7 +254,7 @@ def test_report_without_judges_says_so(sharded, tmp_path, capsys):
     assert "resnet_grey sees luminance only" in text and "Not trained: cnn, resnet" in text
 
 
-def _fake_catalog(folder, parts=2, per_part=3, judges=("cnn",)):
+def _fake_catalog(folder, parts=2, per_part=3, judges=("cnn",), checkpoint_sha256="c" * 64):
     """A catalog.h5 of virtual datasets over part files, shaped like the catalog job's."""
     folder.mkdir(parents=True)
     (folder / "parts").mkdir()
@@ -272,6 +273,7 @@ def _fake_catalog(folder, parts=2, per_part=3, judges=("cnn",)):
         with h5py.File(folder / "parts" / f"unit-{p:06d}.h5", "w") as f:
             for k, v in cols.items():
                 f[k] = v[p * per_part : (p + 1) * per_part]
+            f.attrs["checkpoint_sha256"] = checkpoint_sha256
     with h5py.File(folder / "catalog.h5", "w") as f:
         for k, v in cols.items():
             layout = h5py.VirtualLayout(v.shape, v.dtype)
@@ -280,7 +282,14 @@ def _fake_catalog(folder, parts=2, per_part=3, judges=("cnn",)):
                     f"parts/unit-{p:06d}.h5", k, shape=(per_part,) + v.shape[1:], dtype=v.dtype
                 )
             f.create_virtual_dataset(k, layout, fillvalue=-32768 if k == "pred" else 0)
-        f.attrs.update({"num_galaxies": n, "target_names": list(CLASS_NAMES), "judge_names": list(judges)})
+        f.attrs.update(
+            {
+                "num_galaxies": n,
+                "target_names": list(CLASS_NAMES),
+                "judge_names": list(judges),
+                "checkpoint_sha256": checkpoint_sha256,
+            }
+        )
     return cols
 
 
@@ -299,6 +308,43 @@ def test_catalog_summary_and_missing_part(tmp_path, capsys):
     (tmp_path / "run").mkdir()
     assert main(["report", "--run", str(tmp_path / "run"), "--catalog", str(tmp_path / "cat")]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_catalog_summary_refuses_damaged_foreign_and_incomplete_parts(tmp_path, monkeypatch, capsys):
+    """A truncated part (HDF5 raised an OSError that named no file), a part of another
+    catalog (counted as if it were this one's), catalog.h5 without an attribute, and a
+    missing part read from inside another catalog's directory (HDF5 then finds that
+    catalog's part relative to the current directory): each a DataError naming the file."""
+    _fake_catalog(tmp_path / "cat", parts=3)
+    part = tmp_path / "cat" / "parts" / "unit-000001.h5"
+    good = part.read_bytes()
+    part.write_bytes(good[:1000])
+    with pytest.raises(DataError, match=rf"{re.escape(str(part))} cannot be opened.*catalog verify"):
+        catalog_summary(tmp_path / "cat")
+    (tmp_path / "run").mkdir()
+    assert main(["report", "--run", str(tmp_path / "run"), "--catalog", str(tmp_path / "cat")]) == 2
+    err = capsys.readouterr().err
+    assert f"{part} cannot be opened" in err and "Traceback" not in err
+
+    _fake_catalog(tmp_path / "other", parts=3, checkpoint_sha256="d" * 64)
+    shutil.copy(tmp_path / "other" / "parts" / "unit-000001.h5", part)
+    with pytest.raises(
+        DataError, match=rf"{re.escape(str(part))} belongs to another catalog: its checkpoint_sha256 'd+'"
+    ):
+        catalog_summary(tmp_path / "cat")
+
+    part.write_bytes(good)
+    assert catalog_summary(tmp_path / "cat")["num_galaxies"] == 9
+    with h5py.File(tmp_path / "cat" / "catalog.h5", "a") as f:
+        del f.attrs["num_galaxies"]
+    with pytest.raises(DataError, match=r"catalog.h5 has no attribute 'num_galaxies'"):
+        catalog_summary(tmp_path / "cat")
+
+    _fake_catalog(tmp_path / "cat2", parts=3)
+    (tmp_path / "cat2" / "parts" / "unit-000002.h5").unlink()
+    monkeypatch.chdir(tmp_path / "other")  # holds a parts/unit-000002.h5 of its own
+    with pytest.raises(DataError, match=r"1 part file\(s\).*missing or unusable.*cat2/parts/unit-000002.h5 is missing"):
+        catalog_summary(tmp_path / "cat2")
 
 
 def test_report_bad_input(tmp_path, capsys):

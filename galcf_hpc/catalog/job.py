@@ -6,10 +6,13 @@ and by every judge trained next to the checkpoint's run (RUN/judges/<name>/model
 The input is cut into fixed-size work units (contiguous ranges of its order). Rank 0 hands
 them out on request from a small server thread while it works through units itself, so a
 slow or late rank takes fewer units instead of holding the job back. Each unit becomes
-``parts/unit-NNNNNN.h5``, written under a temporary name and renamed when complete: a part
-that exists is done, and a rerun with the same arguments computes only the missing ones.
-At the end rank 0 writes ``catalog.h5`` (virtual datasets over the parts). Messages between
-ranks are plain integer buffers (no pickle).
+``parts/unit-NNNNNN.h5``, written under a temporary name and renamed when complete. A rerun
+with the same arguments skips the parts that are finished parts of this very run (checked
+at the start: they open, have their unit's rows and the schema, and record this run's
+checkpoint, judges, targets and input), moves every other file aside
+(``unit-NNNNNN.h5.rejected-<reason>``) and computes the rest. At the end rank 0 writes
+``catalog.h5`` (virtual datasets over the parts). Messages between ranks are plain integer
+buffers (no pickle).
 """
 
 import json
@@ -105,6 +108,20 @@ def _to_numpy(out, distance, image_dtype, n):
     return {k: v.cpu().numpy() for k, v in arrays.items()}
 
 
+def _schema(plan, model, cfg):
+    """The catalog's fields for a run ``plan`` (run.json's entries) of ``model``."""
+    return store.schema(
+        plan["key_length"],
+        NUM_CLASSES,
+        model.means.shape[1],
+        cfg.model.z_dim,
+        len(plan["targets"]),
+        cfg.data.image_size,
+        plan["image_dtype"],
+        list(plan["judges"]),
+    )
+
+
 # ---------------------------------------------------------------------------------------
 # Preparation (rank 0): everything that can fail on bad input, before any output is touched
 
@@ -160,15 +177,38 @@ def _prepare(checkpoint, input_path, out_dir, targets, unit_size, image_dtype, d
     for stale in parts.glob(".unit-*.tmp"):  # left by a killed run; its unit is recomputed
         stale.unlink(missing_ok=True)
     units = store.work_units(source.n, unit_size)
-    todo = [u for u in range(len(units)) if not (parts / store.part_name(u)).is_file()]
+    todo, rejected = _check_done(parts, units, _schema(run, model, cfg), run)
     plan = {
         **run,
         "out_dir": str(out_dir),
         "checkpoint_path": str(ckpt),
         "todo": todo,
         "skipped": len(units) - len(todo),
+        "rejected": rejected,
     }
     return plan, model, judges, cfg, source
+
+
+def _check_done(parts, units, fields, run):
+    """(units to compute, names the rejected parts were moved to). A part file counts as
+    done only if it is a finished part of this run (:func:`store.part_problem`: attributes
+    and shapes, no values, so this stays cheap for thousands of parts); any other file under
+    a part's name is moved aside, never deleted, and its unit computed again. The sha256 of
+    a part's rows of the input is compared by ``catalog verify`` only: that needs the whole
+    input read again."""
+    todo, rejected = [], []
+    for unit, (start, stop) in enumerate(units):
+        path = parts / store.part_name(unit)
+        if not (path.exists() or path.is_symlink()):
+            todo.append(unit)
+            continue
+        bad = store.part_problem(path, unit, start, stop, fields, run)
+        if bad:
+            aside = store.reject_part(path, bad[0])
+            log.warning("catalog: %s %s; moved aside to %s, unit %d is computed again", path, bad[1], aside.name, unit)
+            rejected.append(aside.name)
+            todo.append(unit)
+    return todo, rejected
 
 
 def judges_run_dir(checkpoint):
@@ -272,14 +312,17 @@ def _cpu_threads(local_size):
 
 def _run_unit(ctx, unit, start, stop):
     fields, dev, cfg = ctx["fields"], ctx["device"], ctx["cfg"]
-    attrs = {
-        "unit": unit,
-        "start": start,
-        "stop": stop,
-        "checkpoint_sha256": ctx["plan"]["checkpoint_sha256"],
-        "device": str(dev),
-        "version": __version__,
-    }
+    # The rows' sha256 reads the unit's input once more (raw bytes, no decoding), which is
+    # small next to the counterfactual pass; the reads below then come from the page cache.
+    attrs = store.part_attrs(
+        unit,
+        start,
+        stop,
+        ctx["plan"],
+        ctx["source"].unit_sha256(start, stop),
+        device=str(dev),
+        version=__version__,
+    )
     path = Path(ctx["plan"]["out_dir"]) / store.PARTS / store.part_name(unit)
     bs = cfg.explain.batch_size
     with store.part_writer(path, stop - start, fields, attrs) as write:
@@ -412,16 +455,7 @@ def run_catalog(
         else:
             torch.set_num_threads(_cpu_threads(local_size))
         units = store.work_units(plan["num_galaxies"], plan["unit_size"])
-        fields = store.schema(
-            plan["key_length"],
-            NUM_CLASSES,
-            model.means.shape[1],
-            cfg.model.z_dim,
-            len(plan["targets"]),
-            cfg.data.image_size,
-            plan["image_dtype"],
-            list(plan["judges"]),
-        )
+        fields = _schema(plan, model, cfg)
         model = model.to(dev).eval()
         ctx = {
             "plan": plan,
@@ -436,11 +470,13 @@ def run_catalog(
         }
         if rank == 0:
             log.info(
-                "catalog: %d galaxies in %d units of %d, %d finished before (skipped), %d to do on %d rank(s)",
+                "catalog: %d galaxies in %d units of %d, %d finished before (skipped), %d rejected (moved "
+                "aside), %d to do on %d rank(s)",
                 plan["num_galaxies"],
                 len(units),
                 plan["unit_size"],
                 plan["skipped"],
+                len(plan["rejected"]),
                 len(plan["todo"]),
                 size,
             )
@@ -492,6 +528,7 @@ def run_catalog(
         "num_units": len(units),
         "skipped_units": plan["skipped"],
         "computed_units": len(plan["todo"]),
+        "rejected_parts": plan["rejected"],
         "judges": list(plan["judges"]),
         "ranks": size,
         "device": str(dev),
@@ -506,13 +543,38 @@ def run_catalog(
     return summary
 
 
+def _catalog_fields(f, path, attrs, judges):
+    """The schema of an open catalog.h5, from its attributes and the shapes of key, h and z."""
+    import h5py
+
+    for name, ndim in (("key", 1), ("h", 2), ("z", 2)):
+        ds = f.get(name)
+        if not isinstance(ds, h5py.Dataset) or ds.ndim != ndim:
+            raise DataError(
+                f"{path}: dataset '{name}' is {'missing' if ds is None else 'not what catalog run writes'}, so "
+                "the catalog cannot be checked; rerun `galcf-hpc catalog run` with the same arguments to rewrite it"
+            )
+    return store.schema(
+        f["key"].dtype.itemsize,
+        NUM_CLASSES,
+        f["h"].shape[1],
+        f["z"].shape[1],
+        len(attrs["targets"]),
+        int(attrs["image_size"]),
+        str(attrs["image_dtype"]),
+        list(judges),
+    )
+
+
 def verify_catalog(out_dir):
     """Check a finished catalog directory; returns a summary dict, raises DataError listing
-    every problem found."""
+    every problem found. Reads through the virtual datasets of catalog.h5 only once every
+    part file has been found valid (see :mod:`.store` for why)."""
     import h5py
 
     out_dir = Path(out_dir)
-    attrs = store.read_attrs(out_dir / store.CATALOG)
+    path = out_dir / store.CATALOG
+    attrs = store.read_attrs(path)
     problems, notes = [], []
     try:
         run = json.loads((out_dir / "run.json").read_text())
@@ -527,31 +589,64 @@ def verify_catalog(out_dir):
         problems.append(f"judges of catalog.h5 are {judges!r}, run.json says {run.get('judges')!r}")
     n, targets = int(attrs["num_galaxies"]), [int(t) for t in attrs["targets"]]
     units = store.work_units(n, int(attrs["unit_size"]))
-    with h5py.File(out_dir / store.CATALOG, "r") as f:
-        fields = store.schema(
-            f["key"].dtype.itemsize,
-            NUM_CLASSES,
-            f["h"].shape[1],
-            f["z"].shape[1],
-            len(targets),
-            int(attrs["image_size"]),
-            str(attrs["image_dtype"]),
-            list(judges),
-        )
-        problems += store.check_parts(out_dir, units, fields)
-        found, keys = store.check_values(f, fields, targets)
-        problems += found
+    # what every part must record: this catalog's checkpoint, judges, targets and input
+    expected = {
+        "checkpoint_sha256": str(attrs["checkpoint_sha256"]),
+        "judges": judges,
+        "targets": targets,
+        "input_fingerprint": str(attrs["input_fingerprint"]),
+    }
+    source, bad_parts = None, []
     if Path(attrs["input"]).exists():
-        source = open_source(attrs["input"])
-        if source.keys != keys:
-            missing = sorted(set(source.keys) - set(keys))
-            problems.append(
-                f"keys differ from the input {attrs['input']} ({len(missing)} input keys absent"
-                f"{', e.g. ' + missing[0] if missing else ''}; or in another order)"
-            )
-        source.close()
+        try:
+            source = open_source(attrs["input"])
+        except DataError as exc:
+            problems.append(f"input {attrs['input']} cannot be read, so keys and rows were not compared ({exc})")
+        else:
+            if source.fingerprint != expected["input_fingerprint"]:
+                problems.append(
+                    f"input {attrs['input']} has changed since the catalog was made (fingerprint "
+                    f"{source.fingerprint!r}, catalog.h5 records {expected['input_fingerprint']!r}); rerun "
+                    "into a new --out to match the current input"
+                )
+                source.close()
+                source = None
     else:
         notes.append(f"input {attrs['input']} no longer exists; keys checked for uniqueness only")
+    try:
+        with h5py.File(path, "r") as f:
+            fields = _catalog_fields(f, path, attrs, judges)
+            # Every part valid (and its rows of the input unchanged: one read of the whole
+            # input), and catalog.h5 mapping exactly these files, before any value is read
+            # through the virtual datasets: a missing part would read as fill values, or as
+            # another catalog's rows (HDF5 falls back to the current directory).
+            bad_parts = store.check_parts(out_dir, units, fields, expected, source.unit_sha256 if source else None)
+            bad = [text for _, text in bad_parts] + store.check_mapping(f, units, fields)
+            # with the mapping right, the sources are exactly the parts checked above
+            bad = bad or store.check_sources(f, out_dir)
+            problems += bad
+            if bad:
+                problems.append(f"values were not read through {path} (its parts must be fixed first)")
+            else:
+                found, keys = store.check_values(f, fields, targets)
+                problems += found
+                if source is not None and source.keys != keys:
+                    missing = sorted(set(source.keys) - set(keys))
+                    problems.append(
+                        f"keys differ from the input {attrs['input']} ({len(missing)} input keys absent"
+                        f"{', e.g. ' + missing[0] if missing else ''}; or in another order)"
+                    )
+    except OSError as exc:  # a part damaged while it was read, or catalog.h5 itself
+        problems.append(f"{path} cannot be read ({exc})")
+    finally:
+        if source is not None:
+            source.close()
+    rejected = store.rejected_parts(out_dir)
+    if rejected:
+        notes.append(
+            f"{len(rejected)} file(s) moved aside by `catalog run` are still in {out_dir / store.PARTS} (first: "
+            f"{rejected[0].name}); delete them once inspected"
+        )
     ckpt = Path(attrs["checkpoint"])
     if ckpt.is_file():
         if file_sha256(ckpt) != attrs["checkpoint_sha256"]:
@@ -562,18 +657,23 @@ def verify_catalog(out_dir):
     else:
         notes.append(f"checkpoint {ckpt} no longer exists; its sha256 was not re-checked")
     for name, sha in judges.items():
-        path = _judge_path(attrs["judges_dir"], name)
-        if not path.is_file():
-            notes.append(f"judge {path} no longer exists; its sha256 was not re-checked")
-        elif file_sha256(path) != sha:
+        judge = _judge_path(attrs["judges_dir"], name)
+        if not judge.is_file():
+            notes.append(f"judge {judge} no longer exists; its sha256 was not re-checked")
+        elif file_sha256(judge) != sha:
             problems.append(
-                f"judge {path} has changed since the catalog was made (sha256 differs); rerun into a "
+                f"judge {judge} has changed since the catalog was made (sha256 differs); rerun into a "
                 "new --out to match the current judges"
             )
     if problems:
-        shown = "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
+        shown = "\n  ".join(problems[:10])
+        if len(problems) > 10:
+            # the first ten in full, and then still the name of every bad part file
+            names = ", ".join(p.name for p, _ in bad_parts)
+            shown += f"\n  ... and {len(problems) - 10} more" + (f"; every bad part: {names}" if names else "")
         raise DataError(
             f"{out_dir}: catalog verification failed:\n  {shown}\nRerun `galcf-hpc catalog run` with "
-            "the same arguments to recompute missing parts"
+            "the same arguments to recompute missing parts; it moves damaged or foreign part files aside "
+            "(parts/unit-NNNNNN.h5.rejected-<reason>) and recomputes them"
         )
     return {"num_galaxies": n, "num_units": len(units), "targets": targets, "notes": notes}

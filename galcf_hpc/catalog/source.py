@@ -4,8 +4,13 @@ contiguous ranges of their natural order (file order; shard order for shards).
 Both give every rank the same ``keys`` (cheap: generated for .h5, from the DALI index files
 for shards) and read images, labels and sky positions only for the range asked for, so a
 catalog of any size is never loaded whole.
+
+Two fingerprints identify the input: ``fingerprint`` of the whole input (cheap, compared
+when a run resumes), and :meth:`unit_sha256` of one unit's rows as stored (reads those
+rows; written into every part file and compared by ``catalog verify``).
 """
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -16,6 +21,16 @@ from ..data.shards import read_index, sample_key
 from ..errors import DataError
 from ..fileio import file_sha256
 from ..loaders.torch import ShardDataset
+
+_HASH_BLOCK = 64  # galaxies read at a time while hashing a unit of an .h5 input
+
+
+def _feed(digest, *items):
+    """Add byte strings to a sha256, each preceded by its length, so that bytes cannot
+    move from one item (or row) to the next without changing the digest."""
+    for item in items:
+        digest.update(len(item).to_bytes(8, "little"))
+        digest.update(item)
 
 
 class H5Source:
@@ -30,6 +45,25 @@ class H5Source:
         # Hashing a catalog of hundreds of GB would take longer than the job; size and shape
         # identify it well enough to refuse resuming into another catalog's output.
         self.fingerprint = f"h5:{self.n}x{self.catalog.image_size}px:{st.st_size}B"
+
+    def unit_sha256(self, start, stop):
+        """sha256 over rows ``start:stop`` as read: per galaxy its key, label, ra, dec (int64,
+        float64, float64 little-endian) and image bytes (uint8, as stored)."""
+        digest = hashlib.sha256()
+        for b0 in range(start, stop, _HASH_BLOCK):
+            data = self.read(b0, min(b0 + _HASH_BLOCK, stop))
+            labels = np.asarray(data["labels"], "<i8")
+            ra, dec = np.asarray(data["ra"], "<f8"), np.asarray(data["dec"], "<f8")
+            for i, key in enumerate(data["keys"]):
+                _feed(
+                    digest,
+                    key.encode(),
+                    labels[i].tobytes(),
+                    ra[i].tobytes(),
+                    dec[i].tobytes(),
+                    np.ascontiguousarray(data["images"][i]).tobytes(),
+                )
+        return digest.hexdigest()
 
     def read(self, start, stop):
         c = self.catalog
@@ -55,15 +89,47 @@ class ShardSource:
         self.n = len(self.dataset)
         self.keys = self.dataset.keys
         self.fingerprint = "shards:" + file_sha256(self.path / "manifest.json")
-        self._json_at = []
+        # per sample: its tar and {member extension: (offset, size)} from the index files
+        self._members = []
         for shard in self.dataset.manifest["shards"]:
             tar = self.path / shard["tar"]["file"]
             for sample in read_index(self.path / shard["idx"]["file"]):
-                where = next(((c["offset"], c["size"]) for c in sample["components"] if c["ext"] == "json"), None)
-                self._json_at.append((tar, where))
+                self._members.append((tar, {c["ext"]: (c["offset"], c["size"]) for c in sample["components"]}))
+
+    def unit_sha256(self, start, stop):
+        """sha256 over samples ``start:stop`` as stored: per sample its key, then every
+        member (extension and raw bytes: image, cls, json) in the order of the extensions.
+        Raw bytes, not decoded images: cheap to read again, and independent of the decoder."""
+        digest, handles = hashlib.sha256(), {}
+        try:
+            for i in range(start, stop):
+                tar, members = self._members[i]
+                if tar not in handles:
+                    try:
+                        handles[tar] = open(tar, "rb")
+                    except OSError as exc:
+                        raise DataError(
+                            f"{tar}: cannot be opened ({exc}); run `galcf-hpc data verify {self.path.parent}`"
+                        ) from None
+                _feed(digest, self.keys[i].encode())
+                for ext in sorted(members):
+                    offset, size = members[ext]
+                    handles[tar].seek(offset)
+                    raw = handles[tar].read(size)
+                    if len(raw) != size:
+                        raise DataError(
+                            f"{tar}: member {self.keys[i]}.{ext} ends early (the tar is truncated); run "
+                            f"`galcf-hpc data verify {self.path.parent}` and regenerate the shards"
+                        )
+                    _feed(digest, ext.encode(), raw)
+        finally:
+            for fh in handles.values():
+                fh.close()
+        return digest.hexdigest()
 
     def _position(self, i):
-        tar, where = self._json_at[i]
+        tar, members = self._members[i]
+        where = members.get("json")
         if where is None:
             return np.nan, np.nan
         with open(tar, "rb") as fh:

@@ -4,9 +4,21 @@ datasets over all parts, and the check that the two fit together.
 Every dataset has a fill value that a computed galaxy cannot have, because a virtual dataset
 whose part file is missing silently reads as its fill value. ``key`` keeps HDF5's default
 fill (empty bytes): h5py 3.16 writes garbage for an explicit fixed-length string fill value.
+
+A missing part is worse than a hole when the reader's current directory holds another
+catalog: HDF5 looks for a relative source file first in ``$HDF5_VDS_PREFIX``, then next to
+``catalog.h5``, and last relative to the current directory, where it finds that catalog's
+``parts/unit-NNNNNN.h5`` and reads its rows without a word (a dataset access property's
+virtual prefix is only tried before the catalog's folder, it never removes the last step).
+So every reader here first checks, with :func:`check_sources`, that each part file the
+virtual datasets name exists next to ``catalog.h5`` (and ``catalog verify`` that it is a
+valid part of this very catalog) before it reads through them.
 """
 
 import contextlib
+import json
+import os
+import re
 from pathlib import Path
 
 import h5py
@@ -20,10 +32,54 @@ CATALOG = "catalog.h5"
 PARTS = "parts"
 _COMPRESSION = {"compression": "gzip", "compression_opts": 1}
 _VERIFY_BLOCK = 65536
+# catalog.h5 attributes that verify and pack read; a file without one is not a whole catalog
+REQUIRED_ATTRS = (
+    "checkpoint",
+    "checkpoint_sha256",
+    "judges_dir",
+    "judge_names",
+    "judge_sha256",
+    "input",
+    "input_fingerprint",
+    "num_galaxies",
+    "unit_size",
+    "targets",
+    "image_dtype",
+    "image_size",
+)
+# attributes every part file carries (see part_attrs), checked at every start
+PART_RECORD = (
+    "unit",
+    "start",
+    "stop",
+    "checkpoint_sha256",
+    "judges",
+    "targets",
+    "input_fingerprint",
+    "input_sha256",
+)
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def part_name(unit):
     return f"unit-{unit:06d}.h5"
+
+
+def part_attrs(unit, start, stop, run, input_sha256, **extra):
+    """The attributes of a part file: its unit and rows, what it was computed with (``run``:
+    checkpoint_sha256, judges {name: sha256}, targets, input_fingerprint, as in run.json)
+    and the sha256 of its rows of the input (see ``source.unit_sha256``)."""
+    return {
+        "unit": unit,
+        "start": start,
+        "stop": stop,
+        "checkpoint_sha256": run["checkpoint_sha256"],
+        "judges": json.dumps(run["judges"], sort_keys=True),
+        "targets": np.asarray(run["targets"], np.int16),
+        "input_fingerprint": run["input_fingerprint"],
+        "input_sha256": input_sha256,
+        **extra,
+    }
 
 
 def work_units(n, unit_size):
@@ -140,31 +196,171 @@ def _missing(name, values, fill):
     return values == np.asarray(fill, dtype=values.dtype)
 
 
-def check_parts(out_dir, units, fields):
-    """Problems (strings) with the part files: missing, unreadable or of the wrong shape."""
+def part_problem(path, unit, start, stop, fields, run):
+    """Why the file ``path`` is not a finished part of unit ``unit`` (rows ``start:stop``)
+    of the catalog run ``run`` (checkpoint_sha256, judges, targets, input_fingerprint, as in
+    run.json): (reason, text), or None if it is one. Reads attributes and dataset shapes,
+    never values, so it is cheap enough for every part at every start. The sha256 of the
+    part's rows of the input is only checked for presence here; comparing it needs those
+    rows read again (:func:`check_parts` with ``unit_sha256``)."""
+    try:
+        with h5py.File(path, "r") as f:
+            a = f.attrs
+            missing = [k for k in PART_RECORD if k not in a]
+            if missing:
+                return "unrecorded", (
+                    f"lacks the attribute(s) {', '.join(missing)} (written by an older galcf-hpc, or not "
+                    "by `catalog run`)"
+                )
+            got = (int(a["unit"]), int(a["start"]), int(a["stop"]))
+            if got != (unit, start, stop):
+                return "layout", (
+                    f"holds unit {got[0]} (galaxies {got[1]}-{got[2] - 1}) of another layout, not unit "
+                    f"{unit} (galaxies {start}-{stop - 1})"
+                )
+            extra = sorted(set(f) - set(fields))
+            if extra:
+                return "schema", f"has dataset(s) {', '.join(extra)} that this catalog does not have"
+            for name, (shape, dtype, _, _) in fields.items():
+                ds = f.get(name)
+                if not isinstance(ds, h5py.Dataset) or ds.shape != (stop - start,) + shape or ds.dtype != dtype:
+                    found = "missing" if ds is None else f"{getattr(ds, 'shape', 'a group')} {getattr(ds, 'dtype', '')}"
+                    return "schema", (
+                        f"dataset '{name}' is {found}, expected {(stop - start,) + shape} {np.dtype(dtype)}"
+                    )
+            if a["checkpoint_sha256"] != run["checkpoint_sha256"]:
+                return "checkpoint", (
+                    f"was computed with a checkpoint of sha256 {a['checkpoint_sha256']}, this catalog's is "
+                    f"{run['checkpoint_sha256']} (a part of another catalog)"
+                )
+            judges = json.loads(a["judges"])
+            if judges != dict(run["judges"]):
+                return "judges", f"was judged by {judges}, this catalog by {dict(run['judges'])}"
+            if [int(t) for t in np.atleast_1d(a["targets"])] != [int(t) for t in run["targets"]]:
+                return "targets", f"has targets {list(a['targets'])}, this catalog {list(run['targets'])}"
+            if a["input_fingerprint"] != run["input_fingerprint"]:
+                return "input", (
+                    f"was computed from input {a['input_fingerprint']!r}, this catalog's input is "
+                    f"{run['input_fingerprint']!r}"
+                )
+            if not (isinstance(a["input_sha256"], str) and _SHA256.fullmatch(a["input_sha256"])):
+                return "unrecorded", f"attribute 'input_sha256' is {a['input_sha256']!r}, not a sha256"
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        return "unreadable", f"cannot be read as a part file ({exc})"
+    return None
+
+
+def reject_part(path, reason):
+    """Move a part file that is not (or no longer) a valid part aside, never deleting it:
+    ``unit-NNNNNN.h5`` -> ``unit-NNNNNN.h5.rejected-<reason>`` (``-2``, ``-3``, ... when that
+    name is taken). Returns the new path."""
+    path = Path(path)
+    aside = path.with_name(f"{path.name}.rejected-{reason}")
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{path.name}.rejected-{reason}-{n}")
+    os.replace(path, aside)
+    return aside
+
+
+def rejected_parts(out_dir):
+    """Part files moved aside by :func:`reject_part` that are still there."""
+    return sorted((Path(out_dir) / PARTS).glob("unit-*.h5.rejected-*"))
+
+
+def check_parts(out_dir, units, fields, run, unit_sha256=None):
+    """(path, problem) of every bad part file: missing, unreadable, of another layout or
+    schema, computed with another checkpoint, judges, targets or input (see
+    :func:`part_problem`), and, given ``unit_sha256(start, stop)`` of the input, computed
+    from other rows of the input than the input holds now."""
     problems = []
     for unit, (start, stop) in enumerate(units):
         path = Path(out_dir) / PARTS / part_name(unit)
         where = f"{path} (galaxies {start}-{stop - 1})"
         if not path.is_file():
-            problems.append(f"{where} is missing")
+            problems.append((path, f"{where} is missing"))
             continue
-        try:
+        bad = part_problem(path, unit, start, stop, fields, run)
+        if bad:
+            problems.append((path, f"{where} {bad[1]}"))
+        elif unit_sha256 is not None:
             with h5py.File(path, "r") as f:
-                if (int(f.attrs["unit"]), int(f.attrs["start"]), int(f.attrs["stop"])) != (unit, start, stop):
-                    problems.append(
-                        f"{where} holds unit {int(f.attrs['unit'])} ({int(f.attrs['start'])}-"
-                        f"{int(f.attrs['stop']) - 1}) of another layout"
+                recorded = f.attrs["input_sha256"]
+            if unit_sha256(start, stop) != recorded:
+                problems.append(
+                    (
+                        path,
+                        f"{where} was computed from other galaxies than rows {start}-{stop - 1} of the input "
+                        "now (its input_sha256 differs): a part of another catalog of a look-alike input, or "
+                        f"the input changed in place; move it aside (mv {path} {path}.rejected-input-rows) and "
+                        "rerun `galcf-hpc catalog run` with the same arguments to recompute it",
                     )
-                for name, (shape, dtype, _, _) in fields.items():
-                    ds = f.get(name)
-                    if ds is None or ds.shape != (stop - start,) + shape or ds.dtype != np.dtype(dtype):
-                        got = "missing" if ds is None else f"{ds.shape} {ds.dtype}"
-                        problems.append(
-                            f"{where}: dataset '{name}' is {got}, expected {(stop - start,) + shape} {np.dtype(dtype)}"
-                        )
-        except (OSError, KeyError) as exc:
-            problems.append(f"{where} cannot be read ({exc})")
+                )
+    return problems
+
+
+def _vds_prefix_problem():
+    prefix = os.environ.get("HDF5_VDS_PREFIX")
+    if prefix:
+        return (
+            f"the environment variable HDF5_VDS_PREFIX is set ({prefix!r}): HDF5 would look for part "
+            "files there before the catalog's own parts/; unset it"
+        )
+    return None
+
+
+def check_sources(catalog, folder):
+    """Problems with the files the virtual datasets of an open ``catalog`` read from: each
+    must be a relative name of an existing file inside ``folder`` (the catalog's own
+    directory). Relative names that do not exist there would be looked up in the current
+    directory by HDF5 (see the module's docstring)."""
+    problems, seen = [], set()
+    prefix = _vds_prefix_problem()
+    if prefix:
+        problems.append(prefix)
+    for name, ds in catalog.items():
+        if not (isinstance(ds, h5py.Dataset) and ds.is_virtual):
+            continue
+        for source in ds.virtual_sources():
+            file_name = source.file_name
+            if file_name == "." or file_name in seen:
+                continue
+            seen.add(file_name)
+            if Path(file_name).is_absolute() or ".." in Path(file_name).parts:
+                problems.append(f"dataset '{name}' reads from {file_name}, outside the catalog's directory")
+            elif not (Path(folder) / file_name).is_file():
+                problems.append(f"{Path(folder) / file_name} is missing")
+    return problems
+
+
+def check_mapping(catalog, units, fields):
+    """Problems with the virtual datasets of an open ``catalog``: every field present and
+    mapped, rows ``start:stop`` of unit u, to the same dataset of ``parts/unit-u.h5``."""
+    problems = []
+    n = units[-1][1] if units else 0
+    expected = {(f"{PARTS}/{part_name(u)}", (start, stop)) for u, (start, stop) in enumerate(units)}
+    for name, (shape, dtype, _, _) in fields.items():
+        ds = catalog.get(name)
+        if not isinstance(ds, h5py.Dataset) or ds.shape != (n,) + shape or ds.dtype != dtype:
+            found = "missing" if ds is None else f"{getattr(ds, 'shape', 'a group')} {getattr(ds, 'dtype', '')}"
+            problems.append(f"dataset '{name}' of {CATALOG} is {found}, expected {(n,) + shape} {np.dtype(dtype)}")
+            continue
+        if not ds.is_virtual:
+            problems.append(f"dataset '{name}' of {CATALOG} is not a virtual dataset over the parts")
+            continue
+        mapped = set()
+        for source in ds.virtual_sources():
+            rows = source.vspace.get_select_bounds()
+            mapped.add((source.file_name, (int(rows[0][0]), int(rows[1][0]) + 1)))
+            if source.dset_name.lstrip("/") != name:
+                problems.append(f"dataset '{name}' of {CATALOG} reads dataset '{source.dset_name}' of a part")
+                break
+        if mapped != expected:
+            problems.append(
+                f"dataset '{name}' of {CATALOG} does not map rows start:stop of every unit to "
+                f"{PARTS}/{part_name(0)}, ... ({len(mapped)} sources, {len(expected)} units)"
+            )
     return problems
 
 
@@ -227,6 +423,12 @@ def read_attrs(path):
         raise DataError(
             f"{path}: attribute 'format' is {attrs.get('format')!r}, expected {FORMAT!r}; not a galcf-hpc catalog"
         )
+    for key in REQUIRED_ATTRS:
+        if key not in attrs:
+            raise DataError(
+                f"{path}: attribute '{key}' is missing, so the catalog cannot be checked; rerun `galcf-hpc "
+                "catalog run` with the same arguments to rewrite it"
+            )
     return attrs
 
 
@@ -234,19 +436,36 @@ def pack_catalog(catalog_path, out_path, block=_VERIFY_BLOCK):
     """Copy a (verified) virtual ``catalog.h5`` into one self-contained file with contiguous
     storage per field (same names, shapes, chunking per galaxy, compression and attributes),
     written under a temporary name and renamed: a single file to archive or move without
-    its parts. Returns the number of galaxies."""
-    with h5py.File(catalog_path, "r") as src, atomic_path(Path(out_path)) as tmp:
-        with h5py.File(tmp, "w") as dst:
-            for name, ds in src.items():
-                n = ds.shape[0]
-                step = max(1, block // max(1, int(np.prod(ds.shape[1:]))))
-                chunks = (1,) + ds.shape[1:] if ds.ndim > 2 else (min(n, step),) + ds.shape[1:]
-                out = dst.create_dataset(
-                    name, ds.shape, ds.dtype, chunks=chunks, fillvalue=ds.fillvalue, **_COMPRESSION
-                )
-                out.attrs.update(ds.attrs)
-                for start in range(0, n, step):
-                    out[start : start + step] = ds[start : start + step]
-            dst.attrs.update(src.attrs)
-            dst.attrs["packed_from"] = str(Path(catalog_path).resolve())
-            return len(src["key"])
+    its parts. Returns the number of galaxies; DataError, and nothing written, if a part file
+    that the virtual datasets read from is not in the catalog's directory."""
+    catalog_path = Path(catalog_path)
+    with h5py.File(catalog_path, "r") as src:
+        problems = check_sources(src, catalog_path.parent)
+    if problems:
+        raise DataError(
+            f"{catalog_path}: not packed: {'; '.join(problems[:3])}"
+            f"{f' (and {len(problems) - 3} more)' if len(problems) > 3 else ''}; check it with "
+            f"`galcf-hpc catalog verify {catalog_path.parent}` and rerun `galcf-hpc catalog run` with the "
+            "same arguments to recompute missing parts"
+        )
+    try:
+        with h5py.File(catalog_path, "r") as src, atomic_path(Path(out_path)) as tmp:
+            with h5py.File(tmp, "w") as dst:
+                for name, ds in src.items():
+                    n = ds.shape[0]
+                    step = max(1, block // max(1, int(np.prod(ds.shape[1:]))))
+                    chunks = (1,) + ds.shape[1:] if ds.ndim > 2 else (min(n, step),) + ds.shape[1:]
+                    out = dst.create_dataset(
+                        name, ds.shape, ds.dtype, chunks=chunks, fillvalue=ds.fillvalue, **_COMPRESSION
+                    )
+                    out.attrs.update(ds.attrs)
+                    for start in range(0, n, step):
+                        out[start : start + step] = ds[start : start + step]
+                dst.attrs.update(src.attrs)
+                dst.attrs["packed_from"] = str(catalog_path.resolve())
+                return len(src["key"])
+    except OSError as exc:  # a part damaged after it was checked, or the output not writable
+        raise DataError(
+            f"{catalog_path}: not packed into {out_path} ({exc}); check the catalog with `galcf-hpc catalog "
+            f"verify {catalog_path.parent}` and that {Path(out_path).parent} is writable"
+        ) from None

@@ -10,6 +10,7 @@ nothing in training optimised against.
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -239,17 +240,43 @@ def panel_info(run_dir, judges, note):
     }
 
 
-def _virtual_parts_missing(f, folder):
-    """Part files that the virtual datasets of an open catalog read from but that do not
-    exist (HDF5 then silently returns fill values); relative names resolve against the
-    catalog's folder."""
-    missing = set()
+def _catalog_part_problems(f, folder):
+    """Problems with the part files that the virtual datasets of an open catalog read from:
+    missing (HDF5 then returns fill values, or, looking last in the current directory, the
+    rows of another catalog that happens to be there), outside the catalog's folder,
+    unreadable, or computed for another catalog (checkpoint or input recorded in the part
+    differs from catalog.h5's). The catalog job's own ``catalog verify`` checks more; this is
+    what the report needs before it reads through the virtual datasets."""
+    import h5py
+
+    problems = []
+    if os.environ.get("HDF5_VDS_PREFIX"):
+        problems.append(
+            f"the environment variable HDF5_VDS_PREFIX is set ({os.environ['HDF5_VDS_PREFIX']!r}): HDF5 "
+            "would look for part files there first; unset it"
+        )
+    names = set()
     for ds in f.values():
         if getattr(ds, "is_virtual", False):
-            for source in ds.virtual_sources():
-                if source.file_name != "." and not (Path(folder) / source.file_name).is_file():
-                    missing.add(source.file_name)
-    return sorted(missing)
+            names.update(src.file_name for src in ds.virtual_sources() if src.file_name != ".")
+    for name in sorted(names):
+        path = Path(folder) / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            problems.append(f"{name} is outside the catalog's folder")
+        elif not path.is_file():
+            problems.append(f"{path} is missing")
+        else:
+            try:
+                with h5py.File(path, "r") as part:
+                    for key in ("checkpoint_sha256", "input_fingerprint"):
+                        if key in part.attrs and key in f.attrs and part.attrs[key] != f.attrs[key]:
+                            problems.append(
+                                f"{path} belongs to another catalog: its {key} {part.attrs[key]!r} is not "
+                                f"catalog.h5's {f.attrs[key]!r}"
+                            )
+            except OSError as exc:
+                problems.append(f"{path} cannot be opened ({exc})")
+    return problems
 
 
 def _strings(values):
@@ -272,8 +299,9 @@ def _catalog_means(validity, lum, sel=slice(None)):
 def catalog_summary(cat_dir):
     """Counts per predicted class, and validity by the model and by each judge the catalog
     job ran (and the luminance share, where recorded) per target, of DIR/catalog.h5. Refuses
-    a catalog whose virtual datasets miss a part file or hold galaxies without a prediction:
-    its numbers would be computed over a wrong number of galaxies."""
+    a catalog whose virtual datasets miss a part file, read one that is damaged or of another
+    catalog, or hold galaxies without a prediction: its numbers would be computed over other
+    galaxies than it says."""
     import h5py
 
     path = Path(cat_dir) / CATALOG_FILE
@@ -283,22 +311,31 @@ def catalog_summary(cat_dir):
         )
     fix = (
         f"check it with `galcf-hpc catalog verify {cat_dir}` and rerun `galcf-hpc catalog run` with the "
-        "same arguments to recompute the missing parts"
+        "same arguments to recompute the missing or bad parts"
     )
-    with h5py.File(path, "r") as f:
-        missing = _virtual_parts_missing(f, path.parent)
-        if missing:
-            raise DataError(
-                f"--catalog {cat_dir}: {len(missing)} part file(s) of {path} are missing (first: "
-                f"{missing[0]}), so their galaxies would read as fill values; {fix}"
-            )
-        n = int(f.attrs["num_galaxies"])
-        judge_names = _strings(f.attrs.get("judge_names", []))
-        pred = f["pred"][:].astype(np.int64)
-        label = f["label"][:].astype(np.int64)
-        validity = {"model": f["validity"][:], **{j: f[f"validity_{j}"][:] for j in judge_names}}
-        lum = f["luminance_share"][:] if "luminance_share" in f else None
-        targets = _strings(f.attrs["target_names"])
+    try:
+        with h5py.File(path, "r") as f:
+            bad = _catalog_part_problems(f, path.parent)
+            if bad:
+                raise DataError(
+                    f"--catalog {cat_dir}: {len(bad)} part file(s) of {path} are missing or unusable (first: "
+                    f"{bad[0]}), so the summary would count the wrong galaxies; {fix}"
+                )
+            for key in ("num_galaxies", "target_names"):
+                if key not in f.attrs:
+                    raise DataError(f"--catalog {cat_dir}: {path} has no attribute '{key}'; {fix}")
+            judge_names = _strings(f.attrs.get("judge_names", []))
+            for key in ("pred", "label", "validity", *(f"validity_{j}" for j in judge_names)):
+                if key not in f:
+                    raise DataError(f"--catalog {cat_dir}: {path} has no dataset '{key}'; {fix}")
+            n = int(f.attrs["num_galaxies"])
+            pred = f["pred"][:].astype(np.int64)
+            label = f["label"][:].astype(np.int64)
+            validity = {"model": f["validity"][:], **{j: f[f"validity_{j}"][:] for j in judge_names}}
+            lum = f["luminance_share"][:] if "luminance_share" in f else None
+            targets = _strings(f.attrs["target_names"])
+    except OSError as exc:  # catalog.h5 itself, or a part that broke while it was read
+        raise DataError(f"--catalog {cat_dir}: {path} cannot be read ({exc}); {fix}") from None
     holes = np.flatnonzero(pred == PRED_FILL)
     if len(pred) != n or len(holes):
         raise DataError(
