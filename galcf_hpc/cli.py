@@ -115,7 +115,7 @@ def cmd_train(args):
     from .train.loop import train
 
     cfg = _load(args)
-    result = train(cfg, resume=args.resume)
+    result = train(cfg, resume=args.resume, resume_from=args.resume_from)
     if result is not None:  # rank 0 of a finished run; other ranks and stopped runs print nothing more
         _print_eval(result)
 
@@ -491,7 +491,16 @@ def build_parser():
         "with a checkpoint.",
     )
     _with_config(sp)
-    sp.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of run.out_dir")
+    sp.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest readable checkpoint of run.out_dir (a damaged newer one is skipped)",
+    )
+    sp.add_argument(
+        "--resume-from",
+        metavar="STEP|FILE",
+        help="continue from this step number or checkpoints/step-*.pt of run.out_dir (implies --resume)",
+    )
     sp.set_defaults(func=cmd_train)
 
     sp = _command(

@@ -273,3 +273,26 @@ def test_second_training_into_a_run_in_use_is_refused(sharded, tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_resume_skips_a_damaged_newest_checkpoint_and_resume_from_picks_a_step(sharded, tmp_path, caplog):
+    """--resume falls back to the newest readable checkpoint (the damaged one is set aside,
+    not deleted); --resume-from STEP continues an earlier step and sets the later ones aside."""
+    run = tmp_path / "run"
+    train(tiny_config(sharded.out, run))
+    first, newest = list_checkpoints(run)
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 3])
+    with caplog.at_level(logging.WARNING, logger="galcf_hpc"):
+        train(tiny_config(sharded.out, run, epochs=3), resume=True)
+    assert f"skipping {newest}" in caplog.text and "an older checkpoint" in caplog.text
+    assert newest.with_name(newest.name + ".unreadable").read_bytes() == data[: len(data) // 3]
+    final = latest_checkpoint(run)
+    assert load_checkpoint(final)["loader"]["epoch"] == 3 and int(final.stem[5:]) > int(first.stem[5:])
+    # an explicit earlier step: the later checkpoints no longer count as the run's newest
+    older = list_checkpoints(run)[0]
+    train(tiny_config(sharded.out, run, epochs=4), resume_from=int(older.stem[5:]))
+    assert final.with_name(final.name + ".superseded").is_file()
+    assert load_checkpoint(latest_checkpoint(run))["loader"]["epoch"] == 4
+    with pytest.raises(CheckpointError, match="--resume-from 999: not a checkpoint of .*it has: step-"):
+        train(tiny_config(sharded.out, run, epochs=4), resume_from=999)

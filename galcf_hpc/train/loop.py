@@ -36,7 +36,15 @@ from ..loaders import build_loader
 from ..progress import Progress
 from . import distributed
 from .build import build_rank
-from .checkpoint import check_compatible, latest_checkpoint, load_checkpoint, rng_state, set_rng_state
+from .checkpoint import (
+    check_compatible,
+    checkpoint_dir,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    rng_state,
+    set_rng_state,
+)
 from .evaluate import evaluate
 
 log = logging.getLogger("galcf_hpc")
@@ -139,9 +147,12 @@ class MetricsLog:
             self.writer.close()
 
 
-def train(cfg, resume=False):
+def train(cfg, resume=False, resume_from=None):
     """Train the model described by ``cfg`` on every rank the launcher started; returns the
-    final evaluation dict (on rank 0; None elsewhere, and None when stopped by a signal)."""
+    final evaluation dict (on rank 0; None elsewhere, and None when stopped by a signal).
+    ``resume_from``: a step number or checkpoint file of the run to resume from (implies
+    ``resume``) instead of the newest readable one."""
+    resume = resume or resume_from is not None
     signals = distributed.StopSignals()  # first: a SIGUSR1 from now on stops cleanly instead of killing
     env = distributed.detect(cfg.train.device)
     print(env.describe(), file=sys.stderr, flush=True)
@@ -149,7 +160,7 @@ def train(cfg, resume=False):
         logging.getLogger("galcf_hpc").setLevel(logging.WARNING)
     distributed.init_process_group(env, cfg.train.collective_timeout_minutes, always=cfg.train.engine == "deepspeed")
     try:
-        result = _train(cfg, resume, env, signals)
+        result = _train(cfg, resume, env, signals, resume_from)
         # leave together: a rank that tears gloo down while rank 0 still evaluates can abort
         distributed.barrier()
         return result
@@ -174,21 +185,66 @@ _PEER_LOST = re.compile(
 )
 
 
-def _start(r, run_dir, resume):
-    """(step, epoch) to start from: the newest checkpoint's with ``resume``, else (0, 0) in a
-    run directory that holds none."""
-    path = latest_checkpoint(run_dir)
+def _resume_state(run_dir, resume_from):
+    """(path, state, newer) to resume from: ``resume_from`` (a step number or a checkpoint
+    file of this run) exactly, else the newest checkpoint that loads, skipping damaged newer
+    ones with a warning. ``newer``: the run's checkpoints after the chosen one, which must
+    not count as the run's newest any more (see ``_set_aside``). (None, None, []) when the
+    run has none."""
+    found = [p.resolve() for p in list_checkpoints(run_dir)]
+    if resume_from is not None:
+        text = str(resume_from)
+        path = (checkpoint_dir(run_dir) / f"step-{int(text):08d}.pt" if text.isdigit() else Path(text)).resolve()
+        if path not in found:
+            steps = ", ".join(p.stem for p in found) or "none"
+            raise CheckpointError(
+                f"--resume-from {resume_from}: not a checkpoint of {run_dir} (it has: {steps}); pass a step "
+                "number or a checkpoints/step-*.pt file of this run"
+            )
+        return path, load_checkpoint(path), found[found.index(path) + 1 :]
+    errors = []
+    for i in range(len(found) - 1, -1, -1):
+        try:
+            state = load_checkpoint(found[i])
+        except CheckpointError as exc:
+            errors.append(str(exc))
+            log.warning("skipping %s: %s", found[i], exc)
+            continue
+        if errors:
+            log.warning("resuming from %s, an older checkpoint: the newer one(s) could not be read", found[i])
+        return found[i], state, found[i + 1 :]
+    if errors:
+        raise CheckpointError(f"no checkpoint of {run_dir} can be read: " + "; ".join(errors))
+    return None, None, []
+
+
+def _set_aside(paths, why):
+    """Rename checkpoints that the resumed run supersedes to ``step-N.pt.<why>``: kept for
+    inspection, but no longer the run's newest for explain, the catalog job or a resume."""
+    for path in paths:
+        target, n = path.with_name(f"{path.name}.{why}"), 1
+        while target.exists():  # never over an earlier one set aside
+            n += 1
+            target = path.with_name(f"{path.name}.{why}-{n}")
+        path.rename(target)
+        log.warning("set aside %s as %s (the run continues from an earlier step)", path, target.name)
+
+
+def _start(r, run_dir, resume, resume_from=None):
+    """(step, epoch, newer checkpoints to set aside) to start from: with ``resume`` the newest
+    readable checkpoint's (or the one ``resume_from`` names), else (0, 0, []) in a run
+    directory that holds none."""
     if not resume:
-        if path is not None:
+        if latest_checkpoint(run_dir) is not None:
             raise CheckpointError(
                 f"{run_dir} already holds checkpoints; pass --resume to continue that run, "
                 "or choose another run.out_dir"
             )
-        return 0, 0
+        return 0, 0, []
+    path, state, newer = _resume_state(run_dir, resume_from)
     if path is None:
         log.info("no checkpoint in %s: starting from scratch", run_dir / "checkpoints")
-        return 0, 0
-    state = load_checkpoint(path)
+        return 0, 0, []
     check_compatible(r.model, state["model"], path)
     r.engine.load(state, path)
     ranks = state.get("ranks") or [{"loader": state["loader"], "rng": state["rng"]}]
@@ -206,7 +262,7 @@ def _start(r, run_dir, resume):
     changed = _changed_keys(state.get("config") or {}, r.cfg.to_dict())
     if changed and r.env.is_main:
         log.warning("resumed with a changed config (now in config.yaml): %s", "; ".join(changed))
-    return state["step"], state["loader"]["epoch"]
+    return state["step"], state["loader"]["epoch"], newer
 
 
 def _changed_keys(old, new, prefix=""):
@@ -266,7 +322,7 @@ def _log(r, window, step, epoch, metrics, started):
     return f"loss {means['loss']:.3f} acc {means['acc']:.2f}"
 
 
-def _train(cfg, resume, env, signals):
+def _train(cfg, resume, env, signals, resume_from=None):
     r = build_rank(cfg, env)
     cfg, t = r.cfg, r.cfg.train
     run_dir = Path(cfg.run.out_dir)
@@ -279,17 +335,19 @@ def _train(cfg, resume, env, signals):
             "choose another run.out_dir, or delete the lock file if that process is gone"
         )
     try:
-        return _locked(r, run_dir, resume, signals)
+        return _locked(r, run_dir, resume, signals, resume_from)
     finally:
         lock.release()
 
 
-def _locked(r, run_dir, resume, signals):
+def _locked(r, run_dir, resume, signals, resume_from):
     cfg, t, env = r.cfg, r.cfg.train, r.env
-    step, start_epoch = _start(r, run_dir, resume)
+    step, start_epoch, newer = _start(r, run_dir, resume, resume_from)
+    distributed.barrier()  # every rank has read its checkpoint
     if env.is_main:  # only once the start is accepted: a refused run leaves config.yaml alone
         run_dir.mkdir(parents=True, exist_ok=True)
         write_resolved_config(cfg, run_dir)
+        _set_aside(newer, "superseded" if resume_from is not None else "unreadable")
     distributed.barrier()
     metrics = MetricsLog(run_dir, t.tensorboard) if env.is_main else None
     try:
