@@ -73,10 +73,11 @@ class DirLock:
             "pid": os.getpid(),
             "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         }
-        self.held = False
+        self.held = self.created = False
 
     def acquire(self):
         """None when this process holds the lock now, else a description of the holder."""
+        self.created = not self.path.parent.exists()  # removed again on release if left empty
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(2):
             try:
@@ -121,3 +122,6 @@ class DirLock:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
             self.held = False
+            if self.created:  # a job refused before it wrote anything leaves no directory
+                with contextlib.suppress(OSError):
+                    self.path.parent.rmdir()

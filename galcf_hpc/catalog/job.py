@@ -34,7 +34,7 @@ from ..data.classes import CLASS_NAMES, NUM_CLASSES, class_index
 from ..device import resolve_device
 from ..errors import ConfigError, DataError, GalcfError
 from ..explain.run import load_run
-from ..fileio import file_sha256, write_json
+from ..fileio import DirLock, file_sha256, write_json
 from ..judges import judges_dir, load_judge, load_judges
 from ..loaders.augment import augment_batch
 from ..model.evaluation import explain_batch
@@ -416,7 +416,19 @@ def run_catalog(
     kill_at_unit=None,
 ):
     """Run (or resume) the catalog job on this rank; ``comm`` is an MPI communicator or None
-    for a single process. Returns a summary dict (rank 0: with per-rank statistics)."""
+    for a single process. Returns a summary dict (rank 0: with per-rank statistics). Rank 0
+    holds ``OUT/.lock`` while the job runs: a second job into the same directory is refused."""
+    lock = DirLock(out_dir) if (comm.Get_rank() if comm else 0) == 0 else None
+    try:
+        return _run_catalog(
+            checkpoint, input_path, out_dir, targets, unit_size, device, image_dtype, comm, kill_at_unit, lock
+        )
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_catalog(checkpoint, input_path, out_dir, targets, unit_size, device, image_dtype, comm, kill_at_unit, lock):
     rank, size = (comm.Get_rank(), comm.Get_size()) if comm else (0, 1)
     targets = parse_targets(targets) if not isinstance(targets, list) else targets
     local_rank, local_size = 0, 1
@@ -430,6 +442,12 @@ def run_catalog(
     plan, error = None, None
     if rank == 0:
         try:
+            holder = lock.acquire()
+            if holder is not None:
+                raise DataError(
+                    f"{out_dir} is in use by another catalog job ({holder}, {lock.path}); wait for it, pass "
+                    "another --out, or delete the lock file if that job has ended"
+                )
             plan, model, judges, cfg, source = _prepare(
                 checkpoint, input_path, out_dir, targets, unit_size, image_dtype, device
             )
