@@ -12,7 +12,7 @@ from PIL import Image
 from galcf_hpc.cli import main
 from galcf_hpc.config import config_from_dict, load_config
 from galcf_hpc.data.classes import CLASS_NAMES
-from galcf_hpc.errors import CheckpointError
+from galcf_hpc.errors import CheckpointError, DataError
 from galcf_hpc.explain.run import explain, load_run
 from galcf_hpc.loaders import build_loader
 from galcf_hpc.train import engines
@@ -296,3 +296,10 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_resume_from_picks_a_step(s
     assert load_checkpoint(latest_checkpoint(run))["loader"]["epoch"] == 4
     with pytest.raises(CheckpointError, match="--resume-from 999: not a checkpoint of .*it has: step-"):
         train(tiny_config(sharded.out, run, epochs=4), resume_from=999)
+
+
+def test_damaged_eval_split_is_found_before_step_1(sharded_copy, tmp_path):
+    (sharded_copy / "val" / "manifest.json").unlink()
+    with pytest.raises(DataError, match=r"val/manifest.json: manifest is missing"):
+        train(tiny_config(sharded_copy, tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -342,6 +342,8 @@ def _train(cfg, resume, env, signals, resume_from=None):
 
 def _locked(r, run_dir, resume, signals, resume_from):
     cfg, t, env = r.cfg, r.cfg.train, r.env
+    # the evaluation split is read at the end of every epoch: a damaged one is said now
+    build_loader(cfg, t.eval_split, 0, 1, train=False).close()
     step, start_epoch, newer = _start(r, run_dir, resume, resume_from)
     distributed.barrier()  # every rank has read its checkpoint
     if env.is_main:  # only once the start is accepted: a refused run leaves config.yaml alone
