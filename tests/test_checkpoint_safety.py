@@ -3,6 +3,9 @@ galcf-hpc writes (no path of its own), no links, every states file loads weights
 The crafted pickles below would create a file if they ever ran."""
 
 import pickle
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -98,3 +101,27 @@ def test_files_are_the_ones_the_step_recorded(tmp_path):
     torch.save({"extra": torch.zeros(1)}, states / "zero_pp_rank_9_mp_rank_00_optim_states.pt")
     with pytest.raises(CheckpointError, match="refusing to load files galcf-hpc did not write"):
         deepspeed_states(path, state)
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path):
+    """RLIMIT_FSIZE in a child process stands in for a full disk: the write of step 6 fails,
+    step 5 stays intact and loadable, no temporary file is left, the error names both."""
+    run, path, _ = _run(tmp_path)
+    before = path.read_bytes()
+    code = textwrap.dedent(
+        f"""
+        import resource, torch
+        from galcf_hpc.errors import CheckpointError
+        from galcf_hpc.train.checkpoint import save_checkpoint
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))
+        try:
+            save_checkpoint({str(run)!r}, 6, {{"model": {{"w": torch.zeros(100000)}}}})
+        except CheckpointError as exc:
+            print(exc)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "could not write checkpoint" in done.stdout and "step-00000006.pt" in done.stdout
+    assert "newest complete checkpoint is" in done.stdout and "step-00000005.pt" in done.stdout
+    assert path.read_bytes() == before and torch.load(path, weights_only=True)["step"] == 5
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["deepspeed", "step-00000005.pt"]

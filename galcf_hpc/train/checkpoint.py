@@ -38,8 +38,16 @@ def save_checkpoint(run_dir, step, payload, keep=2):
     """Write ``payload`` (+ version) as checkpoints/step-XXXXXXXX.pt, keep the newest ``keep``."""
     directory = checkpoint_dir(run_dir)
     path = directory / f"step-{step:08d}.pt"
-    with atomic_path(path) as tmp:
-        torch.save({**payload, "step": step, "version": __version__}, tmp)
+    try:
+        with atomic_path(path) as tmp:
+            torch.save({**payload, "step": step, "version": __version__}, tmp)
+    except (OSError, RuntimeError) as exc:  # a full disk or quota: torch reports it as either
+        previous = latest_checkpoint(run_dir)
+        raise CheckpointError(
+            f"could not write checkpoint {path} ({str(exc).splitlines()[0][:200]}); nothing was replaced: "
+            f"the newest complete checkpoint is {previous or 'none'}. Free space (or raise the quota), then "
+            "rerun with --resume"
+        ) from None
     for old in list_checkpoints(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
     return path
