@@ -432,6 +432,14 @@ def read_attrs(path):
     return attrs
 
 
+def repair_hint(catalog_dir):
+    """What to do about a catalog with missing or bad parts."""
+    return (
+        f"check it with `galcf-hpc catalog verify {catalog_dir}` and rerun `galcf-hpc catalog run` with the "
+        "same arguments to recompute the missing or bad parts"
+    )
+
+
 def pack_catalog(catalog_path, out_path, block=_VERIFY_BLOCK):
     """Copy a (verified) virtual ``catalog.h5`` into one self-contained file with contiguous
     storage per field (same names, shapes, chunking per galaxy, compression and attributes),
@@ -444,9 +452,7 @@ def pack_catalog(catalog_path, out_path, block=_VERIFY_BLOCK):
     if problems:
         raise DataError(
             f"{catalog_path}: not packed: {'; '.join(problems[:3])}"
-            f"{f' (and {len(problems) - 3} more)' if len(problems) > 3 else ''}; check it with "
-            f"`galcf-hpc catalog verify {catalog_path.parent}` and rerun `galcf-hpc catalog run` with the "
-            "same arguments to recompute missing parts"
+            f"{f' (and {len(problems) - 3} more)' if len(problems) > 3 else ''}; {repair_hint(catalog_path.parent)}"
         )
     try:
         with h5py.File(catalog_path, "r") as src, atomic_path(Path(out_path)) as tmp:
