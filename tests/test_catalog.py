@@ -624,3 +624,14 @@ def test_tasks_without_a_shared_mpi_world_are_refused(tmp_path):
     )
     assert res.returncode == 2 and "started 4 tasks but each sees an MPI world of size 1" in res.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_progress_counts_a_unit_when_its_rank_asks_for_the_next():
+    from galcf_hpc.catalog.job import _Queue
+
+    calls = []
+    queue = _Queue([0, 1, 2], {0: 4, 1: 4, 2: 2}, calls.append)
+    assert (queue.next(0), queue.next(1), calls) == (0, 1, [])
+    assert queue.next(0) == 2 and calls == [4]  # rank 0 finished unit 0
+    assert queue.next(1) is None and calls == [4, 8]
+    assert queue.next(0) is None and calls == [4, 8, 10]  # every galaxy counted once

@@ -38,6 +38,7 @@ from ..fileio import DirLock, file_sha256, write_json
 from ..judges import judges_dir, load_judge, load_judges
 from ..loaders.augment import augment_batch
 from ..model.evaluation import explain_batch
+from ..progress import Progress
 from ..train.checkpoint import latest_checkpoint
 from . import store
 from .source import open_source
@@ -253,12 +254,24 @@ def _load_judges_again(plan, device):
 
 
 class _Queue:
-    def __init__(self, todo):
-        self._todo, self._lock = deque(todo), threading.Lock()
+    """The units still to do, handed out on request. A rank that asks again has finished
+    the unit it had: ``progress(galaxies done)`` counts it (a bar with ETA on a terminal,
+    periodic log lines in a batch log)."""
 
-    def next(self):
+    def __init__(self, todo, sizes=None, progress=None):
+        self._todo, self._lock = deque(todo), threading.Lock()
+        self._sizes, self._progress, self._working, self._done = sizes or {}, progress, {}, 0
+
+    def next(self, rank=0):
         with self._lock:
-            return self._todo.popleft() if self._todo else None
+            finished = self._working.pop(rank, None)
+            if finished is not None and self._progress is not None:
+                self._done += self._sizes.get(finished, 0)
+                self._progress(self._done)
+            unit = self._todo.popleft() if self._todo else None
+            if unit is not None:
+                self._working[rank] = unit
+            return unit
 
 
 def _serve(comm, queue, workers):
@@ -271,7 +284,7 @@ def _serve(comm, queue, workers):
             time.sleep(_POLL_S)
             continue
         comm.Recv(buf, source=status.Get_source(), tag=_ASK)
-        unit = queue.next()
+        unit = queue.next(status.Get_source())
         comm.Send(np.array([-1 if unit is None else unit], np.int64), dest=status.Get_source(), tag=_ANSWER)
         workers -= unit is None
 
@@ -498,7 +511,10 @@ def _run_catalog(checkpoint, input_path, out_dir, targets, unit_size, device, im
                 len(plan["todo"]),
                 size,
             )
-        queue = _Queue(plan["todo"]) if rank == 0 else None
+        queue = None
+        if rank == 0:
+            sizes = {u: units[u][1] - units[u][0] for u in plan["todo"]}
+            queue = _Queue(plan["todo"], sizes, Progress(max(1, sum(sizes.values())), "catalog galaxies"))
         server = None
         if rank == 0 and size > 1:
             server = threading.Thread(target=_serve, args=(comm, queue, size - 1), daemon=True)
