@@ -1,0 +1,93 @@
+"""The bad-input matrix: every case goes through the command line, exits 2 with a message
+that names the file, key or sample, and prints no traceback. (Each case's deeper checks
+live next to its code's tests; this file is the one list of what a user may get wrong.)"""
+
+import json
+
+import pytest
+
+from galcf_hpc.cli import main
+
+
+def _config(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def _truncate(path, keep):
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+def _manifest_entry(split_dir, name):
+    manifest = json.loads((split_dir / "manifest.json").read_text())
+    manifest["shards"][0]["tar"]["file"] = name
+    (split_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+# (case id, function (tmp_path, shards) -> argv, expected words of the message)
+CASES = [
+    (
+        "config-missing",
+        lambda t, s: ["config", "--config", str(t / "none.yaml")],
+        ["cannot read config file", "none.yaml"],
+    ),
+    ("config-not-yaml", lambda t, s: ["config", "--config", _config(t, "train: [1,\n")], ["c.yaml", "not valid YAML"]),
+    (
+        "config-duplicate-key",
+        lambda t, s: ["config", "--config", _config(t, "train:\n  lr: 1\n  lr: 2\n")],
+        ["'lr' twice"],
+    ),
+    ("config-top-level-list", lambda t, s: ["config", "--config", _config(t, "- a\n")], ["mapping of sections"]),
+    ("config-unknown-key", lambda t, s: ["config", "--config", _config(t, "train:\n  lr_max: 1\n")], ["train.lr_max"]),
+    (
+        "config-nan",
+        lambda t, s: ["config", "--config", _config(t, "{}\n"), "--set", "train.lr=.nan"],
+        ["train.lr", "finite"],
+    ),
+    (
+        "config-range",
+        lambda t, s: ["config", "--config", _config(t, "{}\n"), "--set", "train.epochs=-3"],
+        ["train.epochs"],
+    ),
+    (
+        "config-type",
+        lambda t, s: ["config", "--config", _config(t, "train:\n  epochs: many\n")],
+        ["train.epochs", "int"],
+    ),
+    ("verify-not-shards", lambda t, s: ["data", "verify", str(t)], ["splits.json", "missing"]),
+    (
+        "verify-truncated-tar",
+        lambda t, s: _truncate(s / "train" / "shard-000001.tar", 7000) or ["data", "verify", str(s)],
+        ["train/shard-000001.tar", "truncated"],
+    ),
+    (
+        "verify-manifest-path-elsewhere",
+        lambda t, s: _manifest_entry(s / "val", "/etc/passwd") or ["data", "verify", str(s)],
+        ["val/manifest.json", "/etc/passwd"],
+    ),
+    (
+        "shard-input-missing",
+        lambda t, s: ["data", "shard", "--input", str(t / "no.h5"), "--out", str(t / "o")],
+        ["no.h5"],
+    ),
+    (
+        "shard-bad-fractions",
+        lambda t, s: ["data", "shard", "--input", str(t / "x.h5"), "--out", str(t / "o"), "--fractions", "1", "1", "1"],
+        ["--fractions", "summing to 1"],
+    ),
+    ("explain-no-checkpoint", lambda t, s: ["explain", "--run", str(t / "run")], ["run", "checkpoint"]),
+    ("catalog-verify-nothing", lambda t, s: ["catalog", "verify", str(t / "cat")], ["catalog.h5", "does not exist"]),
+    ("report-no-run", lambda t, s: ["report", "--run", str(t / "nope")], ["nope"]),
+]
+
+
+@pytest.mark.parametrize("argv_of, words", [pytest.param(c[1], c[2], id=c[0]) for c in CASES])
+def test_bad_input_exits_2_with_a_named_message(argv_of, words, sharded_copy, tmp_path, capsys):
+    argv = argv_of(tmp_path, sharded_copy)
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err and err.startswith("galcf-hpc: error:"), err
+    for word in words:
+        assert word in err, (word, err)
