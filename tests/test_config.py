@@ -1,9 +1,12 @@
 import copy
+import dataclasses
+import re
+from pathlib import Path
 
 import pytest
 import yaml
 
-from galcf_hpc.config import config_from_dict, dump_config, load_config, write_resolved_config
+from galcf_hpc.config import Config, config_from_dict, dump_config, load_config, write_resolved_config
 from galcf_hpc.errors import ConfigError
 
 
@@ -155,3 +158,21 @@ def test_numeric_keys_have_ranges(override, message):
     with pytest.raises(ConfigError) as err:
         config_from_dict({}, [override])
     assert message in str(err.value)
+
+
+def test_every_config_key_is_read_by_the_package():
+    """A key nobody reads is a setting that silently does nothing: every field of the config
+    (all keys of configs/*.yaml among them) is read as an attribute somewhere outside
+    config.py."""
+    package = Path(__file__).parent.parent / "galcf_hpc"
+    code = "\n".join(p.read_text() for p in package.rglob("*.py") if p.name != "config.py")
+
+    def keys(obj, prefix=""):
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            yield from keys(value, f"{prefix}{f.name}.") if dataclasses.is_dataclass(value) else [(prefix, f.name)]
+
+    unread = [prefix + name for prefix, name in keys(Config()) if not re.search(rf"\.{name}\b", code)]
+    assert not unread, f"config keys no code reads: {unread}"
+    shipped = {k for path in (package.parent / "configs").glob("*.yaml") for k in yaml.safe_load(path.read_text())}
+    assert shipped <= {f.name for f in dataclasses.fields(Config)}
