@@ -37,6 +37,18 @@ def _umask():
     return mask
 
 
+def move_aside(path, suffix):
+    """Rename ``path`` to ``<name>.<suffix>`` (``-2``, ``-3``, ... when that name is taken),
+    keeping a file that must no longer count under its name; returns the new path."""
+    path = Path(path)
+    aside, n = path.with_name(f"{path.name}.{suffix}"), 1
+    while aside.exists():  # never over an earlier one
+        n += 1
+        aside = path.with_name(f"{path.name}.{suffix}-{n}")
+    os.replace(path, aside)
+    return aside
+
+
 def write_json(path, obj):
     """Write ``obj`` as indented JSON, atomically."""
     with atomic_path(path) as tmp:

@@ -25,7 +25,7 @@ import h5py
 import numpy as np
 
 from ..errors import DataError
-from ..fileio import atomic_path
+from ..fileio import atomic_path, move_aside
 
 FORMAT = "galcf-hpc-catalog/2"  # /2: z, luminance_share, validity_<judge>
 CATALOG = "catalog.h5"
@@ -254,14 +254,7 @@ def reject_part(path, reason):
     """Move a part file that is not (or no longer) a valid part aside, never deleting it:
     ``unit-NNNNNN.h5`` -> ``unit-NNNNNN.h5.rejected-<reason>`` (``-2``, ``-3``, ... when that
     name is taken). Returns the new path."""
-    path = Path(path)
-    aside = path.with_name(f"{path.name}.rejected-{reason}")
-    n = 1
-    while aside.exists():
-        n += 1
-        aside = path.with_name(f"{path.name}.rejected-{reason}-{n}")
-    os.replace(path, aside)
-    return aside
+    return move_aside(path, f"rejected-{reason}")
 
 
 def rejected_parts(out_dir):

@@ -31,7 +31,7 @@ import torch
 
 from ..config import write_resolved_config
 from ..errors import CheckpointError, ConfigError, PeerLostError
-from ..fileio import DirLock, write_json
+from ..fileio import DirLock, move_aside, write_json
 from ..loaders import build_loader
 from ..progress import Progress
 from . import distributed
@@ -222,11 +222,7 @@ def _set_aside(paths, why):
     """Rename checkpoints that the resumed run supersedes to ``step-N.pt.<why>``: kept for
     inspection, but no longer the run's newest for explain, the catalog job or a resume."""
     for path in paths:
-        target, n = path.with_name(f"{path.name}.{why}"), 1
-        while target.exists():  # never over an earlier one set aside
-            n += 1
-            target = path.with_name(f"{path.name}.{why}-{n}")
-        path.rename(target)
+        target = move_aside(path, why)
         log.warning("set aside %s as %s (the run continues from an earlier step)", path, target.name)
 
 
