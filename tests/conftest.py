@@ -1,6 +1,10 @@
 """Shared fixtures: small astroNN-format catalogs and a sharded directory made from one."""
 
+import json
+import os
 import shutil
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import h5py
@@ -150,3 +154,23 @@ def patch_member():
         return sample["key"]
 
     return patch
+
+
+@pytest.fixture
+def foreign_lock():
+    """``hold(directory)``: a live process of this host holds ``directory/.lock`` (as
+    ``DirLock`` writes it); returns that process (kill it to make the owner gone). Every
+    holder is killed at teardown."""
+    holders = []
+
+    def hold(directory):
+        holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+        holders.append(holder)
+        owner = {"host": os.uname().nodename, "pid": holder.pid, "slurm_job_id": None}
+        (directory / ".lock").write_text(json.dumps(owner))
+        return holder
+
+    yield hold
+    for holder in holders:
+        holder.kill()
+        holder.wait()

@@ -229,7 +229,7 @@ def test_catalog_matches_explain_batch_with_judges(mpi_catalog, run_dir, sharded
     assert counted.size == len(x) * (NUM_CLASSES - 1)
 
 
-def test_h5_input_targets_and_float16(run_dir, make_catalog, tmp_path, caplog):
+def test_h5_input_targets_and_float16(run_dir, make_catalog, tmp_path, caplog, foreign_lock):
     cat = make_catalog(n=13, size=32, keys=("images", "ra", "dec"))  # unlabelled
     out = tmp_path / "out"
     # a checkpoint with no judges next to it: validity by the model only, and a warning
@@ -257,15 +257,10 @@ def test_h5_input_targets_and_float16(run_dir, make_catalog, tmp_path, caplog):
     assert {p.name: p.stat().st_mtime_ns for p in (out / "parts").iterdir()} == before
     assert not (out / ".lock").exists()  # released at the end
     # a second job while one holds the directory (a live process here): refused, nothing touched
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        (out / ".lock").write_text(json.dumps({"host": os.uname().nodename, "pid": holder.pid}))
-        with pytest.raises(DataError, match=rf"out is in use by another catalog job \(host .*pid {holder.pid}"):
-            run_catalog(ckpt, cat.path, out, targets="Merging,3", unit_size=5, image_dtype="float16")
-        assert {p.name: p.stat().st_mtime_ns for p in (out / "parts").iterdir()} == before
-    finally:
-        holder.kill()
-        holder.wait()
+    holder = foreign_lock(out)
+    with pytest.raises(DataError, match=rf"out is in use by another catalog job \(host .*pid {holder.pid}"):
+        run_catalog(ckpt, cat.path, out, targets="Merging,3", unit_size=5, image_dtype="float16")
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "parts").iterdir()} == before
 
 
 def test_kill_one_rank_then_resume(run_dir, sharded, tmp_path):

@@ -1,7 +1,5 @@
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -34,19 +32,15 @@ def test_file_sha256(tmp_path):
     assert file_sha256(tmp_path / "b") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
 
 
-def test_dir_lock_one_holder_and_takeover_of_dead_owners(tmp_path, monkeypatch):
+def test_dir_lock_one_holder_and_takeover_of_dead_owners(tmp_path, monkeypatch, foreign_lock):
     # a live process elsewhere holds it: refused with its host and pid, lock untouched
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        lock_file = tmp_path / ".lock"
-        mine = {"host": os.uname().nodename, "pid": holder.pid, "slurm_job_id": None}
-        lock_file.write_text(json.dumps(mine))
-        lock = DirLock(tmp_path)
-        assert lock.acquire() == f"host {mine['host']}, pid {holder.pid}"
-        assert json.loads(lock_file.read_text())["pid"] == holder.pid and not lock.held
-    finally:
-        holder.kill()
-        holder.wait()
+    holder = foreign_lock(tmp_path)
+    lock_file = tmp_path / ".lock"
+    lock = DirLock(tmp_path)
+    assert lock.acquire() == f"host {os.uname().nodename}, pid {holder.pid}"
+    assert json.loads(lock_file.read_text())["pid"] == holder.pid and not lock.held
+    holder.kill()
+    holder.wait()
     # its process is gone: taken over
     assert lock.acquire() is None and lock.held
     assert json.loads(lock_file.read_text())["pid"] == os.getpid()

@@ -255,24 +255,15 @@ def test_tensorboard_gets_the_numbers_of_metrics_jsonl(sharded, tmp_path):
     assert {"train/loss", "eval/accuracy"} <= tags and not any(t.endswith(("/step", "/epoch")) for t in tags)
 
 
-def test_second_training_into_a_run_in_use_is_refused(sharded, tmp_path):
+def test_second_training_into_a_run_in_use_is_refused(sharded, tmp_path, foreign_lock):
     """A run directory held by a live process elsewhere: refused with its host and pid;
     nothing of the run is written."""
-    import os
-    import subprocess
-    import sys
-
     run = tmp_path / "run"
     run.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        (run / ".lock").write_text(json.dumps({"host": os.uname().nodename, "pid": holder.pid}))
-        with pytest.raises(CheckpointError, match=rf"run is in use by another training \(host .*pid {holder.pid}"):
-            train(tiny_config(sharded.out, run))
-        assert sorted(p.name for p in run.iterdir()) == [".lock"]
-    finally:
-        holder.kill()
-        holder.wait()
+    holder = foreign_lock(run)
+    with pytest.raises(CheckpointError, match=rf"run is in use by another training \(host .*pid {holder.pid}"):
+        train(tiny_config(sharded.out, run))
+    assert sorted(p.name for p in run.iterdir()) == [".lock"]
 
 
 def test_resume_skips_a_damaged_newest_checkpoint_and_resume_from_picks_a_step(sharded, tmp_path, caplog):
