@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import GalcfError
+from .errors import GalcfError, LaunchError, UsageError
 
 log = logging.getLogger("galcf_hpc")
 
@@ -45,7 +45,7 @@ def cmd_synth(args):
                 args.n, args.size, args.seed, class_fractions=fractions, progress=Progress(args.n, "synth")
             )
         except ValueError as exc:
-            raise GalcfError(f"data synth --renderer analytic: {exc}") from None
+            raise UsageError(f"data synth --renderer analytic: {exc}") from None
         generator = f"galcf-hpc {__version__} analytic synthetic (numpy, no GalSim)"
     else:
         from .data.synth import generate
@@ -65,7 +65,6 @@ def cmd_synth(args):
 
 def cmd_shard(args):
     from .data.shards import write_shards
-    from .errors import ConfigError
     from .progress import Progress
 
     # the config's data section (if any) gives the defaults; options on the command line win
@@ -73,10 +72,10 @@ def cmd_shard(args):
     source = args.input or (d.source if d else None)
     args.out = args.out or (d.shards if d else None)
     if not source or not args.out:
-        raise ConfigError("data shard needs --input and --out, or --config naming data.source and data.shards")
+        raise UsageError("data shard needs --input and --out, or --config naming data.source and data.shards")
     fractions = args.fractions or (tuple(d.split_fractions) if d else (0.8, 0.1, 0.1))
     if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
-        raise ConfigError(f"--fractions {fractions}: three non-negative numbers (train, val, test) summing to 1")
+        raise UsageError(f"--fractions {fractions}: three non-negative numbers (train, val, test) summing to 1")
 
     def pick(option, key, default):
         return option if option is not None else (getattr(d, key) if d else default)
@@ -121,15 +120,13 @@ def cmd_train(args):
 
 
 def cmd_explain(args):
-    from .data.classes import class_index
+    from .data.classes import parse_class_list
     from .explain.run import explain
 
-    targets = None
-    if args.targets:
-        try:
-            targets = [class_index(t) for t in args.targets]
-        except ValueError as exc:
-            raise GalcfError(f"--targets: {exc}") from None
+    try:
+        targets = parse_class_list(args.targets)
+    except ValueError as exc:
+        raise UsageError(f"--targets: {exc}") from None
     summary = explain(
         args.run,
         split=args.split,
@@ -155,8 +152,13 @@ def cmd_weights_fetch(args):
 
 
 def cmd_config(args):
-    from .config import dump_config
+    from .config import dump_config, explain_key
 
+    if args.explain:
+        print(explain_key(args.explain, _load(args) if args.config else None))
+        return
+    if not args.config:
+        raise UsageError("config needs --config C (print it resolved) or --explain KEY")
     print(dump_config(_load(args)), end="")
 
 
@@ -245,7 +247,7 @@ def _mpi_world():
     size = MPI.COMM_WORLD.Get_size() if MPI else 1
     if launched > 1 and size == 1:
         # every task would explain the whole catalog on its own
-        raise GalcfError(
+        raise LaunchError(
             f"the launcher started {launched} tasks but each sees an MPI world of size 1"
             f"{'' if MPI else ' (mpi4py is not installed)'}: srun's MPI plug-in does not match the MPI "
             "of mpi4py. On JSC systems (psslurm) build mpi4py against the loaded MPI module and use "
@@ -271,8 +273,8 @@ def cmd_catalog_run(args):
             comm=comm,
             kill_at_unit=args.fault_kill_at_unit,
         )
-    except RankStopped:
-        sys.exit(2)  # rank 0 reports the reason once
+    except RankStopped as exc:
+        sys.exit(exc.exit_code)  # rank 0 reports the reason once
     if comm and comm.Get_rank():
         return
     print(
@@ -512,7 +514,7 @@ def build_parser():
     )
     sp.add_argument("--run", required=True, help="run directory (with checkpoints/)")
     sp.add_argument("--split", default=None, help="split to explain (default: the run's explain.split)")
-    sp.add_argument("--targets", nargs="+", help="target classes, names or numbers (default: all)")
+    sp.add_argument("--targets", default="all", help="all, or class names/numbers separated by commas")
     sp.add_argument("--max-galaxies", type=int, default=None, help="only the first N galaxies (default: all)")
     _device(sp, "the model")
     sp.add_argument("--checkpoint", default=None, help="a checkpoint file (default: the run's newest)")
@@ -594,11 +596,14 @@ def build_parser():
     sp = _command(
         sub,
         "config",
-        "print the resolved configuration (validates it)",
+        "print the resolved configuration (validates it), or explain a key",
         "Load a configuration with its overrides, validate it and print it resolved, as it "
-        "will be written next to every output.",
+        "will be written next to every output. With --explain KEY: what the key means, its type, "
+        "default and allowed values (and its value in --config, if given); a section name "
+        "(e.g. train) lists all its keys.",
     )
-    _with_config(sp)
+    _with_config(sp, required=False)
+    sp.add_argument("--explain", metavar="KEY", help="explain a config key (e.g. train.lr) or list a section's keys")
     sp.set_defaults(func=cmd_config)
 
     sp = _command(
@@ -690,10 +695,13 @@ def main(argv=None):
         args.func(args)
     except GalcfError as exc:
         print(f"galcf-hpc: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     except KeyboardInterrupt:
         print("galcf-hpc: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into a reader that stopped early (`| head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     return 0
 
 

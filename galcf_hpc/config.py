@@ -27,9 +27,9 @@ from .fileio import write_text
 
 @dataclass
 class RunConfig:
-    name: str = "run"
+    name: str = "run"  # a label for the run (logs, report title)
     out_dir: str = "runs/run"  # run directory: checkpoints, metrics, eval, explanations
-    seed: int = 0
+    seed: int = 0  # seed of weights, batches, augmentation and counterfactual targets
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower; exact resume tests)
 
 
@@ -37,26 +37,26 @@ class RunConfig:
 class SynthConfig:
     """Synthetic Galaxy10-like catalog rendered with GalSim (``galcf-hpc data synth``/``demo``)."""
 
-    n: int = 3000
-    size: int = 64
-    seed: int = 0
+    n: int = 3000  # number of galaxies to render
+    size: int = 64  # rendered image side in pixels (the loaders crop and resize to data.image_size)
+    seed: int = 0  # seed of the catalog: the same seed renders the same galaxies
     balanced: bool = False  # equal class fractions instead of Galaxy10's
-    workers: int = 2
+    workers: int = 2  # rendering processes
 
 
 @dataclass
 class DataConfig:
     source: str = "data/Galaxy10_DECals.h5"  # astroNN-format catalog the shards are made from
     shards: str = "data/shards"  # directory with train/ val/ test/ shard splits
-    synth: SynthConfig = field(default_factory=SynthConfig)
-    shard_size: int = 1000
-    split_fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
-    split_seed: int = 0
+    synth: SynthConfig = field(default_factory=SynthConfig)  # the synthetic catalog (data synth, demo)
+    shard_size: int = 1000  # galaxies per WebDataset tar shard
+    split_fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])  # train, val, test; sum 1
+    split_seed: int = 0  # seed of the group-wise split into train/val/test
     match_radius_arcsec: float = 10.0  # cutouts closer than this are one group when splitting
     image_size: int = 64  # model input resolution R (after crop and resize)
     crop_fraction: float = 0.7  # central crop, side fraction; <= 0.707 keeps rotated corners out
     rotation_degrees: float = 180.0  # random rotation in [-deg, +deg]
-    augment: bool = True
+    augment: bool = True  # random rotation (training batches only); evaluation is never augmented
     loader: str = "torch"  # loader back-end: torch | dali | synthetic
     device: str = "auto"  # where dali decodes and augments, and synthetic batches live: gpu | cpu | auto
     num_workers: int = 0  # torch: worker processes (0 = in the training process); dali: CPU threads (min 1)
@@ -71,13 +71,15 @@ class ModelConfig:
     channels: list[int] = field(default_factory=lambda: [32, 64, 128, 256])  # one per 2x downsampling
     z_dim: int = 64  # total latent size, z = [z1, z2]
     z1_dim: int = 32  # class-dependent part fed to the flow
-    flow_blocks: int = 8
-    flow_hidden: int = 256
-    flow_clamp: float = 2.0
+    flow_blocks: int = 8  # FrEIA affine coupling blocks of the flow z1 -> h
+    flow_hidden: int = 256  # hidden width of each coupling block's subnetwork
+    flow_clamp: float = 2.0  # soft clamp of the coupling blocks' log-scales (stability)
     mean_distance: float = 5.0  # initial pairwise distance of the class means in h
     vgg_weights: str | None = None  # torchvision's vgg16-397923af.pth (galcf-hpc weights fetch)
     vgg_random: bool = False  # allow fixed-seed random VGG16 features (smoke/tests only)
-    vgg_layers: list[str] = field(default_factory=lambda: ["relu1_2", "relu2_2", "relu3_3", "relu4_3"])
+    vgg_layers: list[str] = field(  # VGG16 layers compared by the perceptual loss
+        default_factory=lambda: ["relu1_2", "relu2_2", "relu3_3", "relu4_3"]
+    )
 
 
 @dataclass
@@ -101,29 +103,30 @@ class LossConfig:
     cf_critic: float = 0.0  # a luminance-only critic (trained on real galaxies) must also put x_cf into t
     cf_realism: bool = False  # the critic also learns to tell decoded counterfactuals from galaxies
     cf_critic_colour: float = 0.0  # a second critic, on colour images, must also put x_cf into t
+    cf_critic_augment: bool = False  # the critics (not the encoder) read x_cf under a random symmetry
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
+    epochs: int = 10  # passes over the training split
     batch_size: int = 64  # per-GPU (per-rank) micro-batch
     global_batch: int = 0  # 0 = batch_size x world size x grad_accumulation; else sets the micro-batch
     grad_accumulation: int = 1  # micro-batches per optimiser step
     engine: str = "ddp"  # ddp | deepspeed (one process per GPU either way)
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0, 1 or 2
     collective_timeout_minutes: float = 10.0  # a collective waiting longer than this fails the job
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    warmup_steps: int = 100
+    lr: float = 1e-3  # peak AdamW learning rate, for the global batch (after warm-up)
+    weight_decay: float = 1e-4  # AdamW decoupled weight decay
+    warmup_steps: int = 100  # linear learning-rate warm-up, optimiser steps
     min_lr_ratio: float = 0.05  # cosine decay to lr * min_lr_ratio
-    grad_clip: float = 5.0
+    grad_clip: float = 5.0  # clip the global gradient norm to this (0 = no clipping)
     device: str = "auto"  # auto | cpu | cuda
     bf16: bool = True  # bf16 autocast on GPU (ignored on CPU)
     threads: int = 0  # torch intra-op threads on CPU; 0 = leave torch's default
-    log_every: int = 20
+    log_every: int = 20  # optimiser steps between log lines (and stop-signal checks)
     checkpoint_every: int = 0  # steps; 0 = once per epoch
     tensorboard: bool = False  # also write metrics as TensorBoard scalars to RUN/tensorboard/
-    eval_split: str = "val"
+    eval_split: str = "val"  # split evaluated after every epoch: train | val | test
     time_limit_minutes: float = 0.0  # stop training (with a checkpoint) after this; 0 = none
     stop_after_steps: int = 0  # stop this invocation (with a checkpoint) after N steps; 0 = none
 
@@ -135,23 +138,23 @@ class JudgesConfig:
 
 @dataclass
 class ExplainConfig:
-    split: str = "test"
+    split: str = "test"  # split explained by `galcf-hpc explain`: train | val | test
     margin: float = 1.0  # distance past the decision boundary in h (unit-variance Gaussians)
     placement: str = "boundary"  # boundary | translate: where h_cf lands (docs/method.md)
     max_galaxies: int = 0  # 0 = every galaxy of the split
-    batch_size: int = 64
+    batch_size: int = 64  # galaxies per explained batch
     background_fraction: float = 0.25  # outer border (side fraction) used for the background check
 
 
 @dataclass
 class Config:
-    run: RunConfig = field(default_factory=RunConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    explain: ExplainConfig = field(default_factory=ExplainConfig)
-    judges: JudgesConfig = field(default_factory=JudgesConfig)
+    run: RunConfig = field(default_factory=RunConfig)  # name, output directory and seed of the run
+    data: DataConfig = field(default_factory=DataConfig)  # catalog, shards, splits, loader and augmentation
+    model: ModelConfig = field(default_factory=ModelConfig)  # encoder/decoder, latent split, flow, VGG16
+    loss: LossConfig = field(default_factory=LossConfig)  # weights of the training objective's terms
+    train: TrainConfig = field(default_factory=TrainConfig)  # optimiser, batches, engine, device, stopping
+    explain: ExplainConfig = field(default_factory=ExplainConfig)  # counterfactuals of `galcf-hpc explain`
+    judges: JudgesConfig = field(default_factory=JudgesConfig)  # the independent judge panel
 
     def validate(self):
         m, d = self.model, self.data
@@ -170,38 +173,46 @@ class Config:
                 "data.split_fractions",
                 f"must be three non-negative numbers summing to 1, got {d.split_fractions}",
             ),
-            (d.loader in LOADERS, "data.loader", f"unknown loader {d.loader!r}; available: {', '.join(LOADERS)}"),
-            (d.device in ("auto", "cpu", "gpu"), "data.device", f"must be auto, cpu or gpu, got {d.device!r}"),
-            (self.train.device in ("auto", "cpu", "cuda"), "train.device", "must be auto, cpu or cuda"),
-            (self.train.engine in ENGINES, "train.engine", f"must be ddp or deepspeed, got {self.train.engine!r}"),
-            (
-                self.train.zero_stage in (0, 1, 2),
-                "train.zero_stage",
-                "must be 0, 1 or 2 (ZeRO-3 shards the weights, which this small model does not need)",
-            ),
             (self.train.batch_size >= 2, "train.batch_size", "must be >= 2 (MMD needs pairs)"),
             (0.0 <= self.loss.cf_fraction <= 1.0, "loss.cf_fraction", "must be in [0, 1]"),
-            (self.train.eval_split in ("train", "val", "test"), "train.eval_split", "must be train, val or test"),
-            (self.explain.split in ("train", "val", "test"), "explain.split", "must be train, val or test"),
-            (
-                self.explain.placement in ("boundary", "translate"),
-                "explain.placement",
-                f"must be boundary or translate, got {self.explain.placement!r}",
-            ),
-            (
-                self.loss.cf_placement in ("boundary", "translate", "interpolate"),
-                "loss.cf_placement",
-                f"must be boundary, translate or interpolate, got {self.loss.cf_placement!r}",
-            ),
         ]
         for ok, key, msg in checks:
             if not ok:
                 raise ConfigError(f"config key '{key}': {msg}")
+        _check_choices(self)
         _check_ranges(self)
         return self
 
     def to_dict(self):
         return dataclasses.asdict(self)
+
+
+# Keys that take one of a few values.
+_CHOICES = {
+    "data.loader": LOADERS,
+    "data.device": ("auto", "cpu", "gpu"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "train.engine": ENGINES,
+    "train.zero_stage": (0, 1, 2),  # ZeRO-3 shards the weights, which this small model does not need
+    "train.eval_split": ("train", "val", "test"),
+    "explain.split": ("train", "val", "test"),
+    "explain.placement": ("boundary", "translate"),
+    "loss.cf_placement": ("boundary", "translate", "interpolate"),
+}
+
+
+def _lookup(cfg, key):
+    obj = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _check_choices(cfg):
+    for key, choices in _CHOICES.items():
+        value = _lookup(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"config key '{key}': must be one of {', '.join(map(str, choices))}, got {value!r}")
 
 
 # Allowed ranges of numeric keys: (low, high), None = unbounded; both ends inclusive. Every
@@ -437,3 +448,73 @@ def dump_config(cfg):
 def write_resolved_config(cfg, run_dir):
     """Write the fully resolved config into a run directory (atomically)."""
     write_text(Path(run_dir) / "config.yaml", dump_config(cfg))
+
+
+def _field_notes(cls):
+    """{field name: its inline comment} from the dataclass's source: the comments next to
+    the fields are the one description of every key."""
+    import inspect
+
+    notes = {}
+    for name, note in re.findall(r"^    (\w+): [^\n#]*#\s*([^\n]+)$", inspect.getsource(cls), re.M):
+        notes[name] = note.strip()
+    return notes
+
+
+def _all_keys(cls=None, prefix=""):
+    """Every dotted key and section of the configuration."""
+    keys = []
+    for f in dataclasses.fields(cls or Config):
+        tp = typing.get_type_hints(cls or Config)[f.name]
+        keys.append(prefix + f.name)
+        if dataclasses.is_dataclass(tp):
+            keys += _all_keys(tp, f"{prefix}{f.name}.")
+    return keys
+
+
+def _key_field(key):
+    """(dataclass holding the key, its field) for a dotted key; ConfigError with the closest
+    valid key otherwise."""
+    cls, parts = Config, key.split(".")
+    for i, part in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in fields:
+            prefix = ".".join(parts[:i])
+            close = difflib.get_close_matches(key, _all_keys(), n=1, cutoff=0.6)
+            valid = ", ".join(f"{prefix}.{n}" if prefix else n for n in fields)
+            hint = f"did you mean '{close[0]}'?" if close else f"keys here: {valid}"
+            raise ConfigError(f"unknown config key '{key}'; {hint}")
+        tp = typing.get_type_hints(cls)[part]
+        if i == len(parts) - 1:
+            return cls, fields[part], tp
+        if not dataclasses.is_dataclass(tp):
+            raise ConfigError(f"config key '{'.'.join(parts[: i + 1])}' has no sub-keys (asked for '{key}')")
+        cls = tp
+
+
+def explain_key(key, cfg=None):
+    """What a config key means: its description, type, default, allowed values or range, and
+    its value in ``cfg`` when given. A section (``train``) lists every key of it in one line
+    each. Raises ConfigError for an unknown key."""
+    owner, f, tp = _key_field(key)
+    default = Config()
+    if dataclasses.is_dataclass(tp):
+        lines = [f"{key}: {_field_notes(owner).get(f.name, 'a section')}"]
+        notes = _field_notes(tp)
+        for sub in dataclasses.fields(tp):
+            value = _lookup(cfg or default, f"{key}.{sub.name}")
+            lines.append(f"  {key}.{sub.name} = {value!r}: {notes.get(sub.name, '')}")
+        return "\n".join(lines)
+    value_default = _lookup(default, key)
+    lines = [f"{key}: {_field_notes(owner).get(f.name, '(no description)')}"]
+    lines.append(f"  type {_type_name(tp)}, default {value_default!r}")
+    if key in _CHOICES:
+        lines.append(f"  one of: {', '.join(map(str, _CHOICES[key]))}")
+    if key in _RANGES:
+        low, high = _RANGES[key]
+        lines.append(f"  range: {'-inf' if low is None else low} .. {'inf' if high is None else high} (inclusive)")
+    elif key.startswith(_WEIGHTS) and _type_name(tp) == "float":
+        lines.append("  range: >= 0 (a loss weight; 0 switches the term off)")
+    if cfg is not None:
+        lines.append(f"  in this configuration: {_lookup(cfg, key)!r}")
+    return "\n".join(lines)

@@ -23,7 +23,7 @@ import torch
 
 from . import __version__
 from .config import load_config
-from .errors import ConfigError
+from .errors import UsageError
 from .train.distributed import free_port
 
 log = logging.getLogger("galcf_hpc")
@@ -56,7 +56,7 @@ def local_ranks(requested, train_device):
     """Local training processes: ``requested``, else 2 (1 on a one-core machine); when
     training on CUDA at most one per visible GPU (NCCL refuses two ranks on one GPU)."""
     if requested is not None and requested < 1:
-        raise ConfigError(f"--ranks must be at least 1, got {requested}")
+        raise UsageError(f"--ranks must be at least 1, got {requested}")
     if train_device != "cpu" and torch.cuda.is_available():
         gpus = torch.cuda.device_count()
         if requested and requested > gpus:

@@ -16,6 +16,7 @@ from galcf_hpc import cli
 from galcf_hpc.data.analytic import FIELD_ARCSEC, render_catalog, render_galaxy
 from galcf_hpc.data.classes import CLASS_NAMES, NUM_CLASSES, class_index
 from galcf_hpc.data.galaxy10 import open_catalog, write_catalog
+from galcf_hpc.errors import CheckpointError, DataError
 from galcf_hpc.explain.run import load_run
 from galcf_hpc.judges.nets import load_judge
 from galcf_hpc.loaders.augment import augment_batch
@@ -180,16 +181,16 @@ def test_judges_check_errors_name_the_file(run_dir, analytic_h5, tmp_path, capsy
     args = ["judges", "check", "--config", config, "--set", f"run.out_dir={empty}", "--data", str(analytic_h5)]
     code = cli.main(args)
     err = capsys.readouterr().err
-    assert code == 2 and str(empty / "judges") in err and "judges train" in err
+    assert code == CheckpointError.exit_code and str(empty / "judges") in err and "judges train" in err
 
     unlabelled = tmp_path / "unlabelled.h5"
     cat = render_catalog(4, 32, seed=1)
     write_catalog(unlabelled, cat["images"], None, cat["ra"], cat["dec"])
-    assert cli.main(["judges", "check", "--config", config, "--data", str(unlabelled)]) == 2
+    assert cli.main(["judges", "check", "--config", config, "--data", str(unlabelled)]) == DataError.exit_code
     err = capsys.readouterr().err
     assert str(unlabelled) in err and "labels" in err
 
     broken = tmp_path / "broken.h5"
     broken.write_bytes(b"not an hdf5 file")
-    assert cli.main(["judges", "check", "--config", config, "--data", str(broken)]) == 2
+    assert cli.main(["judges", "check", "--config", config, "--data", str(broken)]) == DataError.exit_code
     assert str(broken) in capsys.readouterr().err

@@ -1,5 +1,6 @@
-"""The bad-input matrix: every case goes through the command line, exits 2 with a message
-that names the file, key or sample, and prints no traceback. (Each case's deeper checks
+"""The bad-input matrix: every case goes through the command line, exits with its error
+class's code (3 config, 4 data, 5 checkpoint; galcf_hpc/errors.py) and a message that names
+the file, key or sample, and prints no traceback. (Each case's deeper checks
 live next to its code's tests; this file is the one list of what a user may get wrong.)"""
 
 import json
@@ -7,6 +8,7 @@ import json
 import pytest
 
 from galcf_hpc.cli import main
+from galcf_hpc.errors import CheckpointError, ConfigError, DataError, UsageError
 
 
 def _config(tmp_path, text):
@@ -82,12 +84,37 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("argv_of, words", [pytest.param(c[1], c[2], id=c[0]) for c in CASES])
-def test_bad_input_exits_2_with_a_named_message(argv_of, words, sharded_copy, tmp_path, capsys):
+def _expected(case_id):
+    """The error class a case must end in: a config file or option value is a config error,
+    a missing checkpoint a checkpoint error, anything about input files a data error."""
+    if case_id == "shard-bad-fractions":  # an option's value: a usage error
+        return UsageError
+    if case_id.startswith("config-"):
+        return ConfigError
+    return CheckpointError if case_id == "explain-no-checkpoint" else DataError
+
+
+@pytest.mark.parametrize("case_id, argv_of, words", [pytest.param(*c, id=c[0]) for c in CASES])
+def test_bad_input_exits_with_its_class_code_and_a_named_message(
+    case_id, argv_of, words, sharded_copy, tmp_path, capsys
+):
     argv = argv_of(tmp_path, sharded_copy)
     code = main(argv)
     err = capsys.readouterr().err
-    assert code == 2, err
+    assert code == _expected(case_id).exit_code, err
     assert "Traceback" not in err and err.startswith("galcf-hpc: error:"), err
     for word in words:
         assert word in err, (word, err)
+
+
+def test_usage_config_data_checkpoint_and_launch_errors_exit_differently(capsys):
+    from galcf_hpc.errors import LaunchError, PeerLostError
+
+    classes = (UsageError, ConfigError, DataError, CheckpointError, LaunchError)
+    assert len({c.exit_code for c in classes}) == len(classes) and 0 not in {c.exit_code for c in classes}
+    assert PeerLostError.exit_code == LaunchError.exit_code
+    with pytest.raises(SystemExit) as usage:  # argparse's own usage errors
+        main(["train", "--no-such-option"])
+    assert usage.value.code == UsageError.exit_code == 2
+    assert main(["explain", "--run", ".", "--targets", "Spiral"]) == UsageError.exit_code
+    assert "--targets" in capsys.readouterr().err

@@ -23,7 +23,7 @@ from galcf_hpc import cli
 from galcf_hpc.catalog.job import run_catalog, verify_catalog
 from galcf_hpc.catalog.store import pack_catalog
 from galcf_hpc.data.classes import NUM_CLASSES
-from galcf_hpc.errors import DataError
+from galcf_hpc.errors import CheckpointError, DataError, LaunchError, UsageError
 from galcf_hpc.explain.run import load_run
 from galcf_hpc.judges import load_judges
 from galcf_hpc.judges.nets import build_judge, save_judge
@@ -306,7 +306,10 @@ def test_verify_finds_deleted_part_and_changed_judge(mpi_catalog, tmp_path, monk
         shutil.copy(Path(f.attrs["judges_dir"]) / "resnet_grey" / "model.pt", judges / "cnn" / "model.pt")
         f.attrs["judges_dir"] = str(judges)
     code, err = run_cli(monkeypatch, capsys, "catalog", "verify", out)
-    assert code == 2 and f"judge {judges / 'cnn' / 'model.pt'} has changed since the catalog was made" in err
+    assert (
+        code == DataError.exit_code
+        and f"judge {judges / 'cnn' / 'model.pt'} has changed since the catalog was made" in err
+    )
     assert "is missing" not in err
 
     (out / "parts" / "unit-000002.h5").unlink()
@@ -314,7 +317,7 @@ def test_verify_finds_deleted_part_and_changed_judge(mpi_catalog, tmp_path, monk
         assert (f["pred"][8:12] == -32768).all() and (f["key"][8:12] == b"").all()
         assert (f["validity_cnn"][8:12] == -128).all() and (f["pred"][:8] >= 0).all()
     code, err = run_cli(monkeypatch, capsys, "catalog", "verify", out)
-    assert code == 2
+    assert code == DataError.exit_code
     assert "unit-000002.h5 (galaxies 8-11) is missing" in err and "values were not read through" in err
     assert "fill value" not in err  # nothing is read through the virtual datasets with a part missing
 
@@ -323,7 +326,7 @@ def test_verify_finds_deleted_part_and_changed_judge(mpi_catalog, tmp_path, monk
     with h5py.File(out / "parts" / "unit-000002.h5", "a") as f:
         f["pred"][1:3] = -32768
     code, err = run_cli(monkeypatch, capsys, "catalog", "verify", out)
-    assert code == 2 and "'pred' holds its fill value -32768 for 2 galaxies, first index 9" in err
+    assert code == DataError.exit_code and "'pred' holds its fill value -32768 for 2 galaxies, first index 9" in err
 
 
 def _catalog_run(ckpt, input_path, out):
@@ -413,7 +416,7 @@ def test_verify_names_every_bad_part_and_never_crashes(run_dir, make_catalog, tm
         f.attrs["checkpoint_sha256"] = "0" * 64
     (parts / "unit-000005.h5").unlink()
     code, err = run_cli(monkeypatch, capsys, "catalog", "verify", out)
-    assert code == 2 and "Traceback" not in err
+    assert code == DataError.exit_code and "Traceback" not in err
     assert f"{parts / 'unit-000001.h5'} (galaxies 2-3) cannot be read as a part file" in err
     assert f"{parts / 'unit-000002.h5'} (galaxies 4-5) was computed from other galaxies" in err
     assert f"mv {parts / 'unit-000002.h5'} {parts / 'unit-000002.h5'}.rejected-input-rows" in err
@@ -437,10 +440,14 @@ def test_verify_names_every_bad_part_and_never_crashes(run_dir, make_catalog, tm
     with h5py.File(out / "catalog.h5", "a") as f:
         del f.attrs["unit_size"]
     code, err = run_cli(monkeypatch, capsys, "catalog", "verify", out)
-    assert code == 2 and f"{out / 'catalog.h5'}: attribute 'unit_size' is missing" in err and "rerun" in err
+    assert (
+        code == DataError.exit_code
+        and f"{out / 'catalog.h5'}: attribute 'unit_size' is missing" in err
+        and "rerun" in err
+    )
     (out / "catalog.h5").write_bytes((tmp_path / "good.h5").read_bytes()[:1500])
     code, err = run_cli(monkeypatch, capsys, "catalog", "verify", out)
-    assert code == 2 and f"{out / 'catalog.h5'} cannot be opened as HDF5" in err
+    assert code == DataError.exit_code and f"{out / 'catalog.h5'} cannot be opened as HDF5" in err
 
 
 def test_readers_never_read_another_catalogs_parts(mpi_catalog, tmp_path, monkeypatch, capsys):
@@ -461,7 +468,11 @@ def test_readers_never_read_another_catalogs_parts(mpi_catalog, tmp_path, monkey
         pack_catalog(a / "catalog.h5", tmp_path / "packed.h5")
     assert not (tmp_path / "packed.h5").exists()
     code, err = run_cli(monkeypatch, capsys, "catalog", "pack", a, "--out", tmp_path / "packed.h5")
-    assert code == 2 and "unit-000002.h5 (galaxies 8-11) is missing" in err and not (tmp_path / "packed.h5").exists()
+    assert (
+        code == DataError.exit_code
+        and "unit-000002.h5 (galaxies 8-11) is missing" in err
+        and not (tmp_path / "packed.h5").exists()
+    )
     with pytest.raises(DataError, match=r"(?s)unit-000002.h5 \(galaxies 8-11\) is missing.*values were not read"):
         verify_catalog(a)
     with pytest.raises(DataError, match=r"unit-000002.h5 is missing"):
@@ -496,7 +507,9 @@ def test_pack_copies_every_field_into_one_file(mpi_catalog, tmp_path, monkeypatc
     shutil.copytree(mpi_catalog[0], tmp_path / "holey")
     (tmp_path / "holey" / "parts" / "unit-000001.h5").unlink()
     code, err = run_cli(monkeypatch, capsys, "catalog", "pack", tmp_path / "holey")
-    assert code == 2 and "is missing" in err and not (tmp_path / "holey" / "catalog_packed.h5").exists()
+    assert (
+        code == DataError.exit_code and "is missing" in err and not (tmp_path / "holey" / "catalog_packed.h5").exists()
+    )
 
 
 def test_bad_inputs_fail_cleanly(run_dir, make_catalog, mpi_catalog, tmp_path, monkeypatch, capsys):
@@ -507,11 +520,11 @@ def test_bad_inputs_fail_cleanly(run_dir, make_catalog, mpi_catalog, tmp_path, m
     code, err = run_cli(
         monkeypatch, capsys, "catalog", "run", "--checkpoint", ckpt, "--input", truncated, "--out", tmp_path / "o1"
     )
-    assert code == 2 and str(truncated) in err and "truncated" in err
+    assert code == DataError.exit_code and str(truncated) in err and "truncated" in err
     assert not (tmp_path / "o1").exists()
     # under MPI: rank 0 finds the problem, every rank stops with exit code 2, one message
     res = galcf("catalog", "run", "--checkpoint", ckpt, "--input", truncated, "--out", tmp_path / "o1", ranks=2)
-    assert res.returncode == 2 and res.stderr.count(f"galcf-hpc: error: {truncated}") == 1
+    assert res.returncode == DataError.exit_code and res.stderr.count(f"galcf-hpc: error: {truncated}") == 1
     assert not (tmp_path / "o1").exists()
     code, err = run_cli(
         monkeypatch,
@@ -527,7 +540,7 @@ def test_bad_inputs_fail_cleanly(run_dir, make_catalog, mpi_catalog, tmp_path, m
         "--targets",
         "Merging,Spiral",
     )
-    assert code == 2 and "unknown class 'Spiral'" in err and not (tmp_path / "o1").exists()
+    assert code == UsageError.exit_code and "unknown class 'Spiral'" in err and not (tmp_path / "o1").exists()
 
     state = load_checkpoint(ckpt)
     state["config"]["model"]["z_dim"] = 16  # weights no longer fit the config
@@ -544,7 +557,7 @@ def test_bad_inputs_fail_cleanly(run_dir, make_catalog, mpi_catalog, tmp_path, m
         "--out",
         tmp_path / "o2",
     )
-    assert code == 2 and "another model configuration" in err and "mismatch.pt" in err
+    assert code == CheckpointError.exit_code and "another model configuration" in err and "mismatch.pt" in err
     assert not (tmp_path / "o2").exists()
 
     # an output directory of another run (another checkpoint file): refused, nothing changes
@@ -569,7 +582,7 @@ def test_bad_inputs_fail_cleanly(run_dir, make_catalog, mpi_catalog, tmp_path, m
         "--unit-size",
         4,
     )
-    assert code == 2 and "another catalog run" in err and "checkpoint_sha256" in err
+    assert code == DataError.exit_code and "another catalog run" in err and "checkpoint_sha256" in err
     assert tree_digest(out) == before
     # the same checkpoint with other judges next to it (one of the two): refused the same way
     other_run = tmp_path / "other_run"
@@ -590,7 +603,12 @@ def test_bad_inputs_fail_cleanly(run_dir, make_catalog, mpi_catalog, tmp_path, m
         "--unit-size",
         4,
     )
-    assert code == 2 and "another catalog run" in err and "judges:" in err and "checkpoint_sha256" not in err
+    assert (
+        code == DataError.exit_code
+        and "another catalog run" in err
+        and "judges:" in err
+        and "checkpoint_sha256" not in err
+    )
     assert tree_digest(out) == before
 
 
@@ -617,7 +635,9 @@ def test_tasks_without_a_shared_mpi_world_are_refused(tmp_path):
         text=True,
         timeout=600,  # only guards against a hang: on 2 shared cores importing torch alone can take long
     )
-    assert res.returncode == 2 and "started 4 tasks but each sees an MPI world of size 1" in res.stderr
+    assert (
+        res.returncode == LaunchError.exit_code and "started 4 tasks but each sees an MPI world of size 1" in res.stderr
+    )
     assert not (tmp_path / "out").exists()
 
 

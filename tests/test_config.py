@@ -176,3 +176,35 @@ def test_every_config_key_is_read_by_the_package():
     assert not unread, f"config keys no code reads: {unread}"
     shipped = {k for path in (package.parent / "configs").glob("*.yaml") for k in yaml.safe_load(path.read_text())}
     assert shipped <= {f.name for f in dataclasses.fields(Config)}
+
+
+def test_explain_describes_every_key_with_type_default_and_limits():
+    from galcf_hpc.config import _all_keys, explain_key
+
+    keys = _all_keys()
+    assert "train.lr" in keys and "data.synth.n" in keys and "loss" in keys
+    undescribed = [k for k in keys if "(no description)" in explain_key(k) or ": a section" in explain_key(k)]
+    assert not undescribed, f"config keys without a description (add a comment next to the field): {undescribed}"
+    cfg = load_config("configs/smoke.yaml")
+    text = explain_key("train.lr", cfg)
+    assert "type float, default 0.001" in text and "range: 1e-12 .. 10.0" in text
+    assert f"in this configuration: {cfg.train.lr!r}" in text
+    assert "one of: torch, dali, synthetic" in explain_key("data.loader")
+    assert ">= 0 (a loss weight" in explain_key("loss.cf_critic")
+    section = explain_key("train").splitlines()
+    assert len(section) == 1 + len(dataclasses.fields(Config().train))
+    with pytest.raises(ConfigError, match="did you mean 'train.lr'"):
+        explain_key("trian.lr")
+    with pytest.raises(ConfigError, match="no sub-keys"):
+        explain_key("train.lr.x")
+
+
+def test_config_explain_command(capsys):
+    from galcf_hpc.cli import main
+
+    assert main(["config", "--explain", "loss.cf_proximity", "--config", "configs/smoke.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("loss.cf_proximity: L1 distance") and "in this configuration: 20.0" in out
+    assert main(["config", "--explain", "loss.nope"]) == ConfigError.exit_code
+    assert "unknown config key 'loss.nope'" in capsys.readouterr().err
+    assert main(["config"]) == 2 and "--explain KEY" in capsys.readouterr().err

@@ -18,7 +18,7 @@ from PIL import Image
 
 from galcf_hpc.cli import main
 from galcf_hpc.data.classes import CLASS_NAMES, NUM_CLASSES
-from galcf_hpc.errors import DataError
+from galcf_hpc.errors import CheckpointError, DataError, UsageError
 from galcf_hpc.explain.run import load_run
 from galcf_hpc.judges import load_judge, predict, train_judges
 from galcf_hpc.judges.nets import build_judge, save_judge
@@ -306,7 +306,7 @@ def test_catalog_summary_and_missing_part(tmp_path, capsys):
     with pytest.raises(DataError, match=r"1 part file\(s\).*missing.*unit-000001.h5.*catalog verify"):
         catalog_summary(tmp_path / "cat")
     (tmp_path / "run").mkdir()
-    assert main(["report", "--run", str(tmp_path / "run"), "--catalog", str(tmp_path / "cat")]) == 2
+    assert main(["report", "--run", str(tmp_path / "run"), "--catalog", str(tmp_path / "cat")]) == DataError.exit_code
     assert "missing" in capsys.readouterr().err
 
 
@@ -322,7 +322,7 @@ def test_catalog_summary_refuses_damaged_foreign_and_incomplete_parts(tmp_path, 
     with pytest.raises(DataError, match=rf"{re.escape(str(part))} cannot be opened.*catalog verify"):
         catalog_summary(tmp_path / "cat")
     (tmp_path / "run").mkdir()
-    assert main(["report", "--run", str(tmp_path / "run"), "--catalog", str(tmp_path / "cat")]) == 2
+    assert main(["report", "--run", str(tmp_path / "run"), "--catalog", str(tmp_path / "cat")]) == DataError.exit_code
     err = capsys.readouterr().err
     assert f"{part} cannot be opened" in err and "Traceback" not in err
 
@@ -348,14 +348,16 @@ def test_catalog_summary_refuses_damaged_foreign_and_incomplete_parts(tmp_path, 
 
 
 def test_report_bad_input(tmp_path, capsys):
-    assert main(["report", "--run", str(tmp_path / "nope")]) == 2
+    assert main(["report", "--run", str(tmp_path / "nope")]) == DataError.exit_code
     assert "no such run directory" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
-    assert main(["report", "--run", str(tmp_path / "empty")]) == 2
+    assert main(["report", "--run", str(tmp_path / "empty")]) == CheckpointError.exit_code
     assert "no checkpoint" in capsys.readouterr().err
-    assert main(["report", "--run", str(tmp_path / "empty"), "--out", str(tmp_path / "r.txt")]) == 2
+    assert main(["report", "--run", str(tmp_path / "empty"), "--out", str(tmp_path / "r.txt")]) == UsageError.exit_code
     assert ".html" in capsys.readouterr().err
-    assert main(["report", "--run", str(tmp_path / "empty"), "--catalog", str(tmp_path / "nocat")]) == 2
+    assert (
+        main(["report", "--run", str(tmp_path / "empty"), "--catalog", str(tmp_path / "nocat")]) == DataError.exit_code
+    )
     assert "catalog run" in capsys.readouterr().err
 
 

@@ -11,7 +11,7 @@ import sys
 import pytest
 import yaml
 
-from galcf_hpc.errors import GalcfError
+from galcf_hpc.errors import DataError, GalcfError
 from galcf_hpc.scaling import projection as P
 from galcf_hpc.scaling.analyze import analyze, load_results
 from slurm import REPO, slurm  # noqa: F401  (slurm: the fixture)
@@ -293,7 +293,7 @@ def test_load_results_errors_name_file_and_line(tmp_path):
         capture_output=True,
         text=True,
     )
-    assert done.returncode == 2 and "none.jsonl not found" in done.stderr
+    assert done.returncode == DataError.exit_code and "none.jsonl not found" in done.stderr
 
 
 def test_strong_efficiency_from_global_batch_time(tmp_path):

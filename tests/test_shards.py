@@ -23,7 +23,7 @@ from galcf_hpc.data.shards import (
     verify_shards,
     write_shards,
 )
-from galcf_hpc.errors import DataError
+from galcf_hpc.errors import DataError, UsageError
 
 
 def _tars(out):
@@ -454,10 +454,10 @@ def test_shard_command_takes_split_settings_from_the_config(make_catalog, tmp_pa
         main(
             ["data", "shard", "--input", str(info.path), "--out", str(tmp_path / "o3"), "--fractions", ".5", ".5", ".5"]
         )
-        == 2
+        == UsageError.exit_code
     )
     assert not (tmp_path / "o3").exists()
-    assert main(["data", "shard", "--out", str(tmp_path / "o4")]) == 2
+    assert main(["data", "shard", "--out", str(tmp_path / "o4")]) == UsageError.exit_code
 
 
 def test_sharding_another_catalog_into_a_data_set_is_refused(make_catalog, tmp_path):

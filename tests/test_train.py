@@ -12,7 +12,7 @@ from PIL import Image
 from galcf_hpc.cli import main
 from galcf_hpc.config import config_from_dict, load_config
 from galcf_hpc.data.classes import CLASS_NAMES
-from galcf_hpc.errors import CheckpointError, DataError
+from galcf_hpc.errors import CheckpointError, ConfigError, DataError
 from galcf_hpc.explain.run import explain, load_run
 from galcf_hpc.loaders import build_loader
 from galcf_hpc.train import engines
@@ -174,10 +174,10 @@ def test_explain_targets_subset(trained):
     assert list(summary["per_target"]) == ["Barred Spiral"]
 
 
-def test_cli_errors_exit_2(capsys, tmp_path):
-    assert main(["config", "--config", "configs/smoke.yaml", "--set", "train.epoch=3"]) == 2
+def test_cli_errors_exit_with_their_class_codes(capsys, tmp_path):
+    assert main(["config", "--config", "configs/smoke.yaml", "--set", "train.epoch=3"]) == ConfigError.exit_code
     assert "train.epochs" in capsys.readouterr().err
-    assert main(["explain", "--run", str(tmp_path)]) == 2
+    assert main(["explain", "--run", str(tmp_path)]) == CheckpointError.exit_code
     assert "no checkpoint" in capsys.readouterr().err
 
 

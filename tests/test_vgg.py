@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from galcf_hpc.cli import main
-from galcf_hpc.errors import CheckpointError, GalcfError
+from galcf_hpc.errors import CheckpointError, DataError, GalcfError
 from galcf_hpc.model import weights
 from galcf_hpc.model.vgg import VGG16Features, load_vgg16
 from galcf_hpc.model.weights import VGG16_FILENAME, cached_vgg16_path, fetch_vgg16
@@ -313,7 +313,7 @@ def test_weights_fetch_command_without_internet(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     out = tmp_path / "w" / VGG16_FILENAME
-    assert main(["weights", "fetch", "--out", str(out)]) == 2
+    assert main(["weights", "fetch", "--out", str(out)]) == DataError.exit_code
     err = capsys.readouterr().err
     assert "no internet" in err and "login node" in err and str(out) in err and "Traceback" not in err
     assert calls == [(weights.VGG16_URL, weights.VGG16_SHA256_PREFIX)]

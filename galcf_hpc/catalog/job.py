@@ -30,9 +30,9 @@ import torch
 
 from .. import __version__
 from ..config import dump_config
-from ..data.classes import CLASS_NAMES, NUM_CLASSES, class_index
+from ..data.classes import CLASS_NAMES, NUM_CLASSES, parse_class_list
 from ..device import resolve_device
-from ..errors import ConfigError, DataError, GalcfError
+from ..errors import DataError, GalcfError, UsageError
 from ..explain.run import load_run
 from ..fileio import DirLock, file_sha256, write_json
 from ..judges import judges_dir, load_judge, load_judges
@@ -63,20 +63,20 @@ _IDENTITY = (
 
 
 class RankStopped(GalcfError):
-    """Raised on ranks other than 0 when rank 0 refused the job (rank 0 prints why)."""
+    """Raised on ranks other than 0 when rank 0 refused the job (rank 0 prints why); they
+    exit with rank 0's exit code."""
+
+    def __init__(self, message, exit_code):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def parse_targets(text):
     """``all``, or comma-separated class names or numbers -> sorted class indices."""
-    if text in (None, "", "all"):
-        return list(range(NUM_CLASSES))
     try:
-        targets = sorted({class_index(t.strip()) for t in text.split(",") if t.strip()})
+        return parse_class_list(text)
     except ValueError as exc:
-        raise ConfigError(f"--targets: {exc}") from None
-    if not targets:
-        raise ConfigError("--targets: no class given; use all, names or numbers separated by commas")
-    return targets
+        raise UsageError(f"--targets: {exc}") from None
 
 
 def resolve_checkpoint(path):
@@ -130,9 +130,9 @@ def _schema(plan, model, cfg):
 def _prepare(checkpoint, input_path, out_dir, targets, unit_size, image_dtype, device):
     resolve_device(device, 0, option="--device")
     if unit_size < 1:
-        raise ConfigError(f"--unit-size must be at least 1, got {unit_size}")
+        raise UsageError(f"--unit-size must be at least 1, got {unit_size}")
     if image_dtype not in IMAGE_DTYPES:
-        raise ConfigError(f"--image-dtype must be one of {', '.join(IMAGE_DTYPES)}, got {image_dtype!r}")
+        raise UsageError(f"--image-dtype must be one of {', '.join(IMAGE_DTYPES)}, got {image_dtype!r}")
     ckpt = resolve_checkpoint(checkpoint)
     model, cfg, ckpt = load_run(ckpt.parent, ckpt, "cpu")
     judges, judge_shas = _find_judges(ckpt)
@@ -467,10 +467,10 @@ def _run_catalog(checkpoint, input_path, out_dir, targets, unit_size, device, im
         except Exception as exc:  # bad input, or a bug: either way the other ranks must hear of it
             error = exc
     if comm:
-        shared = _bcast_json(comm, {"error": str(error)} if error else plan)
+        shared = _bcast_json(comm, {"error": str(error), "code": getattr(error, "exit_code", 1)} if error else plan)
         if rank:
             if "error" in shared:
-                raise RankStopped(shared["error"])
+                raise RankStopped(shared["error"], shared["code"])
             plan = shared
     if error:
         raise error
@@ -544,7 +544,7 @@ def _run_catalog(checkpoint, input_path, out_dir, targets, unit_size, device, im
             # One rank failing cannot finish the job; stop all of them, a rerun resumes.
             what = str(exc) if isinstance(exc, GalcfError) else traceback.format_exc()
             print(f"galcf-hpc: error: rank {rank}: {what}\nstopping every rank; rerun to resume", flush=True)
-            comm.Abort(2)
+            comm.Abort(getattr(exc, "exit_code", 1))
         raise
     stats = np.array([done_units, done_galaxies, busy], np.float64)
     if comm:

@@ -25,6 +25,17 @@ def class_fractions():
     return tuple(c / total for c in GALAXY10_COUNTS)
 
 
+def parse_class_list(text):
+    """``all`` (or nothing), or class names or numbers separated by commas -> sorted class
+    indices: the one way every command takes a list of classes (``--targets``)."""
+    if text is None or str(text).strip() in ("", "all"):
+        return list(range(NUM_CLASSES))
+    classes = sorted({class_index(t.strip()) for t in str(text).split(",") if t.strip()})
+    if not classes:
+        raise ValueError("no class given; use all, or names or numbers separated by commas")
+    return classes
+
+
 def class_index(name):
     """Index of a class given its name (case-insensitive) or its number as a string."""
     if isinstance(name, int) or str(name).isdigit():

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..data.classes import CLASS_NAMES, NUM_CLASSES
 from ..device import resolve_device
-from ..errors import ConfigError
+from ..errors import UsageError
 from ..fileio import write_json
 from ..loaders import build_loader
 from ..loaders.split import open_split
@@ -139,7 +139,7 @@ def train_judge(cfg, spec, device, epochs=None):
     """Train one judge; writes RUN/judges/<name>/{model.pt, eval.json}; returns eval.json's dict."""
     epochs = epochs if epochs is not None else (cfg.judges.epochs or spec.epochs)
     if epochs < 1:
-        raise ConfigError(f"--epochs must be >= 1, got {epochs}")
+        raise UsageError(f"--epochs must be >= 1, got {epochs}")
     out = judges_dir(cfg.run.out_dir) / spec.name
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.run.seed + spec.seed)
@@ -222,7 +222,7 @@ def train_judges(cfg, names=None, device="auto", epochs=None):
     known = {s.name: s for s in DEFAULT_PANEL}
     unknown = sorted(set(names or ()) - set(known))
     if unknown:
-        raise ConfigError(f"--only: unknown judge(s) {unknown}; the panel has {', '.join(known)}")
+        raise UsageError(f"--only: unknown judge(s) {unknown}; the panel has {', '.join(known)}")
     dev = resolve_device(device)
     if cfg.train.threads > 0 and dev.type == "cpu":
         torch.set_num_threads(cfg.train.threads)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, GalcfError
+from ..errors import CheckpointError, DataError
 from .weights import VGG16_FILENAME, cached_vgg16_path, fetch_hint
 
 log = logging.getLogger("galcf_hpc")
@@ -204,7 +204,7 @@ def load_vgg16(weights_path, layers=DEFAULT_LAYERS, allow_random=False, seed=0):
     if weights_path is None:
         cached = cached_vgg16_path()
         if not cached.is_file():
-            raise GalcfError(
+            raise DataError(
                 "no VGG16 weights configured for the perceptual loss and none in the torch hub "
                 f"cache ({cached}): run `galcf-hpc weights fetch` on a machine with internet "
                 f"(it fills that cache; copy the file here if this machine has none), or set "
@@ -217,7 +217,7 @@ def load_vgg16(weights_path, layers=DEFAULT_LAYERS, allow_random=False, seed=0):
 
     path = Path(os.fspath(weights_path)).expanduser()
     if not path.is_file():
-        raise GalcfError(f"VGG16 weights file {path} not found: {fetch_hint(path)}")
+        raise DataError(f"VGG16 weights file {path} not found: {fetch_hint(path)}")
     state = _read_state_dict(path)
     _check_feature_keys(path, state, model)
     needed = model.state_dict()

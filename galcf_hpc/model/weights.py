@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import GalcfError
+from ..errors import DataError
 
 log = logging.getLogger("galcf_hpc")
 
@@ -61,13 +61,13 @@ def fetch_vgg16(out=None, url=VGG16_URL, timeout=60):
     try:
         torch.hub.download_url_to_file(url, str(dst), hash_prefix=VGG16_SHA256_PREFIX, progress=True)
     except urllib.error.HTTPError as exc:
-        raise GalcfError(
+        raise DataError(
             f"downloading {url} failed with HTTP {exc.code} ({exc.reason}); nothing was written to "
             f"{dst}. Check the URL or download {VGG16_FILENAME} by hand (`curl -o {dst} {VGG16_URL}`)"
         ) from exc
     except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise GalcfError(
+        raise DataError(
             f"cannot download {url}: {reason}. This machine probably has no internet (compute "
             f"nodes usually do not). Download the file on a login node or any machine with "
             f"internet, e.g. `galcf-hpc weights fetch --out {dst}` there or `curl -o {dst} {url}`, "
@@ -76,7 +76,7 @@ def fetch_vgg16(out=None, url=VGG16_URL, timeout=60):
     except RuntimeError as exc:
         if "invalid hash value" not in str(exc):
             raise
-        raise GalcfError(
+        raise DataError(
             f"downloaded {url}, but {exc}: the download is corrupt or not torchvision's "
             f"{VGG16_FILENAME}; nothing was written to {dst}. Try again or download it by hand "
             f"(`curl -o {dst} {url}`) and check `sha256sum` starts with {VGG16_SHA256_PREFIX}."

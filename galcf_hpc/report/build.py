@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..device import resolve_device
-from ..errors import GalcfError
+from ..errors import DataError, UsageError
 from ..explain.figures import write_grids
 from ..explain.run import load_run
 from ..fileio import atomic_path, write_json, write_text
@@ -70,12 +70,12 @@ def build_report(run_dir, catalog=None, out=None, max_galaxies=1000, device="aut
     t0 = time.monotonic()
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise GalcfError(f"--run {run_dir}: no such run directory")
+        raise DataError(f"--run {run_dir}: no such run directory")
     if max_galaxies < 10:
-        raise GalcfError(f"--max-galaxies must be >= 10, got {max_galaxies}")
+        raise UsageError(f"--max-galaxies must be >= 10, got {max_galaxies}")
     out = Path(out) if out else run_dir / "report" / "report.html"
     if out.suffix.lower() not in (".html", ".htm"):
-        raise GalcfError(f"--out {out}: the report is an .html file")
+        raise UsageError(f"--out {out}: the report is an .html file")
     cat = collect.catalog_summary(catalog) if catalog else None  # a bad --catalog fails before the long part
     dev = resolve_device(device)
     model, cfg, ckpt = load_run(run_dir, device=dev)

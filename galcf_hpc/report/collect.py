@@ -19,7 +19,7 @@ import torch
 
 from .. import __version__
 from ..data.classes import CLASS_NAMES, NUM_CLASSES
-from ..errors import DataError, GalcfError
+from ..errors import DataError
 from ..explain.run import DEFINITIONS
 from ..judges import DEFAULT_PANEL, judges_dir
 from ..loaders import build_loader
@@ -139,7 +139,7 @@ def collect(model, judges, cfg, limit, device):
             rows[k].append(v.cpu())
         bar(b + 1)
     if not keys:
-        raise GalcfError(f"split {split!r} of {cfg.data.shards} holds no galaxies to report on")
+        raise DataError(f"split {split!r} of {cfg.data.shards} holds no galaxies to report on")
     arrays = {k: torch.cat(v).numpy() for k, v in rows.items()}
     arrays["keys"] = np.array(keys)
     return Collected(acc.summary(CLASS_NAMES), arrays, pool, outliers)
@@ -306,7 +306,7 @@ def catalog_summary(cat_dir):
 
     path = Path(cat_dir) / CATALOG_FILE
     if not path.is_file():
-        raise GalcfError(
+        raise DataError(
             f"--catalog {cat_dir}: no {CATALOG_FILE} there; run `galcf-hpc catalog run ... --out {cat_dir}`"
         )
     fix = (

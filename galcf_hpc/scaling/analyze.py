@@ -12,7 +12,7 @@ import csv
 import json
 from pathlib import Path
 
-from ..errors import GalcfError
+from ..errors import DataError
 
 REQUIRED = (
     "mode",
@@ -37,30 +37,30 @@ def load_results(paths):
     records = []
     for path in map(Path, paths):
         if not path.is_file():
-            raise GalcfError(f"results file {path} not found (written by `galcf-hpc scaling run --out`)")
+            raise DataError(f"results file {path} not found (written by `galcf-hpc scaling run --out`)")
         for no, line in enumerate(path.read_text().splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise GalcfError(
+                raise DataError(
                     f"{path}:{no}: not a JSON line ({exc.msg} at column {exc.colno}); a job killed "
                     "while writing leaves a partial line: delete it"
                 ) from None
             if not isinstance(rec, dict) or rec.get("kind") != "scaling":
-                raise GalcfError(f'{path}:{no}: not a `galcf-hpc scaling run` record (no "kind": "scaling")')
+                raise DataError(f'{path}:{no}: not a `galcf-hpc scaling run` record (no "kind": "scaling")')
             missing = [k for k in REQUIRED if k not in rec]
             if missing:
-                raise GalcfError(f"{path}:{no}: record lacks {', '.join(missing)}")
+                raise DataError(f"{path}:{no}: record lacks {', '.join(missing)}")
             if not rec["images_per_s"] > 0 or rec["world_size"] < 1:
-                raise GalcfError(
+                raise DataError(
                     f"{path}:{no}: images_per_s {rec['images_per_s']} / world_size {rec['world_size']} out of range"
                 )
             rec["_source"] = f"{path}:{no}"
             records.append(rec)
     if not records:
-        raise GalcfError(f"no records in {', '.join(map(str, paths))}")
+        raise DataError(f"no records in {', '.join(map(str, paths))}")
     return records
 
 
@@ -88,7 +88,7 @@ def table(records):
         for n in sorted(g):
             r = g[n]
             if key[0] == "strong" and r["global_batch"] != ref["global_batch"]:
-                raise GalcfError(
+                raise DataError(
                     f"{r['_source']}: strong-scaling global batch {r['global_batch']} differs from "
                     f"{ref['global_batch']} of {ref['_source']}; analyze them separately"
                 )

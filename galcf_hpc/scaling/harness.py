@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import ENGINES, LOADERS
-from ..errors import ConfigError
+from ..errors import ConfigError, UsageError
 from ..train import distributed
 from ..train.build import build_rank
 
@@ -59,11 +59,11 @@ MODES = ("weak", "strong")
 def configure(cfg, mode, engine, loader):
     """``cfg`` with the engine, loader and batch set-up of a ``mode`` run."""
     if mode not in MODES:
-        raise ConfigError(f"--mode {mode!r}: choose weak or strong")
+        raise UsageError(f"--mode {mode!r}: choose weak or strong")
     if engine not in ENGINES:
-        raise ConfigError(f"--engine {engine!r}: choose {' or '.join(ENGINES)}")
+        raise UsageError(f"--engine {engine!r}: choose {' or '.join(ENGINES)}")
     if loader not in LOADERS:
-        raise ConfigError(f"--loader {loader!r}: choose {', '.join(LOADERS)}")
+        raise UsageError(f"--loader {loader!r}: choose {', '.join(LOADERS)}")
     t = cfg.train
     if mode == "strong" and t.global_batch <= 0:
         raise ConfigError(
@@ -205,7 +205,7 @@ def run_scaling(
     """Time this rank's share of a scaling run; rank 0 appends the record to ``out`` and
     returns it (None on other ranks)."""
     if steps < 1 or repeats < 1 or warmup < 0:
-        raise ConfigError(f"--steps {steps}, --repeats {repeats} must be >= 1 and --warmup {warmup} >= 0")
+        raise UsageError(f"--steps {steps}, --repeats {repeats} must be >= 1 and --warmup {warmup} >= 0")
     cfg = configure(cfg, mode, engine, loader)
     env = distributed.detect(cfg.train.device)
     print(env.describe(), file=sys.stderr, flush=True)

@@ -37,7 +37,7 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..errors import ConfigError, GalcfError
+from ..errors import ConfigError, DataError, UsageError
 
 DEFAULT_NODES = (1, 2, 4, 8, 16, 32, 64)
 
@@ -147,14 +147,14 @@ def validate_two_rank(one, two, overlap=0.0, backward_fraction=2 / 3):
     ``one``, ``two``: records of ``scaling run`` (same mode, engine, loader, micro-batch).
     Weak scaling only (the 2-rank step has the 1-rank micro-batch)."""
     if one["world_size"] != 1 or two["world_size"] != 2:
-        raise GalcfError(
+        raise DataError(
             f"validation needs a 1-rank and a 2-rank record, got {one['world_size']} and {two['world_size']}"
         )
     if one["micro_batch"] != two["micro_batch"]:
-        raise GalcfError("validation needs the same micro-batch in both runs (weak scaling)")
+        raise DataError("validation needs the same micro-batch in both runs (weak scaling)")
     bw, lat = two.get("comm_bandwidth_Bps"), two.get("comm_latency_s")
     if not bw or lat is None:
-        raise GalcfError("the 2-rank record has no measured all-reduce bandwidth/latency (comm_bandwidth_Bps)")
+        raise DataError("the 2-rank record has no measured all-reduce bandwidth/latency (comm_bandwidth_Bps)")
     t_ar = ring_allreduce_time(two["grad_bytes"], 2, bw, lat)
     t1 = one["step_s"]
     t2_pred = t1 + exposed_comm(t_ar, one["compute_s"], overlap, backward_fraction)
@@ -229,7 +229,7 @@ def _base_from_config(config, sets, step_time, data_time, micro):
     from ..model.galcf import GalaxyCF
 
     if step_time is None:
-        raise ConfigError("--config needs --step-time (the assumed single-GPU compute time per step, seconds)")
+        raise UsageError("--config needs --step-time (the assumed single-GPU compute time per step, seconds)")
     cfg = load_config(config, sets)
     model = GalaxyCF.from_config(cfg)
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -269,12 +269,12 @@ def project_command(
     if results:
         records = _matching(load_results([results]), mode_filter, engine, loader)
         if not records:
-            raise GalcfError(f"{results}: no records match mode={mode_filter} engine={engine} loader={loader}")
+            raise DataError(f"{results}: no records match mode={mode_filter} engine={engine} loader={loader}")
         if step_time is not None:
-            raise ConfigError("--step-time goes with --config, not --from")
+            raise UsageError("--step-time goes with --config, not --from")
         base = _base_from_results(records)
         if micro:
-            raise ConfigError("--micro-batch goes with --config; with --from it is the measured run's")
+            raise UsageError("--micro-batch goes with --config; with --from it is the measured run's")
         groups = {}
         for r in records:
             groups.setdefault((r["mode"], r["engine"], r["loader"], r["micro_batch"]), {})[r["world_size"]] = r

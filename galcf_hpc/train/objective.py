@@ -13,7 +13,8 @@ What the frozen encoder accepts can still be a code only it reads. Optional term
 counterfactual convince more than one network (docs/method.md, "second level"): critics
 trained here on real galaxies and frozen on x_cf (``loss.cf_critic``: luminance only,
 ``loss.cf_critic_colour``), a "decoded counterfactual" class for the critic
-(``loss.cf_realism``), re-encoding under symmetries of the sky (``loss.cf_augment``), a
+(``loss.cf_realism``), re-encoding under symmetries of the sky (``loss.cf_augment``; for the critics only,
+``loss.cf_critic_augment``), a
 gradient-reversed class critic on z2 (``loss.z2_adversary``) and other placements of h_cf
 (``loss.cf_placement``). All of them are *trained against*; none is a judge.
 """
@@ -153,13 +154,22 @@ def consistency_loss(model, z, h, recon, loss_cfg):
         "cf_l1": (x_cf - recon).abs().mean(),
         "cf_z2": F.mse_loss(model.split(z_re)[1], z2),
     }
+
+    # with cf_critic_augment every critic reads x_cf under its own random symmetry while the
+    # explained model's encoder reads it as decoded: codes at fixed pixels stop convincing
+    # the critics without asking the encoder to classify rotated counterfactuals
+    def critic_view():
+        return augment_for_reencoding(x_cf) if loss_cfg.cf_critic_augment and not loss_cfg.cf_augment else seen
+
     if loss_cfg.cf_critic > 0:
-        terms["cf_critic"] = F.cross_entropy(functional_call(model.critic, _frozen(model.critic), (seen,)), target)
+        terms["cf_critic"] = F.cross_entropy(
+            functional_call(model.critic, _frozen(model.critic), (critic_view(),)), target
+        )
         terms["cf"] = terms["cf"] + loss_cfg.cf_critic * terms["cf_critic"]
         if loss_cfg.cf_realism:
             terms["x_cf"] = x_cf
     if loss_cfg.cf_critic_colour > 0:
-        logits = functional_call(model.colour_critic, _frozen(model.colour_critic), (seen,))
+        logits = functional_call(model.colour_critic, _frozen(model.colour_critic), (critic_view(),))
         terms["cf_critic_colour"] = F.cross_entropy(logits, target)
         terms["cf"] = terms["cf"] + loss_cfg.cf_critic_colour * terms["cf_critic_colour"]
     return terms
