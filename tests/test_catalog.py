@@ -276,7 +276,10 @@ def test_kill_one_rank_then_resume(run_dir, sharded, tmp_path):
     # four of units 0-4 are finished. Unit 5 never finishes. The other rank may still finish
     # its unit (one of 0-4, or 6, 7, ...) before the abort reaches it: no bound from above.
     assert 5 not in finished and len(finished & set(range(5))) >= 4
-    assert list(parts.glob(".unit-000005.h5.*.tmp"))  # the killed rank's half-written part
+    # the killed rank's part was being assembled in memory: nothing of it on disk. A kill
+    # during the final write would leave a temporary file, which the next start removes
+    assert not (parts / "unit-000005.h5").exists()
+    (parts / ".unit-000005.h5.x1y2z3.tmp").write_bytes(b"half a part")
 
     resumed = galcf(*args, ranks=2)
     assert resumed.returncode == 0, resumed.stderr
@@ -650,3 +653,35 @@ def test_progress_counts_a_unit_when_its_rank_asks_for_the_next():
     assert queue.next(0) == 2 and calls == [4]  # rank 0 finished unit 0
     assert queue.next(1) is None and calls == [4, 8]
     assert queue.next(0) is None and calls == [4, 8, 10]  # every galaxy counted once
+
+
+def test_disk_full_while_writing_a_part_keeps_the_finished_parts(mpi_catalog, run_dir, sharded, tmp_path):
+    """A real write failure (a file-size limit: what a full disk or quota does to a write)
+    while a part is written: the data-error exit code and a message naming the part, every
+    part finished before unchanged, no temporary file left; the rerun resumes and verifies."""
+    out = tmp_path / "out"
+    shutil.copytree(mpi_catalog[0], out)
+    parts = sorted((out / "parts").glob("unit-*.h5"))
+    for late in parts[3:]:
+        late.unlink()
+    (out / "catalog.h5").unlink()
+    kept = tree_digest(out / "parts")
+    limit_kib = min(p.stat().st_size for p in parts[:3]) // 1024 // 2
+    assert limit_kib >= 4, "parts too small for a file-size limit below them"
+    args = ["catalog", "run", "--checkpoint", run_dir, "--input", sharded.out / "test", "--out", out, "--unit-size", 4]
+    # the limit is set once MPI is up (MPI's start-up maps files of its own): the disk fills
+    # while the job runs
+    code = (
+        "import resource, sys; from mpi4py import MPI; from galcf_hpc import cli; "
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit_kib * 1024}, resource.RLIM_INFINITY)); "
+        f"sys.exit(cli.main({[str(a) for a in args]!r}))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == DataError.exit_code, done.stderr[-3000:]
+    assert "writing catalog part" in done.stderr and "unit-000003.h5" in done.stderr, done.stderr[-3000:]
+    assert "File too large" in done.stderr and "Traceback" not in done.stderr
+    assert tree_digest(out / "parts") == kept and not list(out.rglob("*.tmp"))
+    res = galcf(*args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "3 finished before (skipped), 3 computed" in res.stdout
+    assert galcf("catalog", "verify", out).returncode == 0

@@ -234,25 +234,47 @@ def test_too_few_samples_for_a_training_batch(sharded):
         build_torch_loader(sharded.out / "val", batch_size=n, image_size=8, world_size=2)
 
 
-def test_label_outside_the_classes_names_shard_and_sample(sharded_copy):
-    """A shard rewritten with label 10 for one sample: a data error naming shard and sample
-    before any loss sees it (not an IndexError inside the loss)."""
+def _set_label(tar_path, sample_no, label):
+    """Rewrite one sample's .cls member (and the index) to ``label`` (bytes); its key."""
     import tarfile
 
     from galcf_hpc.data import shards
 
-    split_dir = sharded_copy / "test"
-    tar_path = split_dir / "shard-000000.tar"
     samples = {}
     with tarfile.open(tar_path) as tar:
         for member in tar.getmembers():
             key, ext = member.name.split(".", 1)
             samples.setdefault(key, []).append((ext, tar.extractfile(member).read()))
-    keys = list(samples)
-    samples[keys[1]] = [(ext, b"10" if ext == "cls" else data) for ext, data in samples[keys[1]]]
+    key = list(samples)[sample_no]
+    samples[key] = [(ext, label if ext == "cls" else data) for ext, data in samples[key]]
     rows = shards._write_tar(tar_path, list(samples.items()))
     tar_path.with_suffix(".idx").write_text(shards.format_index(rows))
+    return key
+
+
+def test_label_outside_the_classes_names_shard_and_sample(sharded_copy):
+    """A shard rewritten with label 10 for one sample: a data error naming shard and sample
+    before any loss sees it (not an IndexError inside the loss)."""
+    split_dir = sharded_copy / "test"
+    key = _set_label(split_dir / "shard-000000.tar", 1, b"10")
     ds = ShardDataset(split_dir)
     ds[0]
-    with pytest.raises(DataError, match=rf"shard-000000\.tar: sample {keys[1]} has label b'10', not a class 0-9"):
+    with pytest.raises(DataError, match=rf"shard-000000\.tar: sample {key} has label b'10', not a class 0-9"):
         ds[1]
+
+
+def test_training_refuses_a_label_out_of_range_before_step_1(sharded_copy, tmp_path, capsys):
+    """A .cls member changed after sharding (the manifest's counts say nothing about it) is
+    found before the first step, on whatever rank reads it: no checkpoint, no config.yaml."""
+    from galcf_hpc.cli import main
+    from galcf_hpc.config import dump_config
+    from test_train import tiny_config
+
+    shard = sorted((sharded_copy / "train").glob("shard-*.tar"))[-1]
+    key = _set_label(shard, 5, b"11")
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(dump_config(tiny_config(sharded_copy, tmp_path / "run", epochs=1)))
+    assert main(["train", "--config", str(cfg_path)]) == DataError.exit_code
+    err = capsys.readouterr().err
+    assert f"{shard}: sample {key} has label b'11', not a class 0-9" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "config.yaml").exists()

@@ -3,8 +3,10 @@
 import hashlib
 import io
 import json
+import os
 import shutil
 import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -382,34 +384,76 @@ def _fail_after(monkeypatch, calls):
     monkeypatch.setattr(shards, "_encode_image", encode)
 
 
-def _assert_no_partial_files(out):
-    assert not list(out.rglob("*.tmp")) and not list(out.rglob(".*"))
-    for tar_path in _tars(out):  # what is there under a final name is complete
-        with tarfile.open(tar_path) as tar:
-            names = [m.name for m in tar.getmembers()]
-        listed = [c["name"] for s in read_index(tar_path.with_suffix(".idx")) for c in s["components"]]
-        assert names == listed and len(names) == 150
-    assert not list(out.rglob("manifest.json")) and not (out / "splits.json").exists()
-    with pytest.raises(DataError, match="splits.json: missing"):
-        verify_shards(out)
+def _manifests(out):
+    return {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
 
 
-def test_interrupted_write_leaves_no_partial_file(sharded, tmp_path, monkeypatch):
+def test_interrupted_write_leaves_nothing(sharded, tmp_path, monkeypatch):
     _fail_after(monkeypatch, 120)  # in the middle of the third training shard
     with pytest.raises(RuntimeError, match="simulated"):
         write_shards(sharded.catalog.path, tmp_path / "out", shard_size=50)
-    assert len(_tars(tmp_path / "out")) == 2
-    _assert_no_partial_files(tmp_path / "out")
+    # the partial new set lived in the staging directory, which is gone
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    assert not list((tmp_path / "out").glob(".staging-*"))
 
 
-def test_interrupted_rerun_over_good_shards_is_refused_by_verify(sharded_copy, monkeypatch, sharded):
+def test_interrupted_rerun_leaves_the_previous_shards_intact(sharded_copy, monkeypatch, sharded):
+    before = _manifests(sharded_copy)
     _fail_after(monkeypatch, 75)
     with pytest.raises(RuntimeError, match="simulated"):
         write_shards(sharded.catalog.path, sharded_copy, shard_size=50, seed=1)
-    # Old and new shards may sit side by side now, but nothing vouches for the mix.
-    assert not list(sharded_copy.rglob("manifest.json"))
-    with pytest.raises(DataError):
+    assert _manifests(sharded_copy) == before  # every file, byte for byte, and nothing more
+    assert verify_shards(sharded_copy) == {s: read_manifest(sharded_copy / s)["num_samples"] for s in SPLITS}
+
+
+def test_run_killed_while_installing_leaves_nothing_vouching_for_a_mix(sharded_copy, monkeypatch, sharded):
+    real, clear, moved = os.replace, shards._clear_previous_manifests, []
+
+    def installing(out_dir):  # the new set is complete in staging; the renames begin
+        clear(out_dir)
+        moved.append("armed")
+
+    def replace(src, dst):
+        if moved and len(moved) == 4:
+            raise KeyboardInterrupt  # a kill between two renames into place
+        if moved:
+            moved.append(dst)
+        return real(src, dst)
+
+    monkeypatch.setattr(shards, "_clear_previous_manifests", installing)
+    monkeypatch.setattr(shards.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        write_shards(sharded.catalog.path, sharded_copy, shard_size=50, seed=1)
+    monkeypatch.setattr(shards.os, "replace", real)
+    assert len(moved) == 4 and list((sharded_copy / "train").glob("shard-*"))
+    assert not list(sharded_copy.glob("*/manifest.json")) and not (sharded_copy / "splits.json").exists()
+    with pytest.raises(DataError, match="splits.json: missing"):
         verify_shards(sharded_copy)
+    # the rerun (same catalog) clears the staging left behind and completes
+    assert list(sharded_copy.glob(".staging-*"))
+    with pytest.raises(DataError, match="no splits.json"):
+        write_shards(sharded.catalog.path, sharded_copy, shard_size=50, seed=1)
+    write_shards(sharded.catalog.path, sharded_copy, shard_size=50, seed=1, overwrite=True)
+    assert not list(sharded_copy.glob(".staging-*"))
+    assert sum(verify_shards(sharded_copy).values()) == 240
+
+
+def test_disk_full_while_resharding_keeps_the_old_set(sharded_copy, sharded, tmp_path):
+    """A real write failure: `data shard --overwrite` under a file-size limit (ulimit -f,
+    what a full disk or quota does to a write: EFBIG like ENOSPC) exits with the data-error
+    code, says what happened and changes nothing in the output directory."""
+    before = _manifests(sharded_copy)
+    biggest_old = max(p.stat().st_size for p in sharded_copy.rglob("*.tar"))
+    limit_kib = biggest_old // 1024 // 2  # the first new tar (100 galaxies) cannot be written
+    cmd = (
+        f"ulimit -f {limit_kib} && {sys.executable} -m galcf_hpc.cli data shard --input {sharded.catalog.path} "
+        f"--out {sharded_copy} --shard-size 100 --seed 3 --overwrite"
+    )
+    done = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=300)
+    assert done.returncode == DataError.exit_code, done.stderr
+    assert "File too large" in done.stderr and "nothing in" in done.stderr and "Traceback" not in done.stderr
+    assert _manifests(sharded_copy) == before
+    assert not list(sharded_copy.glob(".staging-*"))
 
 
 def test_rerun_replaces_and_removes_stale_shards(sharded_copy, sharded):

@@ -16,6 +16,7 @@ valid part of this very catalog) before it reads through them.
 """
 
 import contextlib
+import io
 import json
 import os
 import re
@@ -153,21 +154,39 @@ def validity_fields(fields):
 @contextlib.contextmanager
 def part_writer(path, n, fields, attrs):
     """Yield ``write(offset, arrays)`` into a new part file of ``n`` galaxies; the file
-    appears under ``path`` only when the block ends without error."""
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            for name, (shape, dtype, _, _) in fields.items():
-                # Images one galaxy per chunk (read galaxy by galaxy); the small columns of a
-                # part are one chunk each.
-                chunks = (1,) + shape if name == "image" else (n,) + shape
-                f.create_dataset(name, (n,) + shape, dtype, chunks=chunks, **_COMPRESSION)
-            f.attrs.update(attrs)
+    appears under ``path`` only when the block ends without error.
 
-            def write(offset, arrays):
-                for name, values in arrays.items():
-                    f[name][offset : offset + len(values)] = values
+    The part is built in memory (compressed: one unit's worth) and written to disk in one
+    piece. HDF5 itself cannot report a failed write of a chunk (h5py prints it while
+    releasing the dataset and carries on), so a disk or quota that fills up while a part is
+    written is one OSError here: a DataError naming the part, and never a part with missing
+    data under its final name."""
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as f:
+        for name, (shape, dtype, _, _) in fields.items():
+            # Images one galaxy per chunk (read galaxy by galaxy); the small columns of a
+            # part are one chunk each.
+            chunks = (1,) + shape if name == "image" else (n,) + shape
+            f.create_dataset(name, (n,) + shape, dtype, chunks=chunks, **_COMPRESSION)
+        f.attrs.update(attrs)
 
-            yield write
+        def write(offset, arrays):
+            for name, values in arrays.items():
+                f[name][offset : offset + len(values)] = values
+
+        yield write
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(buffer.getbuffer())
+    except OSError as exc:
+        raise _write_failed(path, exc) from exc
+
+
+def _write_failed(path, exc):
+    return DataError(
+        f"writing catalog part {path} failed ({exc}); nothing was written under its name and the parts "
+        "finished before it are intact. Free space (or quota) and rerun the same command: it resumes"
+    )
 
 
 def write_catalog_file(out_dir, units, fields, attrs):

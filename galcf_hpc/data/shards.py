@@ -17,17 +17,22 @@ then one line per sample with ``<ext> <offset> <size> <member name>`` for each c
 space separated, where ``offset`` is the byte offset of the member's *data* (header
 offset + header size, a multiple of 512) -- DALI seeks there and reads ``size`` bytes.
 
-Reruns: a run first deletes ``splits.json`` and each split's ``manifest.json``, then
-writes every tar and idx atomically, then the manifests, then removes shards of an earlier
-run that the new manifests do not list. So an interrupted run never leaves an incomplete
-file under a final name, and leaves no manifest that would vouch for a mix of old and new
-shards: readers refuse the directory until a rerun completes.
+Reruns and failures: the new set is first written completely into a staging directory
+``out_dir/.staging-<pid>/`` (same file system). A failure there (disk full, quota, a file
+size limit, a kill) leaves the shards already in ``out_dir`` untouched; the staging
+directory is removed (or, after a kill, by the next run). Only then are ``splits.json``
+and the manifests removed, the new files renamed into place (renames need no space), stale
+shards of the earlier set deleted and the new ``splits.json`` written last. A run killed
+within those renames leaves no manifest that would vouch for a mix of old and new shards:
+readers refuse the directory until a rerun completes.
 """
 
 import io
 import json
 import math
+import os
 import re
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -294,61 +299,101 @@ def write_shards(catalog_path, out_dir, shard_size=1000, fractions=(0.8, 0.1, 0.
         splits, conflicts = split_indices(cat.ra, cat.dec, cat.labels, fractions, seed, match_radius_arcsec)
         source = {"file": catalog_path.name, "sha256": file_sha256(catalog_path), "num_galaxies": cat.n}
         _check_replaceable(out_dir, source, overwrite)
-        _clear_previous_manifests(out_dir)
-        total, done = cat.n, 0
         summary = {
             "source": source, "seed": seed, "fractions": list(fractions),
             "match_radius_arcsec": match_radius_arcsec, "shard_size": int(shard_size),
             "image_format": image_format, "image_size": cat.image_size, "splits": {},
             "conflicting_groups": conflicts,
         }
-        for split_no, split in enumerate(SPLITS):
-            split_dir = out_dir / split
-            split_dir.mkdir(parents=True, exist_ok=True)
-            # One stream per split, so a split's order does not depend on the others' sizes.
-            order = np.random.default_rng([seed, split_no]).permutation(splits[split])
-            shards = []
-            for shard_no, start in enumerate(range(0, len(order), int(shard_size))):
-                indices = order[start:start + int(shard_size)]
-                samples = []
-                for block_start in range(0, len(indices), _READ_BLOCK):
-                    block = indices[block_start:block_start + _READ_BLOCK]
-                    for i, image in zip(block.tolist(), cat.read_images(block)):
-                        meta = {
-                            "ra": _finite_or_none(cat.ra[i]), "dec": _finite_or_none(cat.dec[i]),
-                            "redshift": _finite_or_none(cat.redshift[i]),
-                            "pxscale": _finite_or_none(cat.pxscale[i]),
-                            "source_index": i, "source_file": catalog_path.name, "split": split,
-                        }
-                        samples.append((sample_key(i), [
-                            (image_format, _encode_image(image, image_format)),
-                            ("cls", str(int(cat.labels[i])).encode("ascii")),
-                            ("json", json.dumps(meta, sort_keys=True).encode("utf-8")),
-                        ]))
-                tar_path = split_dir / f"shard-{shard_no:06d}.tar"
-                idx_path = tar_path.with_suffix(".idx")
-                rows = _write_tar(tar_path, samples)
-                with atomic_path(idx_path) as tmp:
-                    tmp.write_text(format_index(rows))
-                shards.append({"num_samples": len(rows), "tar": _file_entry(tar_path),
-                               "idx": _file_entry(idx_path)})
-                done += len(rows)
-                if progress is not None:
-                    progress(done, total)
-            class_counts = np.bincount(cat.labels[order], minlength=NUM_CLASSES).tolist()
-            write_json(split_dir / "manifest.json", {
-                "format": MANIFEST_FORMAT, "split": split, "num_samples": int(len(order)),
-                "class_names": list(CLASS_NAMES),
-                "class_counts": dict(zip(CLASS_NAMES, class_counts)),
-                "class_counts_by_index": class_counts,
-                "image_size": cat.image_size, "image_format": image_format,
-                "source": source, "seed": seed, "fractions": list(fractions), "shards": shards,
-            })
-            _remove_stale(split_dir, {s[k]["file"] for s in shards for k in ("tar", "idx")})
-            summary["splits"][split] = {"num_samples": int(len(order)), "num_shards": len(shards),
-                                        "class_counts_by_index": class_counts}
-    write_json(out_dir / "splits.json", summary)
+        for old in out_dir.glob(".staging-*"):  # left by a killed run
+            shutil.rmtree(old, ignore_errors=True)
+        staging = out_dir / f".staging-{os.getpid()}"
+        try:
+            manifests = _write_splits(cat, catalog_path, staging, splits, seed, int(shard_size),
+                                      image_format, source, fractions, summary, progress)
+        except BaseException as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(exc, OSError):
+                raise DataError(
+                    f"sharding {catalog_path} into {out_dir} failed ({exc}); nothing in {out_dir} was "
+                    "changed and the partial new set was removed. If the disk or quota is full, free space "
+                    "(the new set is written in full before the old one is replaced) or choose another "
+                    "--out, then rerun"
+                ) from exc
+            raise
+    _install(staging, out_dir, manifests)
+    try:
+        write_json(out_dir / "splits.json", summary)
+    except OSError as exc:
+        raise DataError(f"the shards are in {out_dir} but writing its splits.json failed ({exc}); rerun") from exc
     return summary
+
+
+def _write_splits(cat, catalog_path, staging, splits, seed, shard_size, image_format, source, fractions,
+                  summary, progress):
+    """Every split's tars, indexes and manifest under ``staging``; {split: its manifest's file
+    names}."""
+    total, done, manifests = cat.n, 0, {}
+    for split_no, split in enumerate(SPLITS):
+        split_dir = staging / split
+        split_dir.mkdir(parents=True, exist_ok=True)
+        # One stream per split, so a split's order does not depend on the others' sizes.
+        order = np.random.default_rng([seed, split_no]).permutation(splits[split])
+        shards = []
+        for shard_no, start in enumerate(range(0, len(order), shard_size)):
+            indices = order[start:start + shard_size]
+            samples = []
+            for block_start in range(0, len(indices), _READ_BLOCK):
+                block = indices[block_start:block_start + _READ_BLOCK]
+                for i, image in zip(block.tolist(), cat.read_images(block)):
+                    meta = {
+                        "ra": _finite_or_none(cat.ra[i]), "dec": _finite_or_none(cat.dec[i]),
+                        "redshift": _finite_or_none(cat.redshift[i]),
+                        "pxscale": _finite_or_none(cat.pxscale[i]),
+                        "source_index": i, "source_file": catalog_path.name, "split": split,
+                    }
+                    samples.append((sample_key(i), [
+                        (image_format, _encode_image(image, image_format)),
+                        ("cls", str(int(cat.labels[i])).encode("ascii")),
+                        ("json", json.dumps(meta, sort_keys=True).encode("utf-8")),
+                    ]))
+            tar_path = split_dir / f"shard-{shard_no:06d}.tar"
+            idx_path = tar_path.with_suffix(".idx")
+            rows = _write_tar(tar_path, samples)
+            with atomic_path(idx_path) as tmp:
+                tmp.write_text(format_index(rows))
+            shards.append({"num_samples": len(rows), "tar": _file_entry(tar_path),
+                           "idx": _file_entry(idx_path)})
+            done += len(rows)
+            if progress is not None:
+                progress(done, total)
+        class_counts = np.bincount(cat.labels[order], minlength=NUM_CLASSES).tolist()
+        write_json(split_dir / "manifest.json", {
+            "format": MANIFEST_FORMAT, "split": split, "num_samples": int(len(order)),
+            "class_names": list(CLASS_NAMES),
+            "class_counts": dict(zip(CLASS_NAMES, class_counts)),
+            "class_counts_by_index": class_counts,
+            "image_size": cat.image_size, "image_format": image_format,
+            "source": source, "seed": seed, "fractions": list(fractions), "shards": shards,
+        })
+        manifests[split] = [s[k]["file"] for s in shards for k in ("tar", "idx")]
+        summary["splits"][split] = {"num_samples": int(len(order)), "num_shards": len(shards),
+                                    "class_counts_by_index": class_counts}
+    return manifests
+
+
+def _install(staging, out_dir, manifests):
+    """Replace the shard set in ``out_dir`` by the complete one in ``staging``: manifests
+    removed first (nothing vouches for a mix), files renamed into place, each split's
+    manifest last, stale shards of the earlier set deleted."""
+    _clear_previous_manifests(out_dir)
+    for split, files in manifests.items():
+        split_dir = out_dir / split
+        split_dir.mkdir(parents=True, exist_ok=True)
+        for name in [*files, "manifest.json"]:
+            os.replace(staging / split / name, split_dir / name)
+        _remove_stale(split_dir, set(files))
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------

@@ -18,6 +18,22 @@ def _local_device_index():
     return torch.cuda.current_device() if torch.cuda.is_available() else None
 
 
+def check_labels(cfg, split, rank=0, world_size=1):
+    """Read the labels of this rank's share of ``<data.shards>/<split>`` (every ``world_size``-th
+    sample) through the shard index, whatever the back-end: a label that is not a class is a
+    DataError naming the shard and sample before training starts, not an error after hours.
+    Returns the number of labels read."""
+    from .torch import ShardDataset
+
+    dataset = ShardDataset(Path(cfg.data.shards) / split)
+    try:
+        for i in range(rank, len(dataset), world_size):
+            dataset.label(i)
+    finally:
+        dataset.close()
+    return len(range(rank, len(dataset), world_size))
+
+
 def build_loader(cfg, split, rank=0, world_size=1, train=True):
     """The configured back-end over ``<data.shards>/<split>``; train=False: no augmentation,
     every galaxy exactly once across ranks."""

@@ -137,13 +137,18 @@ class ShardDataset(torch.utils.data.Dataset):
                 f"{tar_path}: sample {key} image is {image.shape}, manifest says "
                 f"{self.image_size}x{self.image_size}; {_verify_hint(self.split_dir)}"
             )
+        return {"image": image, "label": self.label(i), "key": key}
+
+    def label(self, i):
+        """Sample i's class, read from its ``.cls`` member; DataError naming the shard and
+        sample unless it is a class 0-9."""
         label = self._read(i, *self._label_at[i]).strip()
         if not label.isdigit() or int(label) >= NUM_CLASSES:
             raise DataError(
-                f"{tar_path}: sample {key} has label {label[:20]!r}, not a class 0-{NUM_CLASSES - 1}; "
-                f"{_verify_hint(self.split_dir)}"
+                f"{self._tars[self._shard_of[i]]}: sample {self.keys[i]} has label {label[:20]!r}, not a class "
+                f"0-{NUM_CLASSES - 1}; {_verify_hint(self.split_dir)}"
             )
-        return {"image": image, "label": int(label), "key": key}
+        return int(label)
 
     def close(self):
         for f in self._handles.values():

@@ -32,7 +32,7 @@ import torch
 from ..config import write_resolved_config
 from ..errors import CheckpointError, ConfigError, PeerLostError
 from ..fileio import DirLock, move_aside, write_json
-from ..loaders import build_loader
+from ..loaders import build_loader, check_labels
 from ..progress import Progress
 from . import distributed
 from .build import build_rank
@@ -338,8 +338,11 @@ def _train(cfg, resume, env, signals, resume_from=None):
 
 def _locked(r, run_dir, resume, signals, resume_from):
     cfg, t, env = r.cfg, r.cfg.train, r.env
-    # the evaluation split is read at the end of every epoch: a damaged one is said now
+    # the evaluation split is read at the end of every epoch: a damaged one is said now, and
+    # so is a label that is not a class (each rank reads its share of the .cls members)
     build_loader(cfg, t.eval_split, 0, 1, train=False).close()
+    for split in dict.fromkeys(("train", t.eval_split)):
+        check_labels(cfg, split, env.rank, env.world_size)
     step, start_epoch, newer = _start(r, run_dir, resume, resume_from)
     distributed.barrier()  # every rank has read its checkpoint
     if env.is_main:  # only once the start is accepted: a refused run leaves config.yaml alone
