@@ -292,17 +292,19 @@ def cmd_catalog_run(args):
 def cmd_catalog_pack(args):
     from .catalog.job import verify_catalog
     from .catalog.store import CATALOG, pack_catalog
+    from .progress import Progress
 
-    verify_catalog(args.dir)  # never pack a catalog with holes
+    verify_catalog(args.dir, Progress(1, "verify parts"))  # never pack a catalog with holes
     out = args.out or args.dir / "catalog_packed.h5"
-    n = pack_catalog(args.dir / CATALOG, out)
+    n = pack_catalog(args.dir / CATALOG, out, progress=Progress(1, "pack"))
     print(f"packed {n} galaxies into {out} (one file, no part files needed)")
 
 
 def cmd_catalog_verify(args):
     from .catalog.job import verify_catalog
+    from .progress import Progress
 
-    s = verify_catalog(args.dir)
+    s = verify_catalog(args.dir, Progress(1, "verify parts"))
     for note in s["notes"]:
         print(f"note: {note}")
     print(

@@ -685,3 +685,14 @@ def test_disk_full_while_writing_a_part_keeps_the_finished_parts(mpi_catalog, ru
     assert res.returncode == 0, res.stderr[-3000:]
     assert "3 finished before (skipped), 3 computed" in res.stdout
     assert galcf("catalog", "verify", out).returncode == 0
+
+
+def test_verify_and_pack_report_progress(mpi_catalog, tmp_path):
+    from galcf_hpc.catalog.store import pack_catalog
+
+    calls = []
+    verify_catalog(mpi_catalog[0], progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(d, 6) for d in range(1, 7)]  # one per part, the last when all six are checked
+    copied = []
+    n = pack_catalog(mpi_catalog[0] / "catalog.h5", tmp_path / "p.h5", progress=lambda d, t, name: copied.append(d))
+    assert n == 24 and copied == sorted(copied) and copied[-1] == 24 * len(read_all(tmp_path / "p.h5")[0])

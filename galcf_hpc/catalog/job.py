@@ -600,7 +600,7 @@ def _catalog_fields(f, path, attrs, judges):
     )
 
 
-def verify_catalog(out_dir):
+def verify_catalog(out_dir, progress=None):
     """Check a finished catalog directory; returns a summary dict, raises DataError listing
     every problem found. Reads through the virtual datasets of catalog.h5 only once every
     part file has been found valid (see :mod:`.store` for why)."""
@@ -654,7 +654,9 @@ def verify_catalog(out_dir):
             # input), and catalog.h5 mapping exactly these files, before any value is read
             # through the virtual datasets: a missing part would read as fill values, or as
             # another catalog's rows (HDF5 falls back to the current directory).
-            bad_parts = store.check_parts(out_dir, units, fields, expected, source.unit_sha256 if source else None)
+            bad_parts = store.check_parts(
+                out_dir, units, fields, expected, source.unit_sha256 if source else None, progress
+            )
             bad = [text for _, text in bad_parts] + store.check_mapping(f, units, fields)
             # with the mapping right, the sources are exactly the parts checked above
             bad = bad or store.check_sources(f, out_dir)

@@ -281,13 +281,16 @@ def rejected_parts(out_dir):
     return sorted((Path(out_dir) / PARTS).glob("unit-*.h5.rejected-*"))
 
 
-def check_parts(out_dir, units, fields, run, unit_sha256=None):
+def check_parts(out_dir, units, fields, run, unit_sha256=None, progress=None):
     """(path, problem) of every bad part file: missing, unreadable, of another layout or
     schema, computed with another checkpoint, judges, targets or input (see
     :func:`part_problem`), and, given ``unit_sha256(start, stop)`` of the input, computed
-    from other rows of the input than the input holds now."""
+    from other rows of the input than the input holds now. ``progress(done, total)`` after
+    every part."""
     problems = []
     for unit, (start, stop) in enumerate(units):
+        if progress is not None and unit:
+            progress(unit, len(units))
         path = Path(out_dir) / PARTS / part_name(unit)
         where = f"{path} (galaxies {start}-{stop - 1})"
         if not path.is_file():
@@ -309,6 +312,8 @@ def check_parts(out_dir, units, fields, run, unit_sha256=None):
                         "rerun `galcf-hpc catalog run` with the same arguments to recompute it",
                     )
                 )
+    if progress is not None:
+        progress(len(units), len(units))
     return problems
 
 
@@ -452,12 +457,13 @@ def repair_hint(catalog_dir):
     )
 
 
-def pack_catalog(catalog_path, out_path, block=_VERIFY_BLOCK):
+def pack_catalog(catalog_path, out_path, block=_VERIFY_BLOCK, progress=None):
     """Copy a (verified) virtual ``catalog.h5`` into one self-contained file with contiguous
     storage per field (same names, shapes, chunking per galaxy, compression and attributes),
     written under a temporary name and renamed: a single file to archive or move without
     its parts. Returns the number of galaxies; DataError, and nothing written, if a part file
-    that the virtual datasets read from is not in the catalog's directory."""
+    that the virtual datasets read from is not in the catalog's directory. ``progress(done,
+    total)`` counts galaxies x fields copied."""
     catalog_path = Path(catalog_path)
     with h5py.File(catalog_path, "r") as src:
         problems = check_sources(src, catalog_path.parent)
@@ -469,6 +475,7 @@ def pack_catalog(catalog_path, out_path, block=_VERIFY_BLOCK):
     try:
         with h5py.File(catalog_path, "r") as src, atomic_path(Path(out_path)) as tmp:
             with h5py.File(tmp, "w") as dst:
+                total, done = sum(ds.shape[0] for ds in src.values()), 0
                 for name, ds in src.items():
                     n = ds.shape[0]
                     step = max(1, block // max(1, int(np.prod(ds.shape[1:]))))
@@ -479,6 +486,9 @@ def pack_catalog(catalog_path, out_path, block=_VERIFY_BLOCK):
                     out.attrs.update(ds.attrs)
                     for start in range(0, n, step):
                         out[start : start + step] = ds[start : start + step]
+                        done += min(step, n - start)
+                        if progress is not None:
+                            progress(done, total, name)
                 dst.attrs.update(src.attrs)
                 dst.attrs["packed_from"] = str(catalog_path.resolve())
                 return len(src["key"])
