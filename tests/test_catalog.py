@@ -696,3 +696,27 @@ def test_verify_and_pack_report_progress(mpi_catalog, tmp_path):
     copied = []
     n = pack_catalog(mpi_catalog[0] / "catalog.h5", tmp_path / "p.h5", progress=lambda d, t, name: copied.append(d))
     assert n == 24 and copied == sorted(copied) and copied[-1] == 24 * len(read_all(tmp_path / "p.h5")[0])
+
+
+def test_without_thread_multiple_rank_0_only_hands_out_units(run_dir, sharded, mpi_catalog, tmp_path):
+    """An MPI that gives less than MPI_THREAD_MULTIPLE (forced through mpi4py's
+    MPI4PY_RC_THREAD_LEVEL): no thread next to the main one calls MPI; rank 0 serves, rank 1
+    computes every unit, and the catalog is the same as the threaded run's."""
+    out = tmp_path / "out"
+    env = {**os.environ, "MPI4PY_RC_THREAD_LEVEL": "serialized"}
+    res = subprocess.run(
+        ["mpiexec", "-n", "2", *CLI, "catalog", "run", "--checkpoint", str(run_dir), "--input",
+         str(sharded.out / "test"), "--out", str(out), "--unit-size", "4"],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "thread level serialized, not MPI_THREAD_MULTIPLE" in res.stderr
+    per_rank = json.loads((out / "summary.json").read_text())["per_rank"]
+    assert [r["units"] for r in per_rank] == [0, 6]
+    threaded, _ = read_all(mpi_catalog[0] / "catalog.h5")
+    serial, _ = read_all(out / "catalog.h5")
+    assert serial.keys() == threaded.keys()
+    for name in ("key", "pred", "label", "validity", "validity_cnn", "validity_resnet_grey"):
+        np.testing.assert_array_equal(serial[name], threaded[name])
+    for name in ("h", "z", "ssim", "luminance_share"):  # another rank's threads: float rounding
+        np.testing.assert_allclose(serial[name], threaded[name], atol=1e-4, rtol=1e-4, equal_nan=True)

@@ -5,7 +5,9 @@ and by every judge trained next to the checkpoint's run (RUN/judges/<name>/model
 
 The input is cut into fixed-size work units (contiguous ranges of its order). Rank 0 hands
 them out on request from a small server thread while it works through units itself, so a
-slow or late rank takes fewer units instead of holding the job back. Each unit becomes
+slow or late rank takes fewer units instead of holding the job back. That thread needs an
+MPI with ``MPI_THREAD_MULTIPLE`` (checked with ``MPI.Query_thread()``); with a lower thread
+level rank 0 hands out units from its main thread and computes none. Each unit becomes
 ``parts/unit-NNNNNN.h5``, written under a temporary name and renamed when complete. A rerun
 with the same arguments skips the parts that are finished parts of this very run (checked
 at the start: they open, have their unit's rows and the schema, and record this run's
@@ -289,6 +291,21 @@ def _serve(comm, queue, workers):
         workers -= unit is None
 
 
+def _thread_level_name():
+    from mpi4py import MPI
+
+    names = {MPI.THREAD_SINGLE: "single", MPI.THREAD_FUNNELED: "funneled", MPI.THREAD_SERIALIZED: "serialized"}
+    return names.get(MPI.Query_thread(), "multiple")
+
+
+def _thread_level_ok():
+    """Whether a thread besides the main one may call MPI while the main one also does (a
+    failing rank calls MPI_Abort from the main thread while the server thread probes)."""
+    from mpi4py import MPI
+
+    return MPI.Query_thread() >= MPI.THREAD_MULTIPLE
+
+
 def _wait(request):
     # Sleep between tests: a blocking MPI wait spins a core that a CPU rank needs.
     while not request.Test():
@@ -517,8 +534,17 @@ def _run_catalog(checkpoint, input_path, out_dir, targets, unit_size, device, im
             queue = _Queue(plan["todo"], sizes, Progress(max(1, sum(sizes.values())), "catalog galaxies"))
         server = None
         if rank == 0 and size > 1:
-            server = threading.Thread(target=_serve, args=(comm, queue, size - 1), daemon=True)
-            server.start()
+            if _thread_level_ok():
+                server = threading.Thread(target=_serve, args=(comm, queue, size - 1), daemon=True)
+                server.start()
+            else:
+                log.warning(
+                    "catalog: the MPI library gives thread level %s, not MPI_THREAD_MULTIPLE, so no thread "
+                    "may call MPI next to the main one: rank 0 only hands out units and computes none "
+                    "(use an MPI built with thread support to let it compute too)",
+                    _thread_level_name(),
+                )
+                _serve(comm, queue, size - 1)  # returns when every rank was told there is no work left
         t0 = time.monotonic()
         done_units = done_galaxies = 0
         while (unit := queue.next() if rank == 0 else _ask(comm)) is not None:
