@@ -104,6 +104,7 @@ class LossConfig:
     cf_realism: bool = False  # the critic also learns to tell decoded counterfactuals from galaxies
     cf_critic_colour: float = 0.0  # a second critic, on colour images, must also put x_cf into t
     cf_critic_augment: bool = False  # the critics (not the encoder) read x_cf under a random symmetry
+    cf_critic_margin: float = 0.0  # > 0: the critics' terms stop at this logit margin (hinge); 0: cross-entropy
 
 
 @dataclass
@@ -239,6 +240,7 @@ _RANGES = {
     "loss.beta": (1e-6, None),
     "loss.cf_warmup_epochs": (0, None),
     "loss.cf_margin": (0.0, 100.0),
+    "loss.cf_critic_margin": (0.0, 100.0),
     "train.epochs": (1, None),
     "train.grad_accumulation": (1, None),
     "train.global_batch": (0, None),  # 0 = batch_size x ranks x grad_accumulation

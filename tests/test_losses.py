@@ -73,3 +73,19 @@ def test_class_logits_and_means():
     assert float(d.min()) >= 5.0 - 1e-4
     h = means[[3, 7]] + 0.1
     assert class_logits(h, means, torch.zeros(10)).argmax(1).tolist() == [3, 7]
+
+
+def test_critic_hinge_stops_at_its_margin_and_cross_entropy_does_not():
+    import torch.nn.functional as F
+
+    from galcf_hpc.train.objective import critic_loss
+
+    logits = torch.tensor([[3.0, 0.5, 0.0], [0.0, 1.0, 2.5]], requires_grad=True)
+    target = torch.tensor([0, 1])
+    # sample 0 prefers its target by 2.5 (past a margin of 2: nothing), sample 1 by -1.5
+    hinge = critic_loss(logits, target, 2.0)
+    assert math.isclose(hinge.item(), (0.0 + (2.0 + 1.5)) / 2, rel_tol=1e-6)
+    hinge.backward()
+    assert logits.grad[0].abs().sum() == 0 and logits.grad[1].tolist() == [0.0, -0.5, 0.5]
+    assert torch.equal(critic_loss(logits, target, 0.0), F.cross_entropy(logits, target))
+    assert critic_loss(logits.detach(), torch.tensor([0, 2]), 1.0).item() == 0.0

@@ -59,6 +59,18 @@ def augment_for_reencoding(x):
     return x + sigma * torch.randn_like(x)
 
 
+def critic_loss(logits, target, margin=0.0):
+    """How far a critic is from putting x_cf into its target class. ``margin`` 0: the
+    cross-entropy, which keeps pushing until the critic is certain; ``margin`` > 0: a hinge on
+    the target's logit minus the best other class's, zero once the critic prefers the target
+    by ``margin`` (no reward for changing the galaxy further)."""
+    if margin <= 0:
+        return F.cross_entropy(logits, target)
+    own = logits.gather(1, target[:, None])[:, 0]
+    best_other = logits.scatter(1, target[:, None], float("-inf")).amax(1)
+    return F.relu(margin - (own - best_other)).mean()
+
+
 def _frozen(module):
     return {k: v.detach() for k, v in module.named_parameters()} | dict(module.named_buffers())
 
@@ -162,14 +174,13 @@ def consistency_loss(model, z, h, recon, loss_cfg):
         return augment_for_reencoding(x_cf) if loss_cfg.cf_critic_augment and not loss_cfg.cf_augment else seen
 
     if loss_cfg.cf_critic > 0:
-        terms["cf_critic"] = F.cross_entropy(
-            functional_call(model.critic, _frozen(model.critic), (critic_view(),)), target
-        )
+        logits = functional_call(model.critic, _frozen(model.critic), (critic_view(),))
+        terms["cf_critic"] = critic_loss(logits, target, loss_cfg.cf_critic_margin)
         terms["cf"] = terms["cf"] + loss_cfg.cf_critic * terms["cf_critic"]
         if loss_cfg.cf_realism:
             terms["x_cf"] = x_cf
     if loss_cfg.cf_critic_colour > 0:
         logits = functional_call(model.colour_critic, _frozen(model.colour_critic), (critic_view(),))
-        terms["cf_critic_colour"] = F.cross_entropy(logits, target)
+        terms["cf_critic_colour"] = critic_loss(logits, target, loss_cfg.cf_critic_margin)
         terms["cf"] = terms["cf"] + loss_cfg.cf_critic_colour * terms["cf_critic_colour"]
     return terms
