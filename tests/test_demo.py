@@ -14,7 +14,7 @@ from galcf_hpc import demo
 from galcf_hpc.cli import main
 from galcf_hpc.config import load_config
 from galcf_hpc.data.shards import verify_shards
-from galcf_hpc.errors import ConfigError
+from galcf_hpc.errors import ConfigError, UsageError
 from galcf_hpc.judges import DEFAULT_PANEL
 from galcf_hpc.train.checkpoint import latest_checkpoint
 
@@ -109,16 +109,16 @@ def test_never_more_local_ranks_than_visible_gpus(monkeypatch, caplog):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(demo.os, "cpu_count", lambda: 1)
     assert demo.local_ranks(None, "auto") == 1
-    with pytest.raises(ConfigError, match="--ranks"):
+    with pytest.raises(UsageError, match="--ranks"):
         demo.local_ranks(-1, "auto")
 
 
 def test_failed_rank_launch_reports_false(tmp_path, caplog):
     cfg = load_config("configs/smoke.yaml", [])
-    missing = tmp_path / "missing.yaml"  # every rank exits 2 with a config error
+    missing = tmp_path / "missing.yaml"  # every rank exits with the config error's code
     with caplog.at_level(logging.WARNING, logger="galcf_hpc"):
         assert demo.train_ranks(missing, [], 2, cfg, poll_seconds=0.1) is False
-    # the first rank to fail exits 2; a rank still starting then is killed (-9): never 0
+    # the first rank to fail exits 3; a rank still starting then is killed (-9): never 0
     found = re.search(r"exit codes \[([^\]]*)\]", caplog.text)
     codes = [int(v) for v in found.group(1).split(",")]
-    assert len(codes) == 2 and 2 in codes and 0 not in codes
+    assert len(codes) == 2 and ConfigError.exit_code in codes and 0 not in codes

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from galcf_hpc.config import config_from_dict, dump_config
-from galcf_hpc.errors import ConfigError
+from galcf_hpc.errors import CheckpointError, ConfigError
 from galcf_hpc.train import engines
 from galcf_hpc.train.build import micro_batch
 from galcf_hpc.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state
@@ -217,7 +217,7 @@ def test_global_batch_must_divide(sharded, tmp_path):
     assert micro_batch(plain.train, 4) == (8, 96)
     config = _config(sharded, tmp_path / "odd", global_batch=15)
     codes, outs = _finish(_start(config, 2))
-    assert codes == [2, 2] and "15 is not divisible by world size 2" in outs[0]
+    assert codes == [ConfigError.exit_code] * 2 and "15 is not divisible by world size 2" in outs[0]
     assert not (tmp_path / "odd" / "checkpoints").exists()
 
 
@@ -269,13 +269,13 @@ def test_two_rank_resume_is_exact(sharded, tmp_path, engine):
         assert torch.equal(a[key], b[key]), key
     other = "deepspeed" if engine == "ddp" else "ddp"
     codes, outs = _finish(_start(_config(sharded, tmp_path / "part", other), 2, "--resume"))
-    assert codes == [2, 2] and f"written by the {engine} engine" in outs[0]
+    assert codes == [CheckpointError.exit_code] * 2 and f"written by the {engine} engine" in outs[0]
 
 
 def test_mid_epoch_checkpoint_needs_the_same_world_size(sharded, tmp_path):
     _run(_config(sharded, tmp_path / "run", stop_after_steps=3), 2)
     codes, outs = _finish(_start(_config(sharded, tmp_path / "run"), 1, "--resume"))
-    assert codes == [2] and "written mid-epoch by 2 ranks; this job has 1" in outs[0]
+    assert codes == [CheckpointError.exit_code] and "written mid-epoch by 2 ranks; this job has 1" in outs[0]
 
 
 def _wait_for_step(run_dir, step, procs, timeout=120):
