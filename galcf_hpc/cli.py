@@ -19,7 +19,11 @@ DESCRIPTION = (
     "synthesise or shard data, train (one process per GPU under srun, torchrun or mpiexec), explain, "
     "run the catalog job, build reports."
 )
-EPILOG = "Start with `galcf-hpc demo` (CPU only, minutes); `galcf-hpc COMMAND --help` for each command."
+EPILOG = (
+    "Start with `galcf-hpc demo` (CPU only, minutes); `galcf-hpc COMMAND --help` for each command. "
+    "Exit codes: 0 success, 1 a bug (traceback), 2 usage, 3 configuration, 4 data, 5 checkpoint, "
+    "6 distributed job (a lost peer or launcher), 130 interrupted."
+)
 # device.DEVICES, written out so that --help does not import torch (tests/test_cli.py checks they agree)
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 

@@ -118,3 +118,9 @@ def test_usage_config_data_checkpoint_and_launch_errors_exit_differently(capsys)
     assert usage.value.code == UsageError.exit_code == 2
     assert main(["explain", "--run", ".", "--targets", "Spiral"]) == UsageError.exit_code
     assert "--targets" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for cls, word in ((UsageError, "usage"), (ConfigError, "configuration"), (DataError, "data")):
+        assert f"{cls.exit_code} {word}" in text
+    assert f"{CheckpointError.exit_code} checkpoint" in text and f"{LaunchError.exit_code} distributed" in text
