@@ -190,3 +190,42 @@ def test_critic_and_encoder_do_not_learn_from_counterfactuals():
     assert all(p.grad is None for p in model.encoder.parameters())
     assert all(p.grad is None for p in model.flow.parameters())
     assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in model.decoder.parameters())
+
+
+def test_critic_augment_shows_the_critics_other_images_than_the_encoder(monkeypatch):
+    """loss.cf_critic_augment: each critic reads x_cf under its own random symmetry while the
+    explained model's encoder reads x_cf as decoded; loss.cf_critic_margin switches the
+    critics' terms to the hinge."""
+    import galcf_hpc.train.objective as objective
+
+    seen = {"critic": [], "colour": [], "encoder": []}
+    cfg = config_from_dict(
+        {
+            "data": {"image_size": 16},
+            "model": {"channels": [8, 16]},
+            "loss": {"cf_critic": 1.0, "cf_critic_colour": 1.0, "cf_critic_augment": True, "cf_critic_margin": 3.0},
+        }
+    )
+    model = GalaxyCF.from_config(cfg).train()
+    real_call, decoded = objective.functional_call, []
+
+    def recording_call(module, params, args):
+        name = {id(model.critic): "critic", id(model.colour_critic): "colour", id(model.encoder): "encoder"}
+        if id(module) in name:
+            seen[name[id(module)]].append(args[0].detach().clone())
+        return real_call(module, params, args)
+
+    real_decoder = model.decoder.forward
+    monkeypatch.setattr(model.decoder, "forward", lambda z: decoded.append(out := real_decoder(z)) or out)
+    monkeypatch.setattr(objective, "functional_call", recording_call)
+    margins = []
+    real_loss = objective.critic_loss
+    monkeypatch.setattr(objective, "critic_loss", lambda lg, t, m=0.0: margins.append(m) or real_loss(lg, t, m))
+    lat = model(torch.rand(6, 3, 16, 16))
+    objective.consistency_loss(model, lat.z.detach(), lat.h.detach(), lat.recon.detach(), cfg.loss)
+    x_cf = decoded[-1].detach()
+    assert torch.equal(seen["encoder"][0], x_cf)  # the model's own encoder: x_cf as decoded
+    for name in ("critic", "colour"):
+        assert seen[name][0].shape == x_cf.shape and not torch.equal(seen[name][0], x_cf)
+    assert not torch.equal(seen["critic"][0], seen["colour"][0])  # each critic its own draw
+    assert margins == [3.0, 3.0]
