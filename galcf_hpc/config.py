@@ -465,9 +465,10 @@ def _field_notes(cls):
 
 def _all_keys(cls=None, prefix=""):
     """Every dotted key and section of the configuration."""
-    keys = []
-    for f in dataclasses.fields(cls or Config):
-        tp = typing.get_type_hints(cls or Config)[f.name]
+    cls, keys = cls or Config, []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
         keys.append(prefix + f.name)
         if dataclasses.is_dataclass(tp):
             keys += _all_keys(tp, f"{prefix}{f.name}.")

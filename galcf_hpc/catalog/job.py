@@ -291,19 +291,14 @@ def _serve(comm, queue, workers):
         workers -= unit is None
 
 
-def _thread_level_name():
+def _thread_level():
+    """MPI's thread level by name. Only ``multiple`` lets a thread besides the main one call
+    MPI while the main one also does (a failing rank calls MPI_Abort from the main thread
+    while the server thread probes)."""
     from mpi4py import MPI
 
     names = {MPI.THREAD_SINGLE: "single", MPI.THREAD_FUNNELED: "funneled", MPI.THREAD_SERIALIZED: "serialized"}
     return names.get(MPI.Query_thread(), "multiple")
-
-
-def _thread_level_ok():
-    """Whether a thread besides the main one may call MPI while the main one also does (a
-    failing rank calls MPI_Abort from the main thread while the server thread probes)."""
-    from mpi4py import MPI
-
-    return MPI.Query_thread() >= MPI.THREAD_MULTIPLE
 
 
 def _wait(request):
@@ -534,7 +529,8 @@ def _run_catalog(checkpoint, input_path, out_dir, targets, unit_size, device, im
             queue = _Queue(plan["todo"], sizes, Progress(max(1, sum(sizes.values())), "catalog galaxies"))
         server = None
         if rank == 0 and size > 1:
-            if _thread_level_ok():
+            level = _thread_level()
+            if level == "multiple":
                 server = threading.Thread(target=_serve, args=(comm, queue, size - 1), daemon=True)
                 server.start()
             else:
@@ -542,7 +538,7 @@ def _run_catalog(checkpoint, input_path, out_dir, targets, unit_size, device, im
                     "catalog: the MPI library gives thread level %s, not MPI_THREAD_MULTIPLE, so no thread "
                     "may call MPI next to the main one: rank 0 only hands out units and computes none "
                     "(use an MPI built with thread support to let it compute too)",
-                    _thread_level_name(),
+                    level,
                 )
                 _serve(comm, queue, size - 1)  # returns when every rank was told there is no work left
         t0 = time.monotonic()
