@@ -95,6 +95,13 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=35)
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "galcf-bench-scaling")
     ap.add_argument("--out", type=Path, default=Path("runs/bench_train_scaling.json"))
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override after the benchmark's own (e.g. train.log_every=1); repeatable",
+    )
     args = ap.parse_args(argv)
 
     shards = make_shards(args.work / "data")  # 3600 training galaxies: no evaluation inside the timed steps
@@ -118,6 +125,7 @@ def main(argv=None):
                     f"train.stop_after_steps={args.steps}",
                     "train.log_every=5",
                     "train.epochs=100",
+                    *args.set,
                 ],
             )
             path = args.work / f"{engine}-{world}.yaml"
@@ -136,6 +144,7 @@ def main(argv=None):
                 "engine": engine,
                 "loader": args.loader,
                 "micro_batch": args.micro_batch,
+                "overrides": args.set,
                 "images_per_s": {str(k): v[0] for k, v in rates.items()},
                 "efficiency": eff,
             }

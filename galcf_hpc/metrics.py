@@ -175,6 +175,37 @@ def macro_f1(cm):
     return float(f1[present].mean()) if bool(present.any()) else float("nan")
 
 
+def class_probabilities(logits):
+    """Class probabilities ``[B, K]`` from the model's class logits ``[B, K]``
+    (-1/2 ||h - mu_c||^2 + log w_c): the posterior of the Gaussian mixture in h."""
+    return torch.softmax(torch.as_tensor(logits).double(), dim=1).to(torch.float32)
+
+
+def top2_margin(prob):
+    """Probability of the most likely class minus that of the second, per galaxy: ``[B]``
+    in [0, 1]; small values mark galaxies between two classes."""
+    top = torch.as_tensor(prob).topk(2, dim=1).values
+    return top[:, 0] - top[:, 1]
+
+
+def mislabel_score(distance, labels):
+    """How far a galaxy's hidden vector is from the mean of its catalogue label, beyond its
+    distance to the nearest class mean: ``distance[label] - min(distance)``, ``[B]`` >= 0.
+
+    ``distance`` ``[B, K]``: Euclidean distances of h to every class mean; ``labels`` ``[B]``
+    class indices, negative where the label is unknown (NaN there). 0 where the nearest mean
+    is the label's; the larger, the more the model's hidden space contradicts the label: a
+    ranking of mislabel candidates (the use of the hidden space that the paper's Discussion
+    proposes).
+    """
+    distance = torch.as_tensor(distance).float()
+    labels = torch.as_tensor(labels, device=distance.device).long()
+    known = labels >= 0
+    own = distance.gather(1, labels.clamp_min(0)[:, None])[:, 0]
+    score = own - distance.min(dim=1).values
+    return torch.where(known, score, torch.full_like(score, float("nan")))
+
+
 def classification_summary(cm, class_names):
     """The classification numbers every report, eval.json and judge file carries."""
     return {
@@ -196,4 +227,7 @@ __all__ = [
     "per_class_accuracy",
     "macro_f1",
     "classification_summary",
+    "class_probabilities",
+    "top2_margin",
+    "mislabel_score",
 ]

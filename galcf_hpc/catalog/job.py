@@ -39,6 +39,7 @@ from ..explain.run import load_run
 from ..fileio import DirLock, file_sha256, write_json
 from ..judges import judges_dir, load_judge, load_judges
 from ..loaders.augment import augment_batch
+from ..metrics import class_probabilities, mislabel_score, top2_margin
 from ..model.evaluation import explain_batch
 from ..progress import Progress
 from ..train.checkpoint import latest_checkpoint
@@ -92,12 +93,16 @@ def resolve_checkpoint(path):
     return found
 
 
-def _to_numpy(out, distance, image_dtype, n):
+def _to_numpy(out, distance, labels, image_dtype, n):
     """The catalog fields of the first ``n`` galaxies of an ExplainedBatch (the rest is padding)."""
     image = out.cf_images[:n].clamp(0, 1)
     image = (image * 255).round().to(torch.uint8) if image_dtype == "uint8" else image.to(torch.float16)
+    prob = class_probabilities(out.logits[:n])
     arrays = {
         "pred": out.pred[:n].to(torch.int16),
+        "prob": prob,
+        "margin": top2_margin(prob),
+        "mislabel_score": mislabel_score(distance[:n], labels),
         "distance": distance[:n],
         "h": out.h[:n],
         "z": out.z[:n],
@@ -383,7 +388,7 @@ def _run_unit(ctx, unit, start, stop):
                     "ra": data["ra"],
                     "dec": data["dec"],
                     "label": data["labels"].astype(np.int16),
-                    **_to_numpy(out, distance, ctx["plan"]["image_dtype"], n),
+                    **_to_numpy(out, distance, torch.from_numpy(data["labels"]), ctx["plan"]["image_dtype"], n),
                 },
             )
             if ctx["kill_at_unit"] == unit:  # fault injection for the restart test: die mid-unit

@@ -28,7 +28,7 @@ import numpy as np
 from ..errors import DataError
 from ..fileio import atomic_path, move_aside
 
-FORMAT = "galcf-hpc-catalog/2"  # /2: z, luminance_share, validity_<judge>
+FORMAT = "galcf-hpc-catalog/3"  # /3: prob, margin, mislabel_score, images optional
 CATALOG = "catalog.h5"
 PARTS = "parts"
 _COMPRESSION = {"compression": "gzip", "compression_opts": 1}
@@ -88,36 +88,74 @@ def work_units(n, unit_size):
     return [(s, min(s + unit_size, n)) for s in range(0, n, unit_size)]
 
 
-def schema(key_length, num_classes, h_dim, z_dim, num_targets, image_size, image_dtype, judges=()):
+IMAGE_MODES = ("none", "thumbnails", "full")
+
+
+def thumbnail_size(image_size):
+    """Side of the browsing thumbnails stored with ``--images thumbnails``: a quarter of the
+    model's input side, at least 16 px (64 px for the paper's 256 px model)."""
+    return min(image_size, max(16, image_size // 4))
+
+
+def schema(key_length, num_classes, h_dim, z_dim, num_targets, image_size, image_dtype, judges=(), images="full"):
     """name -> (per-galaxy shape, dtype, fill value or None for HDF5's default, description).
-    ``judges``: names of the independent judges, one ``validity_<name>`` field each."""
+    ``judges``: names of the independent judges, one ``validity_<name>`` field each.
+    ``images``: ``full`` stores every counterfactual at the model's size (``image``),
+    ``thumbnails`` at :func:`thumbnail_size` (``thumbnail``, uint8), ``none`` no image:
+    ``catalog render`` recomputes any of them from z, h and the checkpoint."""
+    if images not in IMAGE_MODES:
+        raise ValueError(f"images must be one of {IMAGE_MODES}, got {images!r}")
     r, t = image_size, num_targets
     image_fill = 0 if image_dtype == "uint8" else np.nan
     fields = {
         "key": ((), f"S{key_length}", None, "sample key of the input (g<source index> for astroNN .h5)"),
         "ra": ((), "f8", -999.0, "right ascension, degrees; NaN if the input has none"),
         "dec": ((), "f8", -999.0, "declination, degrees; NaN if the input has none"),
-        "label": ((), "i2", -32768, "true class from the input; -1 if the input has none"),
+        "label": ((), "i2", -32768, "class label from the input (the catalogue's); -1 if the input has none"),
         "pred": ((), "i2", -32768, "predicted class (nearest class mean in h)"),
+        "prob": (
+            (num_classes,),
+            "f4",
+            -1.0,
+            "class probabilities: posterior of the Gaussian mixture in h (softmax of -||h - mu_c||^2 / 2)",
+        ),
+        "margin": ((), "f4", -1.0, "top-2 margin: probability of the predicted class minus the second's"),
+        "mislabel_score": (
+            (),
+            "f4",
+            -1.0,
+            "distance of h to the mean of the label's class minus the distance to the nearest "
+            "class mean (>= 0; 0 where pred == label, large: the label is doubtful); NaN without a label",
+        ),
         "distance": ((num_classes,), "f4", -1.0, "Euclidean distance of h to every class mean"),
         "h": ((h_dim,), "f4", np.nan, "hidden-space vector h = F(z1)"),
         "z": ((z_dim,), "f4", np.nan, "latent z = E(x) = [z1, z2]"),
-        "image": (
+    }
+    if images == "full":
+        fields["image"] = (
             (t, 3, r, r),
             image_dtype,
             image_fill,
             "counterfactual x_cf per target (CHW, [0,1] as float16 or x255 as uint8); "
             "for target == pred the reconstruction x~",
-        ),
-        "validity": (
-            (t,),
-            "i1",
-            -128,
-            "validity by the model (necessary, never sufficient: its decoder was "
-            "trained against this encoder): 1 if the re-encoded x_cf is assigned the target, 0 if not, "
-            "-1 where target == pred (no counterfactual)",
-        ),
-    }
+        )
+    elif images == "thumbnails":
+        s = thumbnail_size(image_size)
+        fields["thumbnail"] = (
+            (t, 3, s, s),
+            "u1",
+            0,
+            f"counterfactual x_cf per target reduced to {s} px (area average; CHW, x255 as uint8); for "
+            "target == pred the reconstruction x~; `galcf-hpc catalog render` gives the full size",
+        )
+    fields["validity"] = (
+        (t,),
+        "i1",
+        -128,
+        "validity by the model (necessary, never sufficient: its decoder was "
+        "trained against this encoder): 1 if the re-encoded x_cf is assigned the target, 0 if not, "
+        "-1 where target == pred (no counterfactual)",
+    )
     for name in judges:
         fields[validity_field(name)] = (
             (t,),
@@ -140,6 +178,26 @@ def schema(key_length, num_classes, h_dim, z_dim, num_targets, image_size, image
         }
     )
     return fields
+
+
+IMAGE_FIELDS = ("image", "thumbnail")
+_CLASS_AXIS = ("prob", "distance")
+_COMPONENT_AXIS = ("h", "z")
+_TARGET_AXIS = ("msd", "ssim", "luminance_share", *IMAGE_FIELDS)
+
+
+def field_axis(name):
+    """What the second axis of a catalog field counts: ``"class"`` (one value per class, in
+    the order of the attribute ``class_names``), ``"target"`` (per target, attribute
+    ``target_names``), ``"component"`` (vector components of h or z), or None for a
+    per-galaxy scalar."""
+    if name in _CLASS_AXIS:
+        return "class"
+    if name in _COMPONENT_AXIS:
+        return "component"
+    if name in _TARGET_AXIS or name == "validity" or name.startswith("validity_"):
+        return "target"
+    return None
 
 
 def validity_field(judge):
@@ -166,7 +224,7 @@ def part_writer(path, n, fields, attrs):
         for name, (shape, dtype, _, _) in fields.items():
             # Images one galaxy per chunk (read galaxy by galaxy); the small columns of a
             # part are one chunk each.
-            chunks = (1,) + shape if name == "image" else (n,) + shape
+            chunks = (1,) + shape if name in IMAGE_FIELDS else (n,) + shape
             f.create_dataset(name, (n,) + shape, dtype, chunks=chunks, **_COMPRESSION)
         f.attrs.update(attrs)
 
@@ -390,7 +448,7 @@ def check_values(catalog, fields, targets):
     for start in range(0, n, _VERIFY_BLOCK):
         stop = min(start + _VERIFY_BLOCK, n)
         for name, (_, _, fill, _) in fields.items():
-            if name == "image":
+            if name in IMAGE_FIELDS:
                 continue  # image fill values can be real pixels; a hole shows in every other field
             values = catalog[name][start:stop]
             bad = _missing(name, values, fill)
