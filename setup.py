@@ -31,6 +31,9 @@ setup(
     ],
     extras_require={
         "synth": ["galsim>=2.5"],
+        # catalog run on your own cutouts: FITS files (astropy) and .parquet lists (pyarrow);
+        # PNG, JPEG and .csv need nothing more
+        "cutouts": ["astropy>=5.0", "pyarrow>=10"],
         "report": ["matplotlib>=3.7", "scikit-learn>=1.3"],
         # DALI is one wheel per CUDA major version; both also run CPU-only pipelines.
         "dali-cuda13": ["nvidia-dali-cuda130>=2.0"],
@@ -47,9 +50,11 @@ setup(
         # tests. ruff within one minor release: its formatter's style changes between them.
         # webdataset (the reference reader of the shard format) only checks, in tests, that
         # the shards are standard WebDataset tars: the package's loaders read them via the
-        # DALI index files (docs/loaders.md)
+        # DALI index files (docs/loaders.md). astropy and pyarrow (the cutouts extra): the tests
+        # of FITS cutouts and .parquet lists
         "dev": ["pytest>=7", "webdataset>=1.0", "scikit-image>=0.21", "galsim>=2.5", "matplotlib>=3.7",
-                "scikit-learn>=1.3", "ruff~=0.17.6", "import-linter>=2.17,<3", "tensorboard>=2.14"],
+                "scikit-learn>=1.3", "ruff~=0.17.6", "import-linter>=2.17,<3", "tensorboard>=2.14",
+                "astropy>=5.0", "pyarrow>=10"],
     },
     entry_points={"console_scripts": ["galcf-hpc=galcf_hpc.cli:main"]},
 )
