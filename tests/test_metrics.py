@@ -177,3 +177,16 @@ def test_classification_numbers_match_scikit_learn():
     got = [per_class_accuracy(cm)[c] for c in present]
     assert np.allclose(got, recall)
     assert np.isnan(per_class_accuracy(cm)[4])
+
+
+@pytest.mark.parametrize("gaussian", [False, True])
+def test_ssim_float32_matches_float64(gaussian):
+    # float32 inputs are computed in float32: smooth galaxies (small local variances, where
+    # E[x^2] - E[x]^2 cancels most) and small counterfactual-sized changes included
+    rng = np.random.default_rng(3)
+    a = np.concatenate([_structured(32, rng), 0.3 + 0.01 * rng.random((3, 3, 32, 32))])
+    b = np.clip(a + rng.normal(0, 0.01, a.shape), 0, 1)
+    f64 = ssim(torch.tensor(a), torch.tensor(b), gaussian=gaussian)
+    f32 = ssim(torch.tensor(a, dtype=torch.float32), torch.tensor(b, dtype=torch.float32), gaussian=gaussian)
+    assert f32.dtype == torch.float32
+    np.testing.assert_allclose(f32.numpy(), f64.numpy(), atol=2e-6)

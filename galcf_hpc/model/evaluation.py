@@ -58,6 +58,50 @@ class ExplainedBatch:
     cf_images: torch.Tensor = None
 
 
+def padded_rows(rows, *tensors):
+    """The tensors (first dimension n <= ``rows``) padded to exactly ``rows`` with copies of
+    their last row. A convolution's result for one galaxy depends on the shape of the batch
+    it is computed in (the kernel the library picks), not on the other galaxies in it, so a
+    counterfactual decoded in a padded batch of a fixed size is bit-for-bit reproducible
+    from its latent alone (``catalog render``)."""
+    n = len(tensors[0])
+    if n == rows:
+        return tensors
+    return tuple(torch.cat([t, t[-1:].expand(rows - n, *t.shape[1:])]) for t in tensors)
+
+
+def decode_counterfactuals(model, z, h, pred, target, margin, placement, rows):
+    """x_cf and h_cf of latents z (hidden h, predicted class pred) towards ``target``,
+    computed in batches of exactly ``rows`` (the last one padded, see :func:`padded_rows`)."""
+    images, hidden = [], []
+    for s in range(0, len(z), rows):
+        n = len(z[s : s + rows])
+        batch = padded_rows(rows, z[s : s + rows], h[s : s + rows], pred[s : s + rows], target[s : s + rows])
+        x_cf, h_cf = model.counterfactual(*batch, margin, placement)
+        images.append(x_cf[:n])
+        hidden.append(h_cf[:n])
+    return torch.cat(images), torch.cat(hidden)
+
+
+def decode_reconstructions(model, z, rows):
+    """x~ = D(z) in batches of exactly ``rows`` (see :func:`padded_rows`)."""
+    return torch.cat(
+        [model.decoder(*padded_rows(rows, z[s : s + rows]))[: len(z[s : s + rows])] for s in range(0, len(z), rows)]
+    )
+
+
+def _change_metric(name, x_cf, recon, x, border):
+    """One of ``CHANGE_METRICS`` for counterfactuals x_cf of reconstructions ``recon`` of
+    inputs ``x``: [n]."""
+    if name.endswith("_rec") or name.endswith("_input"):
+        other = recon if name.endswith("_rec") else x
+        return (msd if name.startswith("msd") else ssim)(x_cf, other)
+    if name == "luminance_share":
+        return luminance_share(x_cf - recon)
+    diff2 = (x_cf - recon).pow(2).mean(1)  # background_msd, center_msd
+    return diff2[:, border if name == "background_msd" else ~border].mean(1)
+
+
 def _judge_predict(judge, images):
     with torch.autocast(images.device.type, enabled=False):
         return judge(images.float()).argmax(1)
@@ -74,16 +118,26 @@ def explain_batch(
     keep_images=False,
     chunk=None,
     placement="boundary",
+    metrics=CHANGE_METRICS,
+    pad=False,
 ):
     """Classify ``images`` [B, 3, R, R], reconstruct them and explain them towards each of
     ``targets`` (class indices), each counterfactual ``margin`` past the decision boundary
     with the given ``placement`` (model/counterfactual.py). ``judges``: {name: module mapping images to class logits},
-    never the model itself. Counterfactuals are decoded and re-encoded ``chunk`` at a time
-    (default: B, the memory of one batch). Returns an :class:`ExplainedBatch`."""
+    never the model itself. The counterfactuals of all galaxies and targets are decoded and
+    re-encoded ``chunk`` at a time (default: B, the memory of one batch); with ``pad`` every
+    decode (reconstructions too) runs on exactly ``chunk`` latents, so that each image is
+    reproducible from its latent alone (:func:`padded_rows`). ``metrics``: the change
+    metrics to compute (a subset of ``CHANGE_METRICS``; the others stay NaN). Returns an
+    :class:`ExplainedBatch`."""
     judges = judges or {}
+    unknown = set(metrics) - set(CHANGE_METRICS)
+    if unknown:
+        raise ValueError(f"unknown change metrics {sorted(unknown)}; known: {CHANGE_METRICS}")
     cls = model.classify(images)
     pred, h, z = cls.pred, cls.h, cls.z
-    recon = model.decoder(z).float()
+    step = chunk or max(len(pred), 1)
+    recon = (decode_reconstructions(model, z, step) if pad else model.decoder(z)).float()
     x = images.float()
     b, t_count = len(pred), len(targets)
     dev = images.device
@@ -96,11 +150,13 @@ def explain_batch(
     cf_images = recon[:, None].repeat(1, t_count, 1, 1, 1) if keep_images else None
     border = border_mask(images.shape[-1], border_fraction, dev)
     rows, cols = mask.nonzero(as_tuple=True)
-    step = chunk or max(b, 1)
     for s in range(0, len(rows), step):
         r, c = rows[s : s + step], cols[s : s + step]
         target = tgt[c]
-        x_cf, h_cf = model.counterfactual(z[r], h[r], pred[r], target, margin, placement)
+        if pad:
+            x_cf, h_cf = decode_counterfactuals(model, z[r], h[r], pred[r], target, margin, placement, step)
+        else:
+            x_cf, h_cf = model.counterfactual(z[r], h[r], pred[r], target, margin, placement)
         x_cf = x_cf.float()
         h_cf_all[r, c] = h_cf.float()
         if keep_images:
@@ -108,15 +164,8 @@ def explain_batch(
         valid["model"][r, c] = (model.classify(x_cf).pred == target).to(torch.int8)
         for name, judge in judges.items():
             valid[name][r, c] = (_judge_predict(judge, x_cf) == target).to(torch.int8)
-        delta = x_cf - recon[r]
-        diff2 = delta.pow(2).mean(1)
-        change["msd_rec"][r, c] = msd(x_cf, recon[r]).float()
-        change["ssim_rec"][r, c] = ssim(x_cf, recon[r]).float()
-        change["msd_input"][r, c] = msd(x_cf, x[r]).float()
-        change["ssim_input"][r, c] = ssim(x_cf, x[r]).float()
-        change["luminance_share"][r, c] = luminance_share(delta).to(dev)
-        change["background_msd"][r, c] = diff2[:, border].mean(1)
-        change["center_msd"][r, c] = diff2[:, ~border].mean(1)
+        for name in metrics:
+            change[name][r, c] = _change_metric(name, x_cf, recon[r], x[r], border).float().to(dev)
     judge_pred = {name: _judge_predict(judge, x) for name, judge in judges.items()}
     return ExplainedBatch(
         list(targets),

@@ -286,7 +286,6 @@ def _run(cfg, env, mode, steps, warmup, repeats, out, config_path):
     finally:
         built.loader.close()
     bench = allreduce_bench(grad_bytes, device)
-    bandwidth, latency = fit_ring([(b["bytes"], b["seconds"]) for b in bench], env.world_size)
     grad_ar = next((b["seconds"] for b in bench if b["bytes"] == max(4, grad_bytes // 4 * 4)), None)
 
     mine = {
@@ -302,7 +301,34 @@ def _run(cfg, env, mode, steps, warmup, repeats, out, config_path):
     if not env.is_main:
         return None
 
+    record = _record(built, env, mode, (steps, warmup, repeats), config_path, blocks, ranks, bench, grad_ar)
+    rates = record["images_per_s_repeats"]
+    append_record(out, record)
+    log.info(
+        "scaling %s, %d rank(s): %.1f images/s (repeats %s), step %.4f s (data %.4f, compute %.4f), "
+        "gradient all-reduce %s -> %s",
+        mode,
+        env.world_size,
+        record["images_per_s"],
+        ", ".join(f"{r:.1f}" for r in rates),
+        record["step_s"],
+        record["data_s"],
+        record["compute_s"],
+        f"{grad_ar:.4f} s" if grad_ar is not None else "n/a (1 rank)",
+        out,
+    )
+    return record
+
+
+def _record(built, env, mode, timing, config_path, blocks, ranks, bench, grad_ar):
+    """The JSON record of one scaling measurement (rank 0): the job's images/s, per-step data
+    and compute time over ranks, communication, memory, and what produced them."""
+    steps, warmup, repeats = timing
+    cfg, device, micro, global_batch = built.cfg, env.device, built.micro, built.global_batch
+    params = sum(p.numel() for p in built.model.parameters() if p.requires_grad)
+    bandwidth, latency = fit_ring([(b["bytes"], b["seconds"]) for b in bench], env.world_size)
     rates = [steps * global_batch / b["wall_s"] for b in blocks]
+    nosyncs = all(r["compute_nosync_s"] is not None for r in ranks)
     per_rank_data = [statistics.median(r["data_s"]) for r in ranks]  # median over repeats, like images/s
     per_rank_compute = [statistics.median(r["compute_s"]) for r in ranks]
     hosts = sorted({r["host"] for r in ranks})
@@ -329,7 +355,7 @@ def _run(cfg, env, mode, steps, warmup, repeats, out, config_path):
         "micro_batch": micro,
         "global_batch": global_batch,
         "parameters": params,
-        "grad_bytes": grad_bytes,
+        "grad_bytes": 4 * params,
         "steps": steps,
         "warmup": warmup,
         "repeats": repeats,
@@ -348,11 +374,9 @@ def _run(cfg, env, mode, steps, warmup, repeats, out, config_path):
         / (statistics.mean(per_rank_data) + statistics.mean(per_rank_compute)),
         # DDP, >1 rank: median compute step without gradient sync, and the exposed communication
         # estimated as median step with sync - without (mean over ranks)
-        "compute_nosync_s": (statistics.mean(r["compute_nosync_s"] for r in ranks) if nosync is not None else None),
+        "compute_nosync_s": (statistics.mean(r["compute_nosync_s"] for r in ranks) if nosyncs else None),
         "comm_exposed_s": (
-            statistics.mean(r["compute_median_s"] - r["compute_nosync_s"] for r in ranks)
-            if nosync is not None
-            else None
+            statistics.mean(r["compute_median_s"] - r["compute_nosync_s"] for r in ranks) if nosyncs else None
         ),
         "allreduce_grad_s": grad_ar,
         "allreduce_bench": bench,
@@ -362,18 +386,4 @@ def _run(cfg, env, mode, steps, warmup, repeats, out, config_path):
         "peak_memory_kind": "cuda.max_memory_allocated" if device.type == "cuda" else "ru_maxrss",
         "versions": software_versions(),
     }
-    append_record(out, record)
-    log.info(
-        "scaling %s, %d rank(s): %.1f images/s (repeats %s), step %.4f s (data %.4f, compute %.4f), "
-        "gradient all-reduce %s -> %s",
-        mode,
-        env.world_size,
-        record["images_per_s"],
-        ", ".join(f"{r:.1f}" for r in rates),
-        record["step_s"],
-        record["data_s"],
-        record["compute_s"],
-        f"{grad_ar:.4f} s" if grad_ar is not None else "n/a (1 rank)",
-        out,
-    )
     return record
