@@ -34,6 +34,8 @@ setup(
         # catalog run on your own cutouts: FITS files (astropy) and .parquet lists (pyarrow);
         # PNG, JPEG and .csv need nothing more
         "cutouts": ["astropy>=5.0", "pyarrow>=10"],
+        # catalog export: Parquet and CSV (pyarrow), FITS (astropy)
+        "export": ["pyarrow>=14", "astropy>=6"],
         "report": ["matplotlib>=3.7", "scikit-learn>=1.3"],
         # DALI is one wheel per CUDA major version; both also run CPU-only pipelines.
         "dali-cuda13": ["nvidia-dali-cuda130>=2.0"],
@@ -50,11 +52,12 @@ setup(
         # tests. ruff within one minor release: its formatter's style changes between them.
         # webdataset (the reference reader of the shard format) only checks, in tests, that
         # the shards are standard WebDataset tars: the package's loaders read them via the
-        # DALI index files (docs/loaders.md). astropy and pyarrow (the cutouts extra): the tests
-        # of FITS cutouts and .parquet lists
+        # DALI index files (docs/loaders.md). astropy and pyarrow (the cutouts and export
+        # extras): the tests of FITS cutouts, .parquet lists and `catalog export`; pandas: the
+        # tests read the exported tables as a pandas user would
         "dev": ["pytest>=7", "webdataset>=1.0", "scikit-image>=0.21", "galsim>=2.5", "matplotlib>=3.7",
                 "scikit-learn>=1.3", "ruff~=0.17.6", "import-linter>=2.17,<3", "tensorboard>=2.14",
-                "astropy>=5.0", "pyarrow>=10"],
+                "astropy>=6", "pyarrow>=14", "pandas>=2"],
     },
     entry_points={"console_scripts": ["galcf-hpc=galcf_hpc.cli:main"]},
 )

@@ -304,6 +304,16 @@ def cmd_catalog_pack(args):
     print(f"packed {n} galaxies into {out} (one file, no part files needed)")
 
 
+def cmd_catalog_export(args):
+    from .catalog.export import default_out, export_catalog
+    from .progress import Progress
+
+    out = args.out or default_out(args.dir, args.format)
+    s = export_catalog(args.dir, out, args.format, progress=Progress(1, f"export {args.format}"))
+    also = f"; provenance and column descriptions in {s['sidecar']}" if s["sidecar"] else ""
+    print(f"exported {s['rows']} galaxies ({s['columns']} columns, no images) to {out}{also}")
+
+
 def cmd_catalog_verify(args):
     from .catalog.job import verify_catalog
     from .progress import Progress
@@ -568,6 +578,29 @@ def build_parser():
     sp.add_argument("dir", type=Path, help="catalog directory written by `catalog run`")
     sp.add_argument("--out", type=Path, help="packed file (default: DIR/catalog_packed.h5)")
     sp.set_defaults(func=cmd_catalog_pack)
+    sp = _command(
+        catalog,
+        "export",
+        "one table for TOPCAT, astropy, pandas: Parquet, FITS or CSV (no images)",
+        "Write every field of a catalog except the images as one columnar table (Parquet, "
+        "FITS binary table or CSV) with units, column descriptions, class and target names "
+        "and provenance; vector fields (per class, per target, h, z) as vector columns, in "
+        "CSV one column per element. Part files are checked first; the file appears only "
+        "when complete.",
+    )
+    sp.add_argument(
+        "dir", type=Path, help="catalog directory written by `catalog run` (or its catalog.h5, or a packed file)"
+    )
+    sp.add_argument(
+        "--format",
+        required=True,
+        choices=("parquet", "fits", "csv"),
+        help="parquet (pandas, TOPCAT), fits (astropy, TOPCAT) or csv (anything; provenance in OUT.json)",
+    )
+    sp.add_argument(
+        "--out", type=Path, help="table to write (default: DIR/catalog.<format>; next to a given file, its name)"
+    )
+    sp.set_defaults(func=cmd_catalog_export)
     sp = _command(
         catalog,
         "verify",

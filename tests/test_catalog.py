@@ -720,3 +720,241 @@ def test_without_thread_multiple_rank_0_only_hands_out_units(run_dir, sharded, m
         np.testing.assert_array_equal(serial[name], threaded[name])
     for name in ("h", "z", "ssim", "luminance_share"):  # another rank's threads: float rounding
         np.testing.assert_allclose(serial[name], threaded[name], atol=1e-4, rtol=1e-4, equal_nan=True)
+
+
+# -- catalog export: Parquet, FITS, CSV for TOPCAT, astropy and pandas -------------------------
+
+
+def _export_reference(mpi_catalog, tmp_path):
+    """A copy of the 2-rank catalog with galaxy 1 unlabelled (label -1, set in its part file),
+    and what catalog.h5 holds: every field but the images, and the attributes."""
+    from galcf_hpc.catalog.store import IMAGE_FIELDS
+
+    out = tmp_path / "cat"
+    shutil.copytree(mpi_catalog[0], out)
+    with h5py.File(out / "parts" / "unit-000000.h5", "a") as f:
+        f["label"][1] = -1
+    data, attrs = read_all(out / "catalog.h5")
+    fields = {k: v for k, v in data.items() if k not in IMAGE_FIELDS}
+    assert "image" in data and data["label"][1] == -1 and (data["label"][2:] >= 0).all()
+    # the schema this test relies on: scalars, per-class, per-target (model and judges), components
+    assert {"key", "ra", "dec", "label", "pred", "prob", "distance", "h", "z", "validity", "validity_cnn"} <= set(
+        fields
+    )
+    assert np.isnan(fields["msd"]).any()  # target == pred: NaN, which every format must keep
+    return out, fields, attrs
+
+
+def _class_names_of(values, class_names):
+    return [class_names[v] if v >= 0 else None for v in values]
+
+
+def _same(got, want, name):
+    """Exact equality, NaN where NaN; int8 may come back wider (FITS has no signed bytes)."""
+    got = np.asarray(got)
+    if want.dtype.kind == "S":
+        want = np.char.decode(want, "utf-8")
+        got = np.char.decode(got, "utf-8") if got.dtype.kind == "S" else got.astype(str)
+    elif want.dtype.kind == "f":
+        assert got.dtype.itemsize >= want.dtype.itemsize, name
+        got = got.astype(want.dtype)  # exact for a float32 written as float32 or its shortest decimal
+    else:
+        assert got.dtype.kind == want.dtype.kind and np.array_equal(got.astype(want.dtype), got), name
+    assert got.shape == want.shape, (name, got.shape, want.shape)
+    assert np.array_equal(got, want, equal_nan=want.dtype.kind == "f"), name
+
+
+def _expected_columns(fields, attrs):
+    """Table columns in schema order, with a class-name column after label and pred."""
+    names = []
+    for name in attrs["fields"]:
+        if name in fields:
+            names += [name, f"{name}_name"] if name in ("label", "pred") else [name]
+    return names
+
+
+def test_export_parquet_fits_csv_hold_every_row_and_field(mpi_catalog, tmp_path, monkeypatch, capsys):
+    import pandas as pd
+    import pyarrow.parquet as pq
+    from astropy import units as u
+    from astropy.io import fits
+    from astropy.table import Table
+
+    from galcf_hpc.catalog.export import FORMATS
+    from galcf_hpc.catalog.store import field_axis
+
+    assert FORMATS == _export_format_choices()
+    out, fields, attrs = _export_reference(mpi_catalog, tmp_path)
+    n, keys = 24, np.char.decode(fields["key"], "utf-8").tolist()
+    class_names, target_names = list(attrs["class_names"]), list(attrs["target_names"])
+    sha = attrs["checkpoint_sha256"]
+    columns = _expected_columns(fields, attrs)
+    label_names = _class_names_of(fields["label"], class_names)
+    pred_names = _class_names_of(fields["pred"], class_names)
+    assert label_names[1] is None and None not in pred_names
+
+    for fmt in FORMATS:
+        code, err = run_cli(monkeypatch, capsys, "catalog", "export", out, "--format", fmt)
+        assert code == 0, err
+        assert (out / f"catalog.{fmt}").is_file()  # the default output name
+    assert not list(out.glob(".*.tmp"))
+
+    # Parquet through pyarrow: schema, units, element names, provenance
+    table = pq.read_table(out / "catalog.parquet")
+    schema = table.schema
+    assert table.num_rows == n and table.column_names == columns
+    assert table.column("key").to_pylist() == keys
+    for name in ("ra", "dec"):
+        assert schema.field(name).metadata[b"unit"] == b"deg"
+    with h5py.File(out / "catalog.h5", "r") as f:
+        descriptions = {name: f[name].attrs["description"] for name in fields}
+    for name, values in fields.items():
+        meta = schema.field(name).metadata
+        assert meta[b"description"].decode().startswith(descriptions[name]), name
+        axis = field_axis(name)
+        if values.ndim == 2 and axis in ("class", "target"):
+            want = class_names if axis == "class" else target_names
+            assert json.loads(meta[b"elements"]) == want, name
+            assert schema.field(name).type.list_size == len(want), name
+        _same(np.array(table.column(name).to_pylist()), values, name)
+    assert table.column("label_name").to_pylist() == label_names
+    assert table.column("pred_name").to_pylist() == pred_names
+    md = schema.metadata
+    assert md[b"checkpoint_sha256"].decode() == sha and json.loads(md[b"class_names"]) == class_names
+    assert json.loads(md[b"target_names"]) == target_names and md[b"config"].decode() == attrs["config"]
+    assert md[b"input_fingerprint"].decode() == attrs["input_fingerprint"]
+    # ... and through pandas
+    df = pd.read_parquet(out / "catalog.parquet")
+    assert list(df.columns) == columns and df["key"].tolist() == keys
+    for name, values in fields.items():
+        _same(np.stack(df[name].to_numpy()) if values.ndim == 2 else df[name].to_numpy(), values, name)
+    assert df["label_name"].isna().tolist() == [v is None for v in label_names]
+    assert df["pred_name"].tolist() == pred_names
+
+    # FITS through astropy: one BINTABLE, vector columns, units, descriptions, provenance
+    t = Table.read(out / "catalog.fits", mask_invalid=False)
+    assert len(t) == n and t.colnames == columns
+    assert t["ra"].unit == u.deg and t["dec"].unit == u.deg and t["label"].unit is None
+    for name, values in fields.items():
+        _same(t[name], values, name)
+    assert [v or None for v in np.char.decode(np.asarray(t["label_name"]), "utf-8")] == label_names
+    assert list(np.char.decode(np.asarray(t["pred_name"]), "utf-8")) == pred_names
+    assert t.meta["CHECKPOINT_SHA256"] == sha and json.loads(t.meta["CLASS_NAMES"]) == class_names
+    assert json.loads(t.meta["TARGET_NAMES"]) == target_names
+    assert all(f"class {i}: {c}" in t.meta["comments"] for i, c in enumerate(class_names))
+    with fits.open(out / "catalog.fits") as hdus:
+        hdus.verify("exception")
+        h = hdus["CATALOG"].header
+        tcomm = {h[f"TTYPE{i}"]: h[f"TCOMM{i}"] for i in range(1, h["TFIELDS"] + 1)}
+        assert h["TFORM" + str(columns.index("prob") + 1)] == f"{len(class_names)}E"
+        assert h["TFORM" + str(columns.index("validity") + 1)] == f"{len(target_names)}I"
+    assert set(tcomm) == set(columns)
+    assert tcomm["prob"].endswith("class_names order: " + ", ".join(class_names))
+    assert tcomm["msd"].endswith("target_names order: " + ", ".join(target_names))
+    assert tcomm["ra"].startswith("right ascension")
+
+    # CSV through pandas: one column per element, provenance in the sidecar, no comment lines
+    text = (out / "catalog.csv").read_text()
+    assert not text.startswith("#") and text.count("\n") == n + 1
+    csv = pd.read_csv(out / "catalog.csv")
+    side = json.loads((out / "catalog.csv.json").read_text())
+    assert len(csv) == n and csv["key"].tolist() == keys
+    assert side["provenance"]["checkpoint_sha256"] == sha and side["provenance"]["class_names"] == class_names
+    assert side["config"] == attrs["config"] and [c["name"] for c in side["columns"]] == list(csv.columns)
+    assert {c["name"]: c["unit"] for c in side["columns"]}["ra"] == "deg"
+    assert {"prob_in_between_round_smooth", "validity_cnn_edge_on_with_bulge", "h_0", "z_0"} <= set(csv.columns)
+
+    def safe(label):
+        return "".join(c if c.isalnum() else " " for c in label).strip().replace(" ", "_").lower()
+
+    flat = []
+    for name in columns:
+        values = fields.get(name)
+        if values is None or values.ndim == 1:
+            flat.append(name)
+            if values is not None:
+                _same(csv[name].to_numpy(), values, name)
+            continue
+        axis = field_axis(name)
+        suffixes = {"class": [safe(c) for c in class_names], "target": [safe(c) for c in target_names]}.get(
+            axis, [str(i) for i in range(values.shape[1])]
+        )
+        names = [f"{name}_{s}" for s in suffixes]
+        flat += names
+        _same(csv[names].to_numpy(), values, name)
+    assert list(csv.columns) == flat
+    assert csv["label_name"].isna().tolist() == [v is None for v in label_names]
+    assert csv["pred_name"].tolist() == pred_names
+
+
+def _export_format_choices():
+    """The --format choices of `catalog export` (cli.py spells them out so that --help does
+    not import the export module)."""
+    parser = cli.build_parser()
+    catalog = next(a for a in parser._actions if a.dest == "command").choices["catalog"]
+    export = next(a for a in catalog._actions if a.dest == "catalog_cmd").choices["export"]
+    return tuple(next(a for a in export._actions if a.dest == "format").choices)
+
+
+def test_export_of_a_packed_file_streams_in_blocks(mpi_catalog, tmp_path):
+    import pyarrow.parquet as pq
+
+    from galcf_hpc.catalog.export import export_catalog
+
+    out, fields, _ = _export_reference(mpi_catalog, tmp_path)
+    packed = tmp_path / "packed.h5"
+    pack_catalog(out / "catalog.h5", packed)
+    shutil.rmtree(out)  # a packed file needs no parts
+    calls = []
+    s = export_catalog(packed, tmp_path / "t.parquet", "parquet", progress=lambda d, t: calls.append((d, t)), block=10)
+    assert s["rows"] == 24 and calls == [(10, 24), (20, 24), (24, 24)]
+    parquet = pq.ParquetFile(tmp_path / "t.parquet")
+    assert parquet.metadata.num_row_groups == 3  # one row group per block
+    table = parquet.read()
+    for name, values in fields.items():
+        _same(np.array(table.column(name).to_pylist()), values, name)
+
+    # a failure half way (here: after the first block) leaves nothing under the final names
+    class Stop(Exception):
+        pass
+
+    def fail(done, total):
+        raise Stop
+
+    for fmt in ("parquet", "fits", "csv"):
+        target = tmp_path / f"half.{fmt}"
+        with pytest.raises(Stop):
+            export_catalog(packed, target, fmt, progress=fail, block=10)
+        assert not target.exists() and not (tmp_path / f"half.{fmt}.json").exists()
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_export_refuses_a_damaged_catalog(mpi_catalog, tmp_path, monkeypatch, capsys):
+    """A missing part (read from inside another catalog's directory, where plain h5py would
+    return that catalog's rows), or a part of another catalog: refused with the data-error
+    exit code, nothing written. Without pyarrow: a usage error naming the extra to install."""
+    from galcf_hpc.catalog.export import export_catalog
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(mpi_catalog[0], a)
+    shutil.copytree(mpi_catalog[0], b)
+    (a / "parts" / "unit-000002.h5").unlink()
+    before = sorted(os.listdir(a))
+    monkeypatch.chdir(b)
+    for fmt in ("parquet", "fits", "csv"):
+        code, err = run_cli(monkeypatch, capsys, "catalog", "export", a, "--format", fmt)
+        assert code == DataError.exit_code and "Traceback" not in err, err
+        assert "unit-000002.h5 is missing" in err and f"galcf-hpc catalog verify {a}" in err, err
+    assert sorted(os.listdir(a)) == before and not any(name.startswith("catalog.") for name in before[1:])
+
+    shutil.copy(b / "parts" / "unit-000002.h5", a / "parts" / "unit-000002.h5")
+    with h5py.File(a / "parts" / "unit-000003.h5", "a") as f:
+        f.attrs["checkpoint_sha256"] = "0" * 64
+    with pytest.raises(DataError, match=r"unit-000003.h5 \(galaxies 12-15\) was computed with a checkpoint"):
+        export_catalog(a, tmp_path / "x.fits", "fits")
+    assert not (tmp_path / "x.fits").exists()
+
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # import pyarrow fails
+    code, err = run_cli(monkeypatch, capsys, "catalog", "export", b, "--format", "parquet")
+    assert code == UsageError.exit_code and "pip install 'galcf-hpc[export]'" in err and "pyarrow" in err
+    assert not (b / "catalog.parquet").exists()
