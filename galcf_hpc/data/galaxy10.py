@@ -4,6 +4,11 @@ The format (``Galaxy10_DECals.h5``): ``images`` (N, S, S, 3) uint8 (S = 256 in t
 file), ``ans`` (N,) labels 0-9, and ``ra``, ``dec``, ``redshift``, ``pxscale`` (N,)
 float64. The reader is lazy: opening validates the header and the small per-galaxy
 arrays; images are read only on request, so a 2.5 GB file never has to fit in memory.
+
+A catalog made with planted label noise (``data synth --label-noise P``) also holds
+``ans_true`` (N,), the labels before noise, and the attribute ``label_noise``: ``ans`` is
+what training sees, ``ans_true`` what measures how well mislabels are found. Readers of
+the astroNN format ignore the extra dataset.
 """
 
 from pathlib import Path
@@ -16,6 +21,7 @@ from galcf_hpc.errors import DataError
 from galcf_hpc.fileio import atomic_path
 
 METADATA_KEYS = ("ra", "dec", "redshift", "pxscale")
+TRUE_LABELS_KEY = "ans_true"  # labels before planted noise (data synth --label-noise)
 _REGENERATE = "re-download or re-generate it"
 # Images are written in blocks of this many galaxies so a writer never holds two copies
 # of a large array.
@@ -27,12 +33,13 @@ def _fail(path, what, todo=_REGENERATE):
 
 
 def write_catalog(path, images, ans, ra, dec, redshift=None, pxscale=None, attrs=None,
-                  compression="gzip"):
+                  compression="gzip", ans_true=None):
     """Write an astroNN-format catalog atomically.
 
     ``images`` is (N, S, S, 3) uint8; ``ans`` (N,) integer labels 0-9 or None for an
     unlabelled catalog; ``ra``/``dec`` (N,) degrees; ``redshift``/``pxscale`` (N,) or
-    None (then omitted, and read back as NaN). Images are stored one per chunk, compressed
+    None (then omitted, and read back as NaN); ``ans_true`` (N,) the labels before planted
+    noise, or None (then omitted). Images are stored one per chunk, compressed
     (``"gzip"``, readable by any HDF5 tool, or ``"lzf"``, faster but h5py-only), so the
     reader can fetch single galaxies cheaply. Inputs are validated before anything is
     written; an existing file at ``path`` is replaced only once the new one is complete.
@@ -55,6 +62,15 @@ def write_catalog(path, images, ans, ra, dec, redshift=None, pxscale=None, attrs
             _fail(path, f"ans must be integer labels, got {ans.dtype}", "pass labels 0-9")
         _check_labels(path, ans)
         columns["ans"] = ans.astype(np.uint8)
+    if ans_true is not None:
+        if ans is None:
+            _fail(path, f"'{TRUE_LABELS_KEY}' given without 'ans'", "pass the noisy labels as ans")
+        ans_true = np.asarray(ans_true)
+        _check_column(path, TRUE_LABELS_KEY, ans_true, n)
+        if not np.issubdtype(ans_true.dtype, np.integer):
+            _fail(path, f"{TRUE_LABELS_KEY} must be integer labels, got {ans_true.dtype}", "pass labels 0-9")
+        _check_labels(path, ans_true, TRUE_LABELS_KEY)
+        columns[TRUE_LABELS_KEY] = ans_true.astype(np.uint8)
     for key, values in (("ra", ra), ("dec", dec), ("redshift", redshift), ("pxscale", pxscale)):
         if values is None:
             if key in ("ra", "dec"):
@@ -87,13 +103,13 @@ def _check_column(path, key, values, n):
               f"'{key}' needs one value per image")
 
 
-def _check_labels(path, ans):
+def _check_labels(path, ans, key="ans"):
     """Labels must be integers 0..NUM_CLASSES-1; name the first offending sample."""
     with np.errstate(invalid="ignore"):
         bad = ~((ans >= 0) & (ans < NUM_CLASSES) & (ans == np.floor(ans)))
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        _fail(path, f"'ans' of sample {i} is {ans[i]!r}, outside the classes 0-{NUM_CLASSES - 1} "
+        _fail(path, f"'{key}' of sample {i} is {ans[i]!r}, outside the classes 0-{NUM_CLASSES - 1} "
               f"({int(bad.sum())} bad labels in all)", "fix the labels or drop those samples")
 
 
@@ -114,7 +130,8 @@ class Galaxy10File:
     """A lazily read astroNN-format catalog. Use :func:`open_catalog` to get one.
 
     Attributes: ``path``, ``n`` (also ``len()``), ``image_size``, ``labels`` (int64 array,
-    or None when the file has no ``ans``), ``ra``, ``dec``, ``redshift``, ``pxscale``
+    or None when the file has no ``ans``), ``true_labels`` (int64 array of ``ans_true``, the
+    labels before planted noise, or None), ``ra``, ``dec``, ``redshift``, ``pxscale``
     (float64 arrays, NaN-filled where the file lacks the key), ``attrs`` (file attributes).
     """
 
@@ -162,6 +179,14 @@ class Galaxy10File:
                       "store labels 0-9 as integers")
             _check_labels(self.path, ans)
             self.labels = ans.astype(np.int64)
+        self.true_labels = None
+        if TRUE_LABELS_KEY in f:
+            true = self._column(TRUE_LABELS_KEY)
+            if true.dtype.kind not in "iuf":
+                _fail(self.path, f"key '{TRUE_LABELS_KEY}' has dtype {true.dtype}, expected integer labels",
+                      "store labels 0-9 as integers")
+            _check_labels(self.path, true, TRUE_LABELS_KEY)
+            self.true_labels = true.astype(np.int64)
         for key in METADATA_KEYS:
             if key in f:
                 values = self._column(key)

@@ -60,7 +60,10 @@ _ASINH_Q = 20.0
 # multiplied per image by a random factor.
 _SKY_SIGMA = np.array([0.006, 0.009, 0.022])      # g, r, z
 
-# Confusable classes used for the conflicting labels of planted duplicates.
+# Confusable classes used for the conflicting labels of planted duplicates. Not
+# data.classes.NEIGHBOURS (the table of `data synth --label-noise`, which moves labels after
+# rendering): this one decides which galaxy a duplicate re-renders, and changing it would
+# change the images every published seed gives.
 _CONFUSABLE = {0: (1, 7), 1: (0,), 2: (3,), 3: (2, 4), 4: (3, 8), 5: (6, 7),
                6: (5, 7), 7: (6, 0), 8: (9, 4), 9: (8,)}
 

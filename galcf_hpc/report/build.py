@@ -1,4 +1,5 @@
-"""``galcf-hpc report``: collect a run's numbers (:mod:`.collect`), draw the figures
+"""``galcf-hpc report``: collect a run's numbers (:mod:`.collect`: the explained split, and
+the training split's mislabel candidates), draw the figures
 (:mod:`.plots`, :mod:`galcf_hpc.explain.figures`), write report.json and galaxies.npz, and
 render the page (:mod:`.render`). Everything lands next to the HTML file: RUN/report/ by
 default, the folder of ``--out`` otherwise.
@@ -35,8 +36,9 @@ def _json_safe(x):
     return x
 
 
-def _figures(fig_dir, model, cfg, collected, rep, embeddings, training):
-    """Every PNG of the page into ``fig_dir``; returns {figure: file name}."""
+def _figures(fig_dir, model, cfg, collected, rep, embeddings, training, mislabels):
+    """Every PNG of the page into ``fig_dir``; returns {figure: file name} (a list of names
+    for the mislabel candidates' thumbnails, in rank order)."""
     figures = {}
     if collected.pool:
         figures |= write_grids(fig_dir, *collected.pool.rows(model, cfg.explain.margin, cfg.explain.placement))
@@ -61,6 +63,11 @@ def _figures(fig_dir, model, cfg, collected, rep, embeddings, training):
             [f"#{o['index']}\nlabel {o['label']}\npred {o['pred']}" for o in rep["outliers"][kind]],
         )
         figures[f"outliers_{kind}"] = f"outliers_{kind}.png"
+    names = [f"mislabel/candidate-{r:03d}.png" for r in range(1, len(rep["mislabels"]["candidates"]) + 1)]
+    (fig_dir / "mislabel").mkdir(exist_ok=True)
+    for name, image in zip(names, mislabels.top.images()):
+        plots.thumbnail(fig_dir / name, image)
+    figures["mislabel_thumbnails"] = names
     return figures
 
 
@@ -88,6 +95,7 @@ def build_report(run_dir, catalog=None, out=None, max_galaxies=1000, device="aut
     collected = collect.collect(model, judges, cfg, max_galaxies, dev)
     scores, embeddings = collect.silhouettes(collected.arrays, tsne)
     training = collect.training_records(run_dir)
+    mislabels = collect.mislabel_pass(model, cfg, dev)
     rep = collect.report_numbers(
         run_dir,
         ckpt,
@@ -99,9 +107,10 @@ def build_report(run_dir, catalog=None, out=None, max_galaxies=1000, device="aut
         training,
         cat,
         max_galaxies,
+        collect.mislabel_table(mislabels, *collect.true_labels(cfg)),
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    rep["figures"] = _figures(out.parent, model, cfg, collected, rep, embeddings, training)
+    rep["figures"] = _figures(out.parent, model, cfg, collected, rep, embeddings, training, mislabels)
     rep["paths"] = {"html": str(out), "json": str(out.parent / "report.json"), "npz": str(out.parent / "galaxies.npz")}
     with atomic_path(rep["paths"]["npz"]) as tmp, open(tmp, "wb") as fh:
         np.savez_compressed(fh, **{k: v for k, v in collected.arrays.items() if k not in ("z1", "z2")})

@@ -1,7 +1,9 @@
 """Every number of a run's report: one pass over the explained split (``explain.split``, at
 most ``max_galaxies`` galaxies in loader order) with the counterfactual pass of
 :mod:`galcf_hpc.model.evaluation`, the run's judges as the panel, then latent-space
-separation, outliers, training records and the catalog summary.
+separation, outliers, training records and the catalog summary; and one classification
+pass over the training split for the mislabel candidates, measured against the true labels
+where the shards' source catalog records them (``data synth --label-noise``).
 
 "Trained against" and "judged by" stay apart here as everywhere: ``validity_model`` is the
 model's own verdict on its counterfactuals, ``validity_<judge>`` the verdict of a classifier
@@ -19,25 +21,33 @@ import torch
 
 from .. import __version__
 from ..data.classes import CLASS_NAMES, NUM_CLASSES
+from ..data.galaxy10 import TRUE_LABELS_KEY, open_catalog
 from ..errors import DataError
 from ..explain.run import DEFINITIONS
+from ..fileio import file_sha256
 from ..judges import DEFAULT_PANEL, judges_dir
 from ..loaders import build_loader
+from ..metrics import class_probabilities, mislabel_score, precision_at_k, roc_auc
 from ..model.evaluation import Accumulator, FigurePool, explain_batch
 from ..progress import Progress
 
 NUM_OUTLIERS = 8
+NUM_MISLABEL_CANDIDATES = 50
+MISLABEL_SPLIT = "train"  # where wrong labels do harm: the model learns from them
 CATALOG_FILE = "catalog.h5"
 PRED_FILL = -32768  # the catalog's fill value of 'pred': a galaxy no part file provides
 
 
-def iterate(cfg, split, limit):
+def iterate(cfg, split, limit, progress=None):
     """(keys, images, labels on the CPU) batches of the valid galaxies of ``split``, at most
-    ``limit`` in all; images stay on the loader's device (DALI on GPU, synthetic loader)."""
+    ``limit`` in all; images stay on the loader's device (DALI on GPU, synthetic loader).
+    ``progress(batches done, batches in all)`` is called after each batch."""
     loader = build_loader(cfg, split, 0, 1, train=False)
     n = 0
     try:
-        for batch in loader:
+        for b, batch in enumerate(loader):
+            if progress is not None:
+                progress(b + 1, loader.steps_per_epoch)
             if n >= limit:
                 break
             keep = batch["valid"].cpu()
@@ -53,31 +63,46 @@ def iterate(cfg, split, limit):
         loader.close()
 
 
+class Lowest:
+    """The ``k`` galaxies with the lowest score, kept with their images while a split streams
+    by, so no second pass over the data is needed. Ties go to the galaxy seen first; NaN
+    scores are never kept."""
+
+    def __init__(self, k):
+        self.k = k
+        self.kept = []  # (score, index, image [3, R, R] numpy), best first
+
+    def add(self, start, score, images):
+        """Galaxies ``start``.. with ``score`` [B] and ``images`` [B, 3, R, R]."""
+        new = [(s, start + i, None) for i, s in enumerate(score.float().cpu().tolist()) if not math.isnan(s)]
+        best = sorted(self.kept + new, key=lambda c: c[:2])[: self.k]
+        self.kept = [(s, i, images[i - start].float().cpu().numpy() if img is None else img) for s, i, img in best]
+
+    def indices(self):
+        return [i for _, i, _ in self.kept]
+
+    def images(self):
+        return [img for _, _, img in self.kept]
+
+
 class OutlierPool:
     """The ``k`` galaxies whose h is farthest from its nearest class mean ("far") and the
-    ``k`` closest to a tie between the two nearest means ("between"), kept with their images
-    while the split streams by, so no second pass over the data is needed. Ties go to the
-    galaxy seen first."""
+    ``k`` closest to a tie between the two nearest means ("between")."""
 
     def __init__(self, k=NUM_OUTLIERS):
-        self.k = k
-        self.kept = {"far": [], "between": []}  # (score, index, image [3, R, R] numpy), best first
+        self.pools = {"far": Lowest(k), "between": Lowest(k)}
 
     def add(self, start, distance, images):
         """Galaxies ``start``.. with class-mean ``distance`` [B, C] and ``images`` [B, 3, R, R]."""
         d = distance.float().cpu().sort(1).values
         for kind, score in (("far", -d[:, 0]), ("between", d[:, 1] - d[:, 0])):
-            new = [(float(s), start + i, None) for i, s in enumerate(score.tolist())]
-            best = sorted(self.kept[kind] + new, key=lambda c: c[:2])[: self.k]
-            self.kept[kind] = [
-                (s, i, images[i - start].float().cpu().numpy() if img is None else img) for s, i, img in best
-            ]
+            self.pools[kind].add(start, score, images)
 
     def indices(self, kind):
-        return [i for _, i, _ in self.kept[kind]]
+        return self.pools[kind].indices()
 
     def images(self, kind):
-        return [img for _, _, img in self.kept[kind]]
+        return self.pools[kind].images()
 
 
 @dataclass
@@ -143,6 +168,142 @@ def collect(model, judges, cfg, limit, device):
     arrays = {k: torch.cat(v).numpy() for k, v in rows.items()}
     arrays["keys"] = np.array(keys)
     return Collected(acc.summary(CLASS_NAMES), arrays, pool, outliers)
+
+
+@dataclass
+class Mislabels:
+    """The classification pass over the training split: per-galaxy arrays (keys, labels,
+    pred, prob [N, C], score) and the highest-scoring galaxies with their images."""
+
+    arrays: dict
+    top: Lowest
+
+
+@torch.no_grad()
+def mislabel_pass(model, cfg, device, k=NUM_MISLABEL_CANDIDATES, split=MISLABEL_SPLIT):
+    """Every galaxy of ``split`` classified by the model alone (encoder, flow, class means:
+    ``model.classify``, nothing decoded) and scored with
+    :func:`galcf_hpc.metrics.mislabel_score`; keeps the images of the ``k`` highest positive
+    scores."""
+    top = Lowest(k)
+    rows = {"labels": [], "pred": [], "prob": [], "score": []}
+    keys = []
+    bar = Progress(1, f"report {split} (mislabel candidates)")
+    for bkeys, images, labels in iterate(cfg, split, math.inf, progress=bar):
+        images = images.to(device)
+        c = model.classify(images)
+        score = mislabel_score(torch.cdist(c.h, model.means.float()), labels.to(c.h.device))
+        # candidates are galaxies the model disagrees with (score > 0), highest first
+        top.add(len(keys), torch.where(score > 0, -score, torch.full_like(score, math.nan)), images)
+        keys += bkeys
+        batch = {"labels": labels, "pred": c.pred, "prob": class_probabilities(c.logits), "score": score}
+        for name, v in batch.items():
+            rows[name].append(v.cpu())
+    if not keys:
+        raise DataError(f"split {split!r} of {cfg.data.shards} holds no galaxies to look for mislabels in")
+    arrays = {name: torch.cat(v).numpy() for name, v in rows.items()}
+    arrays["keys"] = np.array(keys)
+    return Mislabels(arrays, top)
+
+
+def _source_rows(keys):
+    """Row of each sample key in the shards' source catalog (``g<source index>``,
+    :func:`galcf_hpc.data.shards.sample_key`), or None where a key has another form."""
+    if not all(len(k) > 1 and k[0] == "g" and k[1:].isdigit() for k in keys):
+        return None
+    return np.array([int(k[1:]) for k in keys], dtype=np.int64)
+
+
+def true_labels(cfg):
+    """(true labels of the shards' source catalog by row, None; or None, why not).
+
+    The shards record their source's file name, sha256 and number of galaxies
+    (``splits.json``); the file is looked for at ``data.source`` and next to and inside
+    ``data.shards``, and its true labels are used only if its sha256 is the recorded one.
+    ``ans_true`` (written by ``data synth --label-noise``) holds the labels before the
+    planted noise."""
+    shards = Path(cfg.data.shards)
+    summary = _read_json(shards / "splits.json")
+    if cfg.data.loader == "synthetic" or not summary or "source" not in summary:
+        return None, f"{shards} records no source catalog (no splits.json), so no true labels are known"
+    source = summary["source"]
+    candidates = list(dict.fromkeys([Path(cfg.data.source), shards.parent / source["file"], shards / source["file"]]))
+    without = None
+    for path in candidates:
+        try:
+            with open_catalog(path) as cat:
+                n, truth = cat.n, cat.true_labels
+        except DataError:  # not there, or not a catalog
+            continue
+        if n != source["num_galaxies"]:
+            continue
+        if truth is None:  # known without hashing it: a 2.5 GB Galaxy10 file takes a while
+            without = without or path
+        elif file_sha256(path) == source["sha256"]:
+            return truth, None
+    if without is not None:
+        return None, (
+            f"{without}, the shards' source, records no true labels (no '{TRUE_LABELS_KEY}'; it was not made "
+            "with `galcf-hpc data synth --label-noise P`), so the ranking cannot be checked against them"
+        )
+    return None, (
+        f"the shards' source {source['file']} (sha256 {source['sha256'][:12]}...) is at none of "
+        f"{', '.join(str(p) for p in candidates)}; put it there (or set data.source) to check the ranking "
+        "against its true labels"
+    )
+
+
+def mislabel_table(mislabels, truth, note, split=MISLABEL_SPLIT):
+    """The report's mislabel candidates: the top galaxies of ``mislabels`` with their labels,
+    classes, probabilities and scores, and, with ``truth`` (true labels by source row), how
+    well the score finds the wrong labels: ROC AUC and the precision among the top k (k = the
+    number of wrong labels), next to chance."""
+    a = mislabels.arrays
+    labels, pred, prob, score = a["labels"], a["pred"], a["prob"], a["score"]
+    n = len(labels)
+    rows = _source_rows(a["keys"].tolist())
+    if truth is not None and rows is None:
+        truth, note = None, "the sample keys are not g<source index>, so they cannot be matched to true labels"
+    if truth is not None and rows.max() >= len(truth):
+        truth, note = None, f"a sample key points past the {len(truth)} rows of the source catalog"
+    true = truth[rows] if truth is not None else None
+
+    def entry(rank, i):
+        return {
+            "rank": rank,
+            "index": int(i),
+            "key": str(a["keys"][i]),
+            "label": CLASS_NAMES[int(labels[i])],
+            "pred": CLASS_NAMES[int(pred[i])],
+            "prob_label": float(prob[i, int(labels[i])]),
+            "prob_pred": float(prob[i, int(pred[i])]),
+            "score": float(score[i]),
+            "true_label": CLASS_NAMES[int(true[i])] if true is not None else None,
+            "label_wrong": bool(true[i] != labels[i]) if true is not None else None,
+        }
+
+    evaluation = None
+    if true is not None:
+        wrong = true != labels
+        n_wrong = int(wrong.sum())
+        evaluation = {
+            "num_wrong": n_wrong,
+            "chance": n_wrong / n,
+            "roc_auc": roc_auc(score, wrong),
+            "k": n_wrong,
+            "precision_at_k": precision_at_k(score, wrong, n_wrong) if n_wrong else None,
+            "accuracy_true": float((pred == true).mean()),
+            "wrong_predicted_true": float((pred[wrong] == true[wrong]).mean()) if n_wrong else None,
+        }
+    return {
+        "split": split,
+        "num_galaxies": n,
+        "accuracy_catalogue": float((pred == labels).mean()),
+        "num_disagreeing": int((score > 0).sum()),
+        "candidates": [entry(r + 1, i) for r, i in enumerate(mislabels.top.indices())],
+        "evaluation": evaluation,
+        "note": note,
+    }
 
 
 def silhouettes(arrays, do_tsne, seed=0):
@@ -359,12 +520,19 @@ REPORT_DEFINITIONS = {
     "classification": "the model and each judge on the real (not counterfactual) images of the split",
     "silhouette": "sklearn silhouette_score by true class (Euclidean), in the latent space itself and in its 2-D "
     "t-SNE embedding",
+    "mislabel_score": "distance of h to the mean of the catalogue label's class minus the distance to the nearest "
+    "class mean (0 where the model agrees with the label); the training split is ranked by it, highest first",
+    "mislabel_roc_auc": "ROC AUC of the mislabel score for 'catalogue label differs from the true label' (chance "
+    "0.5); precision_at_k: share of wrong labels among the k highest scores, k = number of wrong labels (chance: "
+    "their share)",
 }
 
 
-def report_numbers(run_dir, ckpt, cfg, collected, panel, silhouette, outliers, training, catalog, max_galaxies):
+def report_numbers(
+    run_dir, ckpt, cfg, collected, panel, silhouette, outliers, training, catalog, max_galaxies, mislabels=None
+):
     """The report's JSON-ready dict (``figures``, ``paths`` and ``seconds`` are filled in by
-    the caller)."""
+    the caller); ``mislabels``: :func:`mislabel_table`'s dict."""
     s = collected.summary
     sep = {k: silhouette[k]["original"] for k in silhouette}
     train_recs, eval_recs = training
@@ -390,6 +558,7 @@ def report_numbers(run_dir, ckpt, cfg, collected, panel, silhouette, outliers, t
         "silhouette": silhouette,
         "h_separates_better_than_z2": (sep["h"] > sep["z2"]) if None not in (sep["h"], sep["z2"]) else None,
         "outliers": outliers,
+        "mislabels": mislabels,
         "training": {
             "final_eval": eval_recs[-1] if eval_recs else None,
             "num_train_records": len(train_recs),

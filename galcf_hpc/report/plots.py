@@ -150,3 +150,14 @@ def galaxy_strip(path, images, captions):
         ax.set_title(cap, fontsize=6)
     fig.subplots_adjust(left=0.01, right=0.99, top=0.72, bottom=0.02, wspace=0.08)
     _save(fig, path)
+
+
+def thumbnail(path, image, size=96):
+    """One galaxy ([3, R, R] in [0, 1]) as a PNG of about ``size`` px, enlarged by a whole
+    factor without interpolation (the pixels the model saw)."""
+    from PIL import Image
+
+    rgb = np.round(np.clip(np.transpose(image, (1, 2, 0)), 0, 1) * 255).astype(np.uint8)
+    factor = max(1, -(-size // rgb.shape[0]))
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.kron(rgb, np.ones((factor, factor, 1), np.uint8))).save(tmp, format="PNG")

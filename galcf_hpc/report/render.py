@@ -83,6 +83,19 @@ def summary_lines(rep):
         "silhouette by class (original space / t-SNE): "
         + ", ".join(f"{k} {num(v['original'])}/{num(v['tsne'])}" for k, v in rep["silhouette"].items())
     )
+    ml = rep.get("mislabels")
+    if ml:
+        line = (
+            f"mislabel candidates: the model disagrees with the catalogue label of {ml['num_disagreeing']} of "
+            f"{ml['num_galaxies']} {ml['split']} galaxies"
+        )
+        ev = ml["evaluation"]
+        if ev:
+            line += (
+                f"; {ev['num_wrong']} planted wrong labels: ROC AUC {num(ev['roc_auc'])}, precision at k={ev['k']} "
+                f"{num(ev['precision_at_k'])} (chance {num(ev['chance'])})"
+            )
+        lines.append(line)
     if j["note"]:
         lines.append(f"note: {j['note']}")
     p = rep["paths"]
