@@ -1,17 +1,28 @@
-"""Catalog job throughput: galaxies/s per rank and the 1 -> N rank speed-up.
+"""Catalog job throughput: galaxies/s per rank, the 1 -> N rank speed-up, GPU-hours.
 
-Runs ``mpiexec -n 1`` and ``mpiexec -n N`` of ``galcf-hpc catalog run`` on the same input
-(a generated astroNN-format .h5 of Gaussian blobs) with a randomly initialised model of the
-smoke configuration and, next to it, the default judge panel (three judges, randomly
-initialised: the cost of a forward pass does not depend on the weights), then prints a
-table. Work time is from each rank's first unit to the end of the work (startup and model
-loading excluded); wall time is the whole command.
+For each configuration (default: the smoke model at 32 px, the 64 px model, the paper's
+256 px model) it runs ``mpiexec -n 1`` and ``mpiexec -n N`` of ``galcf-hpc catalog run`` on
+the same input (a generated astroNN-format .h5 of Gaussian blobs at the model's input size)
+with a randomly initialised model and, next to it, the default judge panel (three judges,
+randomly initialised: the cost of a forward pass does not depend on the weights; every
+counterfactual is judged by all three), then prints a table. Work time is from each rank's
+first unit to the end of the work (startup and model loading excluded); wall time is the
+whole command. Each rank is bound to one core (``mpiexec -bind-to core``), so it runs one
+torch thread: galaxies/s per rank are per core on a CPU. The last column is the hours one
+rank (one GPU with ``--device cuda``) needs for Galaxy Zoo DESI's 8.67 million galaxies at
+that rate.
 
-    python benchmarks/catalog.py [--galaxies 960] [--ranks 2] [--unit-size 32] [--no-judges] [--device cpu]
+``--baseline REV`` runs the same inputs through the catalog job of an earlier commit too (a
+git worktree of REV, its own ``galcf_hpc``), in the same run: before and after side by side.
+
+    python benchmarks/catalog.py [--configs smoke synthetic64 galaxy10_decals] [--galaxies 256 128 32]
+        [--ranks 2] [--images none full] [--baseline REV] [--device cpu|cuda] [--out F.json]
 """
 
 import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -61,70 +72,101 @@ def checkpoint(root):
     return root / "run" / "checkpoints" / "model.pt"
 
 
-def run(root, ranks, unit_size, device):
-    out = root / f"out-{ranks}"
-    cmd = [
-        "mpiexec",
-        "-n",
-        str(ranks),
-        sys.executable,
-        "-m",
-        "galcf_hpc.cli",
-        "catalog",
-        "run",
-        "--checkpoint",
-        str(checkpoint(root)),
-        "--input",
-        str(root / "bench.h5"),
-        "--out",
-        str(out),
-        "--unit-size",
-        str(unit_size),
-        "--device",
-        device,
-    ]
+def run(root, ranks, unit_size, device, images=None, tree=None):
+    """One ``catalog run`` through mpiexec; ``tree``: another checkout's galcf_hpc."""
+    out = root / f"out-{ranks}-{images or 'baseline'}-{'base' if tree else 'now'}"
+    # one core per rank (MPICH's hydra): the job then runs one torch thread per rank, so a
+    # rank's galaxies/s mean the same in the 1-rank and the N-rank run
+    cmd = ["mpiexec", "-bind-to", "core", "-n", str(ranks), sys.executable, "-m", "galcf_hpc.cli", "catalog", "run"]
+    cmd += ["--checkpoint", str(checkpoint(root)), "--input", str(root / "bench.h5"), "--out", str(out)]
+    cmd += ["--unit-size", str(unit_size), "--device", device]
+    if images:
+        cmd += ["--images", images]
+    env = dict(os.environ, PYTHONPATH=str(tree)) if tree else None
     t0 = time.monotonic()
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tree)
     wall = time.monotonic() - t0
     if res.returncode:
         sys.exit(f"{' '.join(cmd)} failed:\n{res.stderr[-3000:]}")
-    return json.loads((out / "summary.json").read_text()), wall
+    summary = json.loads((out / "summary.json").read_text())
+    shutil.rmtree(out)
+    return summary, wall
+
+
+def worktree(rev, where):
+    """A checkout of ``rev`` of this repository at ``where`` (git worktree, detached)."""
+    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-f", str(where), rev], check=True)
+    return where
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--galaxies", type=int, default=960)
-    p.add_argument("--size", type=int, default=64, help="input cutout side (pixels)")
+    p.add_argument("--configs", nargs="+", default=["smoke", "synthetic64", "galaxy10_decals"])
+    p.add_argument("--galaxies", nargs="+", type=int, default=[256, 128, 32], help="per config")
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--unit-size", type=int, default=32)
-    p.add_argument("--config", default=str(REPO / "configs" / "smoke.yaml"))
+    p.add_argument("--images", nargs="+", default=["none", "full"], choices=("none", "thumbnails", "full"))
+    p.add_argument("--baseline", default=None, help="also run the catalog job of this git revision")
     p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"), help="--device of the job")
     p.add_argument("--no-judges", action="store_true", help="no judge panel next to the model (model validity only)")
+    p.add_argument("--out", type=Path, default=None, help="also write the rows as JSON")
     args = p.parse_args()
+    counts = dict(zip(args.configs, args.galaxies + args.galaxies[-1:] * len(args.configs)))
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        make_inputs(root, args.galaxies, args.size, args.config, judges=not args.no_judges)
-        results = {n: run(root, n, args.unit_size, args.device) for n in (1, args.ranks)}
-    first = results[1][0]
+        base = worktree(args.baseline, Path(tmp) / "baseline") if args.baseline else None
+        for name in args.configs:
+            config = REPO / "configs" / f"{name}.yaml"
+            size = load_config(config).data.image_size
+            root = Path(tmp) / name
+            root.mkdir()
+            make_inputs(root, counts[name], size, config, judges=not args.no_judges)
+            variants = ([("before", None, base)] if base else []) + [(f"images {i}", i, None) for i in args.images]
+            for label, images, tree in variants:
+                res = {n: run(root, n, args.unit_size, args.device, images, tree) for n in (1, args.ranks)}
+                (s1, w1), (sn, wn) = res[1], res[args.ranks]
+                per_rank = s1["per_rank"][0]["galaxies_per_s"]
+                rows.append(
+                    {
+                        "config": name,
+                        "image_size": size,
+                        "code": label,
+                        "galaxies": counts[name],
+                        "device": s1["device"],
+                        "galaxies_per_s_per_rank": per_rank,
+                        f"speedup_1_to_{args.ranks}": s1["work_seconds"] / sn["work_seconds"],
+                        "gpu_hours_8.67M": DESI / per_rank / 3600,
+                        "wall_s": {"1": w1, str(args.ranks): wn},
+                    }
+                )
+                print(_line(rows[-1], args.ranks), flush=True)
+        if base:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(base)], check=True)
     print(
-        f"catalog job, {args.galaxies} galaxies ({args.size} px in, smoke model, 10 targets, judges: "
-        f"{', '.join(first['judges']) or 'none'}), units of {args.unit_size}, {first['device']}, "
-        f"torch {torch.__version__}"
+        f"\ncatalog job, judges: {'none' if args.no_judges else 'default panel'}, units of {args.unit_size}, "
+        f"torch {torch.__version__}, {os.cpu_count()} CPUs"
     )
-    print(
-        f"{'ranks':>5} {'rank':>4} {'units':>5} {'galaxies':>8} {'gal/s/rank':>10} | {'work s':>7} {'gal/s':>7} "
-        f"{'wall s':>7}"
-    )
-    for n, (s, wall) in results.items():
-        for r in s["per_rank"]:
-            print(
-                f"{n:5d} {r['rank']:4d} {r['units']:5d} {r['galaxies']:8d} {r['galaxies_per_s']:10.1f} | "
-                f"{s['work_seconds']:7.1f} {s['num_galaxies'] / s['work_seconds']:7.1f} {wall:7.1f}"
-            )
-    (s1, w1), (sn, wn) = results[1], results[args.ranks]
-    print(
-        f"speed-up 1 -> {args.ranks} ranks: {s1['work_seconds'] / sn['work_seconds']:.2f}x (work time), "
-        f"{w1 / wn:.2f}x (wall time incl. startup)"
+    print(f"{'config':16s} {'px':>4} {'code':14s} {'gal/s/rank':>10} {'1->' + str(args.ranks):>6} {'h/8.67M':>9}")
+    for r in rows:
+        print(_line(r, args.ranks))
+    for name in args.configs:
+        mine = {r["code"]: r for r in rows if r["config"] == name}
+        if "before" in mine:
+            for label, r in mine.items():
+                if label != "before":
+                    ratio = r["galaxies_per_s_per_rank"] / mine["before"]["galaxies_per_s_per_rank"]
+                    print(f"{name}: {label} / before = {ratio:.2f}x galaxies/s per rank")
+    if args.out:
+        args.out.write_text(json.dumps({"baseline": args.baseline, "rows": rows}, indent=2) + "\n")
+
+
+DESI = 8_670_000  # Galaxy Zoo DESI
+
+
+def _line(r, ranks):
+    return (
+        f"{r['config']:16s} {r['image_size']:4d} {r['code']:14s} {r['galaxies_per_s_per_rank']:10.2f} "
+        f"{r[f'speedup_1_to_{ranks}']:6.2f} {r['gpu_hours_8.67M']:9.0f}"
     )
 
 

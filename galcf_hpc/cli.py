@@ -35,10 +35,16 @@ def _load(args):
 
 
 def cmd_synth(args):
-    from .data.classes import NUM_CLASSES
-    from .data.galaxy10 import write_catalog
+    from .data.classes import NUM_CLASSES, plant_label_noise
+    from .data.galaxy10 import TRUE_LABELS_KEY, write_catalog
     from .progress import Progress
 
+    noise = args.label_noise
+    if noise is not None and not 0.0 <= noise < 0.5:  # NaN fails too
+        raise UsageError(
+            f"--label-noise {noise}: the fraction of galaxies whose label is moved must be in [0, 0.5) "
+            "(e.g. 0.08); at 0.5 or more the wrong labels would outnumber the right ones"
+        )
     fractions = [1.0 / NUM_CLASSES] * NUM_CLASSES if args.balanced else None
     if args.renderer == "analytic":
         # numpy models that share no code with the GalSim generator (data/analytic.py); one process
@@ -63,8 +69,21 @@ def cmd_synth(args):
             progress=Progress(args.n, "synth"),
         )
         generator = f"galcf-hpc {__version__} GalSim synthetic"
-    write_catalog(args.out, **cat, attrs={"generator": generator, "seed": args.seed, "renderer": args.renderer})
+    attrs = {"generator": generator, "seed": args.seed, "renderer": args.renderer}
+    moved = None
+    if noise is not None:
+        # after rendering: the images are those of the true classes, only the catalogue labels move
+        cat["ans_true"] = cat["ans"]
+        cat["ans"], moved = plant_label_noise(cat["ans"], noise, args.seed)
+        attrs |= {"label_noise": noise, "label_noise_moved": len(moved)}
+    write_catalog(args.out, **cat, attrs=attrs)
     print(f"wrote {args.n} synthetic galaxies ({args.size} px, {args.renderer} renderer) to {args.out}")
+    if moved is not None:
+        print(
+            f"label noise {noise:g}: moved the labels of {len(moved)} of {args.n} galaxies to a neighbouring "
+            f"class (data/classes.py NEIGHBOURS); 'ans' holds the labels training sees, '{TRUE_LABELS_KEY}' the "
+            "true ones"
+        )
 
 
 def cmd_shard(args):
@@ -274,6 +293,7 @@ def cmd_catalog_run(args):
             unit_size=args.unit_size,
             device=args.device,
             image_dtype=args.image_dtype,
+            images=args.images,
             comm=comm,
             kill_at_unit=args.fault_kill_at_unit,
         )
@@ -291,6 +311,23 @@ def cmd_catalog_run(args):
             f"{r['galaxies_per_s']:.2f} galaxies/s"
         )
     print(f"wrote {s['catalog']}; check it with `galcf-hpc catalog verify {Path(s['catalog']).parent}`")
+
+
+def cmd_catalog_render(args):
+    from .catalog.render import render, write_strip
+    from .data.classes import CLASS_NAMES, parse_class_list
+
+    try:
+        targets = None if args.target is None else parse_class_list(args.target)
+    except ValueError as exc:
+        raise UsageError(f"--target: {exc}") from None
+    r = render(args.dir, args.key, args.index, targets, args.device, args.checkpoint)
+    out = args.out or Path(f"{r['key'].replace('/', '_')}_counterfactuals.png")
+    write_strip(r["images"], out)
+    names = ", ".join(f"{CLASS_NAMES[t]}{' (x~, its own class)' if t == r['pred'] else ''}" for t in r["targets"])
+    print(
+        f"galaxy {r['key']} (row {r['index']}, predicted {CLASS_NAMES[r['pred']]}): wrote {out}, left to right: {names}"
+    )
 
 
 def cmd_catalog_pack(args):
@@ -452,6 +489,14 @@ def build_parser():
     )
     sp.add_argument("--workers", type=int, default=2, help="rendering processes (galsim only; analytic uses one)")
     sp.add_argument("--balanced", action="store_true", help="equal class fractions instead of Galaxy10's")
+    sp.add_argument(
+        "--label-noise",
+        type=float,
+        metavar="P",
+        help="move the labels of round(P n) galaxies (seeded, P in [0, 0.5)) to a confusable neighbouring class "
+        "after rendering; 'ans' gets the noisy labels, 'ans_true' keeps the true ones (to measure how well the "
+        "report's mislabel candidates find them)",
+    )
     sp.set_defaults(func=cmd_synth)
     sp = _command(
         data,
@@ -558,16 +603,42 @@ def build_parser():
         "Writes OUT/catalog.h5 (a virtual dataset over the parts) and OUT/run.json.",
     )
     sp.add_argument("--checkpoint", required=True, help="checkpoint file, or a run directory (newest checkpoint)")
-    sp.add_argument("--input", required=True, help="shard split directory (e.g. shards/test) or astroNN .h5")
+    sp.add_argument(
+        "--input",
+        required=True,
+        help="shard split directory (e.g. shards/test), astroNN .h5, a folder of cutouts (.png, .jpg, .fits, "
+        "subfolders included) or a .csv/.parquet list of cutout files (column path; optional id, ra, dec, label)",
+    )
     sp.add_argument("--out", required=True, help="output directory (parts/, catalog.h5, run.json)")
     sp.add_argument("--targets", default="all", help="all, or class names/numbers separated by commas")
     sp.add_argument("--unit-size", type=int, default=256, help="galaxies per work unit (and part file)")
     _device(sp, "the model")
     sp.add_argument(
-        "--image-dtype", choices=("uint8", "float16"), default="uint8", help="storage type of the counterfactual images"
+        "--images",
+        choices=("auto", "none", "thumbnails", "full"),
+        default="auto",
+        help="counterfactual images to store: none (render them with `catalog render`), thumbnails "
+        "(a quarter of the side, at least 16 px), full; auto: full up to 4 GiB of images, else none",
     )
+    sp.add_argument("--image-dtype", choices=("uint8", "float16"), default="uint8", help="storage type of full images")
     sp.add_argument("--fault-kill-at-unit", type=int, default=None, help=argparse.SUPPRESS)  # restart tests
     sp.set_defaults(func=cmd_catalog_run)
+    sp = _command(
+        catalog,
+        "render",
+        "recompute one galaxy's counterfactual images from a catalog and its checkpoint",
+        "Recompute the counterfactuals of one galaxy of a catalog from its stored z and h and "
+        "the catalog's checkpoint (sha256 checked): byte for byte what `catalog run --images full` "
+        "stores, on the same kind of device. Writes a PNG strip, one image per target.",
+    )
+    sp.add_argument("dir", type=Path, help="catalog directory written by `catalog run`")
+    sp.add_argument("--key", default=None, help="the galaxy's key (as in the catalog's key column)")
+    sp.add_argument("--index", type=int, default=None, help="the galaxy's row instead of its key")
+    sp.add_argument("--target", default=None, help="target classes (names/numbers, commas; default: all)")
+    sp.add_argument("--out", type=Path, default=None, help="PNG file (default: KEY_counterfactuals.png)")
+    sp.add_argument("--checkpoint", default=None, help="the catalog's checkpoint where it was moved to")
+    sp.add_argument("--device", default="cpu", help="cpu, or the device kind the catalog was made on (cuda)")
+    sp.set_defaults(func=cmd_catalog_render)
     sp = _command(
         catalog,
         "pack",

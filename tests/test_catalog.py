@@ -18,10 +18,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from galcf_hpc import cli
 from galcf_hpc.catalog.job import run_catalog, verify_catalog
-from galcf_hpc.catalog.store import pack_catalog
+from galcf_hpc.catalog.render import render, thumbnails
+from galcf_hpc.catalog.store import pack_catalog, thumbnail_size
 from galcf_hpc.data.classes import NUM_CLASSES
 from galcf_hpc.errors import CheckpointError, DataError, LaunchError, UsageError
 from galcf_hpc.explain.run import load_run
@@ -227,6 +229,81 @@ def test_catalog_matches_explain_batch_with_judges(mpi_catalog, run_dir, sharded
         assert np.abs(data["image"][rows].astype(int) - cf).max() <= 1
     counted = data["validity_cnn"][data["validity_cnn"] >= 0]
     assert counted.size == len(x) * (NUM_CLASSES - 1)
+
+
+def test_probabilities_margin_and_mislabel_score(mpi_catalog):
+    data, attrs = read_all(mpi_catalog[0] / "catalog.h5")
+    prob, distance, label, pred = data["prob"], data["distance"], data["label"], data["pred"]
+    np.testing.assert_allclose(prob.sum(1), 1, atol=1e-5)
+    np.testing.assert_array_equal(prob.argmax(1), pred)
+    # the mixture's posterior with equal class weights: softmax of -d^2 / 2
+    expected = np.exp(-0.5 * distance.astype(np.float64) ** 2)
+    np.testing.assert_allclose(prob, expected / expected.sum(1, keepdims=True), atol=1e-5)
+    top = np.sort(prob, 1)
+    np.testing.assert_allclose(data["margin"], top[:, -1] - top[:, -2], atol=1e-6)
+    rows = np.arange(len(label))
+    np.testing.assert_allclose(data["mislabel_score"], distance[rows, label] - distance.min(1), atol=1e-5)
+    assert (data["mislabel_score"][pred == label] == 0).all() and (data["mislabel_score"][pred != label] > 0).all()
+    assert attrs["images"] == "full" and attrs["decode_batch"] > 0
+
+
+def test_thumbnails_are_the_mean_over_each_footprint():
+    x = torch.rand(2, 9, 3, 64, 64)
+    small = thumbnails(x, 16)
+    assert small.shape == (2, 9, 3, 16, 16) and small.dtype == torch.uint8
+    mean = x.reshape(2, 9, 3, 16, 4, 16, 4).mean((-3, -1))
+    assert (small.int() - (mean * 255).round().int()).abs().max() <= 1
+    assert torch.equal(
+        thumbnails(torch.full((1, 3, 32, 32), 0.5), 16), torch.full((1, 3, 16, 16), 128, dtype=torch.uint8)
+    )
+
+
+def test_images_none_renders_what_full_stores(mpi_catalog, run_dir, sharded, tmp_path, monkeypatch, capsys):
+    """A catalog without images, made in one process with other work units (so other batches)
+    than the 2-rank run with --images auto (full here), renders every counterfactual of every
+    galaxy byte for byte as the full run stored it; thumbnails are the area means."""
+    full, full_attrs = read_all(mpi_catalog[0] / "catalog.h5")
+    run_catalog(run_dir, sharded.out / "test", tmp_path / "none", unit_size=5, images="none")
+    run_catalog(run_dir, sharded.out / "test", tmp_path / "thumbs", unit_size=7, images="thumbnails")
+    none, attrs = read_all(tmp_path / "none" / "catalog.h5")
+    thumbs, _ = read_all(tmp_path / "thumbs" / "catalog.h5")
+    assert attrs["images"] == "none" and "image" not in none and "thumbnail" not in none
+    np.testing.assert_array_equal(none["pred"], full["pred"])
+    targets = [int(t) for t in attrs["targets"]]
+    for i in range(len(none["key"])):
+        r = render(tmp_path / "none", index=i)
+        assert r["targets"] == targets and r["key"] == none["key"][i].decode()
+        np.testing.assert_array_equal(r["images"], full["image"][i])
+    one = render(tmp_path / "none", key=none["key"][3].decode(), targets=[targets[-1], 0])
+    np.testing.assert_array_equal(one["images"], full["image"][3][[-1, 0]])
+
+    r, size = full["image"].shape[-1], thumbs["thumbnail"].shape[-1]
+    assert size == thumbnail_size(r) == min(r, max(16, r // 4))
+    assert thumbs["thumbnail"].shape[1:] == (len(targets), 3, size, size)
+    k = r // size  # the tiny test model's 16 px: thumbnails of the full size (k = 1)
+    area = full["image"].reshape(*full["image"].shape[:-2], size, k, size, k).mean((-3, -1))
+    assert np.abs(thumbs["thumbnail"].astype(float) - area).max() <= 1
+    assert thumbnail_size(256) == 64 and thumbnail_size(64) == 16 and thumbnail_size(32) == 16
+
+    parts = {d: sum(f.stat().st_size for f in (tmp_path / d / "parts").iterdir()) for d in ("none", "thumbs")}
+    full_parts = sum(f.stat().st_size for f in (mpi_catalog[0] / "parts").iterdir())
+    assert parts["none"] < parts["thumbs"] < full_parts
+
+    # the command line: one target of one galaxy into a PNG of exactly those pixels
+    key = none["key"][5].decode()
+    out = tmp_path / "cf.png"
+    code, err = run_cli(
+        monkeypatch, capsys, "catalog", "render", tmp_path / "none", "--key", key, "--target", "1", "--out", out
+    )
+    assert code == 0, err
+    with Image.open(out) as png:
+        np.testing.assert_array_equal(np.asarray(png), full["image"][5][1].transpose(1, 2, 0))
+    # another checkpoint than the catalog's, and a key that is not there
+    other = _other_checkpoint(latest_checkpoint(run_dir), tmp_path)
+    with pytest.raises(DataError, match="sha256 differs"):
+        render(tmp_path / "none", index=0, checkpoint=other)
+    with pytest.raises(UsageError, match="no galaxy with key 'nope'"):
+        render(tmp_path / "none", key="nope")
 
 
 def test_h5_input_targets_and_float16(run_dir, make_catalog, tmp_path, caplog, foreign_lock):

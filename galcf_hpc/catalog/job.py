@@ -44,6 +44,7 @@ from ..model.evaluation import explain_batch
 from ..progress import Progress
 from ..train.checkpoint import latest_checkpoint
 from . import store
+from .render import inference_context, inference_model, thumbnails, to_uint8
 from .source import open_source
 
 log = logging.getLogger("galcf_hpc")
@@ -61,8 +62,12 @@ _IDENTITY = (
     "num_galaxies",
     "unit_size",
     "targets",
+    "images",
     "image_dtype",
+    "decode_batch",
 )
+# the change metrics a catalog stores (explain_batch computes only these)
+_METRICS = ("msd_rec", "ssim_rec", "luminance_share")
 
 
 class RankStopped(GalcfError):
@@ -93,10 +98,18 @@ def resolve_checkpoint(path):
     return found
 
 
-def _to_numpy(out, distance, labels, image_dtype, n):
+def _images(out, plan, image_size, n):
+    """The image field of the first ``n`` galaxies of an ExplainedBatch, by ``--images``."""
+    if plan["images"] == "full":
+        image = out.cf_images[:n]
+        return {"image": to_uint8(image) if plan["image_dtype"] == "uint8" else image.clamp(0, 1).to(torch.float16)}
+    if plan["images"] == "thumbnails":
+        return {"thumbnail": thumbnails(out.cf_images[:n], store.thumbnail_size(image_size))}
+    return {}
+
+
+def _to_numpy(out, distance, labels, plan, image_size, n):
     """The catalog fields of the first ``n`` galaxies of an ExplainedBatch (the rest is padding)."""
-    image = out.cf_images[:n].clamp(0, 1)
-    image = (image * 255).round().to(torch.uint8) if image_dtype == "uint8" else image.to(torch.float16)
     prob = class_probabilities(out.logits[:n])
     arrays = {
         "pred": out.pred[:n].to(torch.int16),
@@ -106,7 +119,7 @@ def _to_numpy(out, distance, labels, image_dtype, n):
         "distance": distance[:n],
         "h": out.h[:n],
         "z": out.z[:n],
-        "image": image,
+        **_images(out, plan, image_size, n),
         "validity": out.valid["model"][:n],
         **{store.validity_field(name): v[:n] for name, v in out.valid.items() if name != "model"},
         "msd": out.change["msd_rec"][:n],
@@ -127,6 +140,7 @@ def _schema(plan, model, cfg):
         cfg.data.image_size,
         plan["image_dtype"],
         list(plan["judges"]),
+        plan["images"],
     )
 
 
@@ -134,17 +148,22 @@ def _schema(plan, model, cfg):
 # Preparation (rank 0): everything that can fail on bad input, before any output is touched
 
 
-def _prepare(checkpoint, input_path, out_dir, targets, unit_size, image_dtype, device):
+def _prepare(checkpoint, input_path, out_dir, targets, unit_size, image_dtype, images, device):
     resolve_device(device, 0, option="--device")
     if unit_size < 1:
         raise UsageError(f"--unit-size must be at least 1, got {unit_size}")
     if image_dtype not in IMAGE_DTYPES:
         raise UsageError(f"--image-dtype must be one of {', '.join(IMAGE_DTYPES)}, got {image_dtype!r}")
+    if images not in ("auto", *store.IMAGE_MODES):
+        raise UsageError(f"--images must be one of auto, {', '.join(store.IMAGE_MODES)}, got {images!r}")
     ckpt = resolve_checkpoint(checkpoint)
     model, cfg, ckpt = load_run(ckpt.parent, ckpt, "cpu")
     judges, judge_shas = _find_judges(ckpt)
     judge_dir = judges_dir(judges_run_dir(ckpt))
     source = open_source(input_path)
+    if images == "auto":
+        images = store.default_images(source.n, len(targets), cfg.data.image_size)
+        log.info("catalog: --images auto: %s for %d galaxies (see docs/catalog.md)", images, source.n)
     out_dir = Path(out_dir)
     run = {
         "format": store.FORMAT,
@@ -158,7 +177,11 @@ def _prepare(checkpoint, input_path, out_dir, targets, unit_size, image_dtype, d
         "num_galaxies": source.n,
         "unit_size": unit_size,
         "targets": targets,
+        "images": images,
         "image_dtype": image_dtype,
+        # every decode of the job runs on exactly this many latents: what makes
+        # `catalog render` reproduce the images bit for bit (model.evaluation.padded_rows)
+        "decode_batch": cfg.explain.batch_size,
         "key_length": max(len(k) for k in source.keys),
     }
     run_json = out_dir / "run.json"
@@ -366,9 +389,10 @@ def _run_unit(ctx, unit, start, stop):
                 # its last galaxy, whose results are dropped
                 raw = torch.cat([raw, raw[-1:].expand(bs - n, *raw.shape[1:])])
             x = augment_batch(raw, cfg.data.image_size, cfg.data.crop_fraction)
-            # bf16 for the convolutions on a GPU; the model keeps flow, means and the
-            # counterfactual geometry in fp32 itself, the judges run in fp32
-            with torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
+            x = x.contiguous(memory_format=torch.channels_last)
+            # every galaxy's counterfactuals towards all targets in one pass: batched decodes
+            # and re-encodes of exactly decode_batch latents (padded), judges in fp32
+            with inference_context(dev):
                 out = explain_batch(
                     ctx["model"],
                     x,
@@ -376,9 +400,12 @@ def _run_unit(ctx, unit, start, stop):
                     cfg.explain.margin,
                     ctx["judges"],
                     cfg.explain.background_fraction,
-                    keep_images=True,
-                    chunk=bs,
+                    keep_images=ctx["plan"]["images"] != "none",
+                    chunk=ctx["plan"]["decode_batch"],
                     placement=cfg.explain.placement,
+                    metrics=_METRICS,
+                    pad=True,
+                    judge_inputs=False,  # the catalog stores the judges' verdicts on x_cf only
                 )
             distance = (out.h[:, None] - ctx["means"][None]).norm(dim=-1)
             write(
@@ -388,7 +415,7 @@ def _run_unit(ctx, unit, start, stop):
                     "ra": data["ra"],
                     "dec": data["dec"],
                     "label": data["labels"].astype(np.int16),
-                    **_to_numpy(out, distance, torch.from_numpy(data["labels"]), ctx["plan"]["image_dtype"], n),
+                    **_to_numpy(out, distance, torch.from_numpy(data["labels"]), ctx["plan"], cfg.data.image_size, n),
                 },
             )
             if ctx["kill_at_unit"] == unit:  # fault injection for the restart test: die mid-unit
@@ -409,7 +436,9 @@ def _catalog_attrs(plan, cfg, fields):
                 "input_fingerprint",
                 "num_galaxies",
                 "unit_size",
+                "images",
                 "image_dtype",
+                "decode_batch",
             )
         },
         "num_units": len(store.work_units(plan["num_galaxies"], plan["unit_size"])),
@@ -444,6 +473,7 @@ def run_catalog(
     image_dtype="uint8",
     comm=None,
     kill_at_unit=None,
+    images="auto",
 ):
     """Run (or resume) the catalog job on this rank; ``comm`` is an MPI communicator or None
     for a single process. Returns a summary dict (rank 0: with per-rank statistics). Rank 0
@@ -451,14 +481,16 @@ def run_catalog(
     lock = DirLock(out_dir) if (comm.Get_rank() if comm else 0) == 0 else None
     try:
         return _run_catalog(
-            checkpoint, input_path, out_dir, targets, unit_size, device, image_dtype, comm, kill_at_unit, lock
+            checkpoint, input_path, out_dir, targets, unit_size, device, image_dtype, images, comm, kill_at_unit, lock
         )
     finally:
         if lock is not None:
             lock.release()
 
 
-def _run_catalog(checkpoint, input_path, out_dir, targets, unit_size, device, image_dtype, comm, kill_at_unit, lock):
+def _run_catalog(
+    checkpoint, input_path, out_dir, targets, unit_size, device, image_dtype, images, comm, kill_at_unit, lock
+):
     rank, size = (comm.Get_rank(), comm.Get_size()) if comm else (0, 1)
     targets = parse_targets(targets) if not isinstance(targets, list) else targets
     local_rank, local_size = 0, 1
@@ -479,7 +511,7 @@ def _run_catalog(checkpoint, input_path, out_dir, targets, unit_size, device, im
                     "another --out, or delete the lock file if that job has ended"
                 )
             plan, model, judges, cfg, source = _prepare(
-                checkpoint, input_path, out_dir, targets, unit_size, image_dtype, device
+                checkpoint, input_path, out_dir, targets, unit_size, image_dtype, images, device
             )
         except Exception as exc:  # bad input, or a bug: either way the other ranks must hear of it
             error = exc
@@ -504,13 +536,13 @@ def _run_catalog(checkpoint, input_path, out_dir, targets, unit_size, device, im
             torch.set_num_threads(_cpu_threads(local_size))
         units = store.work_units(plan["num_galaxies"], plan["unit_size"])
         fields = _schema(plan, model, cfg)
-        model = model.to(dev).eval()
+        model = inference_model(model, dev)
         ctx = {
             "plan": plan,
             "cfg": cfg,
             "model": model,
             "means": model.means.detach().float(),
-            "judges": {name: j.to(dev).eval() for name, j in judges.items()},
+            "judges": {name: inference_model(j, dev) for name, j in judges.items()},
             "source": source,
             "device": dev,
             "fields": fields,
@@ -624,6 +656,7 @@ def _catalog_fields(f, path, attrs, judges):
         int(attrs["image_size"]),
         str(attrs["image_dtype"]),
         list(judges),
+        str(attrs["images"]),
     )
 
 
@@ -642,7 +675,7 @@ def verify_catalog(out_dir, progress=None):
     except (OSError, ValueError) as exc:
         run = {}
         problems.append(f"{out_dir / 'run.json'} cannot be read ({exc})")
-    for k in ("checkpoint_sha256", "input", "num_galaxies", "unit_size", "image_dtype"):
+    for k in ("checkpoint_sha256", "input", "num_galaxies", "unit_size", "images", "image_dtype", "decode_batch"):
         if run and run.get(k) != (attrs[k].item() if hasattr(attrs[k], "item") else attrs[k]):
             problems.append(f"attribute '{k}' of catalog.h5 is {attrs[k]!r}, run.json says {run.get(k)!r}")
     judges = dict(zip((str(j) for j in attrs["judge_names"]), (str(h) for h in attrs["judge_sha256"])))
@@ -687,14 +720,17 @@ def verify_catalog(out_dir, progress=None):
             bad = [text for _, text in bad_parts] + store.check_mapping(f, units, fields)
             # with the mapping right, the sources are exactly the parts checked above
             bad = bad or store.check_sources(f, out_dir)
-            problems += bad
-            if bad:
-                problems.append(f"values were not read through {path} (its parts must be fixed first)")
-            else:
-                found, keys = store.check_values(f, fields, targets)
-                problems += found
-                if source is not None and source.keys != keys:
-                    missing = sorted(set(source.keys) - set(keys))
+        problems += bad
+        if bad:
+            problems.append(f"values were not read through {path} (its parts must be fixed first)")
+        else:
+            # by the path, closed here: worker processes read blocks of units in parallel
+            found, keys = store.check_values(path, fields, targets, units)
+            problems += found
+            if source is not None:
+                expected_keys = np.array([k.encode() for k in source.keys])
+                if len(expected_keys) != len(keys) or not np.array_equal(expected_keys, keys):
+                    missing = sorted(set(source.keys) - {k.decode() for k in keys.tolist()})
                     problems.append(
                         f"keys differ from the input {attrs['input']} ({len(missing)} input keys absent"
                         f"{', e.g. ' + missing[0] if missing else ''}; or in another order)"

@@ -18,6 +18,8 @@ valid part of this very catalog) before it reads through them.
 import contextlib
 import io
 import json
+import math
+import multiprocessing
 import os
 import re
 from pathlib import Path
@@ -45,8 +47,12 @@ REQUIRED_ATTRS = (
     "num_galaxies",
     "unit_size",
     "targets",
+    "images",
     "image_dtype",
     "image_size",
+    "decode_batch",
+    "margin",
+    "placement",
 )
 # attributes every part file carries (see part_attrs), checked at every start
 PART_RECORD = (
@@ -88,7 +94,75 @@ def work_units(n, unit_size):
     return [(s, min(s + unit_size, n)) for s in range(0, n, unit_size)]
 
 
+# default_unit_size: see its docstring and docs/catalog.md, "At survey scale"
+UNITS_PER_RANK = 8
+MAX_PARTS = 1024
+MIN_UNIT_SIZE = 256
+MAX_UNIT_SIZE = 32768
+MAX_PART_BYTES = 512 * 2**20
+_MIN_BATCH = 32
+
+
+def default_unit_size(num_galaxies, ranks, fields=None):
+    """Galaxies per work unit (and part file) for ``num_galaxies`` galaxies on ``ranks``
+    ranks, a power of two: the largest that still gives every rank ``UNITS_PER_RANK`` (8)
+    units, raised where that would make more than ``MAX_PARTS`` (1024) parts, and kept
+    between ``MIN_UNIT_SIZE`` (256) and ``MAX_UNIT_SIZE`` (32768); given the schema
+    ``fields``, lowered (not below 32) until one part, which the job builds in memory, holds
+    at most ``MAX_PART_BYTES`` (512 MiB) uncompressed.
+
+    Load balance wants many units per rank: units are handed out on request, so at the end
+    a rank waits for at most the one unit another rank is still computing; with 8 units per
+    rank that tail is about 1/16 of the run. Everything else wants few units. Each is a file
+    that ``catalog run`` (at every start), ``verify`` and ``export`` open one by one
+    (milliseconds each), and ``catalog.h5`` holds one mapping per part and field. Above all,
+    HDF5 keeps every part file open that a reader has read through ``catalog.h5``, and past
+    the open-file limit (``ulimit -n``, 1024 on many systems) it returns the rows of the
+    parts it cannot open as fill values without an error: a plain h5py read of a whole
+    column of 8.67 million galaxies in units of 256 (34,000 parts) is silently wrong. So
+    at most 1024 parts, even if a rank then gets fewer than 8 units (from 67 ranks on for
+    8.67 million galaxies; the tail is still at most one unit). Above 32768 nothing is
+    gained (265 parts for 8.67 million galaxies; verify then spends its time decompressing
+    values), while a killed job loses up to a unit per rank and reading one galaxy
+    decompresses its unit's chunk of a field (32 MiB of z at 32768). 256 (the job's former
+    fixed default) keeps small inputs as they were. Powers of two are multiples of every
+    power-of-two ``explain.batch_size`` up to 256, so GPU batches need no padding.
+
+    Examples: Galaxy10 DECaLS (17,736) on 4 ranks: 512 (35 parts); Galaxy Zoo DESI (8.67
+    million) on 2 to 33 ranks: 32768 (265 parts), on 64 ranks 16384 (530), on 256 ranks
+    16384 (530: 2 per rank, not 2117 parts); with full 256 px images of 9 targets (1.8 MB
+    per galaxy): 256."""
+    size = max(1, num_galaxies // (UNITS_PER_RANK * max(1, ranks)))
+    size = 1 << (size.bit_length() - 1)  # largest power of two <= size
+    few = -(-num_galaxies // MAX_PARTS)  # the smallest unit with at most MAX_PARTS parts
+    size = max(size, 1 << (few - 1).bit_length() if few > 1 else 1)
+    size = min(max(size, MIN_UNIT_SIZE), MAX_UNIT_SIZE)
+    if fields is not None:
+        cap = max(_MIN_BATCH, MAX_PART_BYTES // max(1, _galaxy_bytes(fields)))
+        size = min(size, 1 << (cap.bit_length() - 1))
+    return size
+
+
+def _galaxy_bytes(fields):
+    """Uncompressed bytes of one galaxy's row over every field of a schema."""
+    return sum(int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize for shape, dtype, _, _ in fields.values())
+
+
 IMAGE_MODES = ("none", "thumbnails", "full")
+
+
+# --images auto stores full images while they take at most this many bytes (uint8, before
+# compression): Galaxy10 DECaLS's test split (1774 galaxies) at 256 px with 9 targets is 3.1 GB,
+# Galaxy Zoo DESI's 8.67 million galaxies 15 TB (0.96 TB at 64 px)
+AUTO_FULL_IMAGE_BYTES = 4 * 2**30
+
+
+def default_images(num_galaxies, num_targets, image_size):
+    """``--images auto``: ``full`` while the counterfactual images of the whole input take
+    at most ``AUTO_FULL_IMAGE_BYTES`` as uint8, else ``none`` (every image can be rendered
+    again from z and h: ``catalog render``)."""
+    size = num_galaxies * num_targets * 3 * image_size**2
+    return "full" if size <= AUTO_FULL_IMAGE_BYTES else "none"
 
 
 def thumbnail_size(image_size):
@@ -248,17 +322,28 @@ def _write_failed(path, exc):
 
 
 def write_catalog_file(out_dir, units, fields, attrs):
-    """``catalog.h5``: a virtual dataset per field over every part, provenance as attributes."""
+    """``catalog.h5``: a virtual dataset per field over every part, provenance as attributes.
+
+    The mappings go straight into the dataset creation property list (one hyperslab of the
+    virtual dataspace per unit, and one source dataspace shared by all units of the same
+    size): h5py's ``layout[start:stop] = VirtualSource(...)`` builds selection objects per
+    mapping, a minute for the 34,000 units x 17 fields of 8.67 million galaxies in units of
+    256."""
     n = units[-1][1]
     with atomic_path(Path(out_dir) / CATALOG) as tmp:
         with h5py.File(tmp, "w") as f:
             for name, (shape, dtype, fill, description) in fields.items():
                 layout = h5py.VirtualLayout((n,) + shape, dtype)
+                virtual = h5py.h5s.create_simple((n,) + shape)
+                sources = {}
                 for unit, (start, stop) in enumerate(units):
+                    virtual.select_hyperslab((start,) + (0,) * len(shape), (stop - start,) + shape)
+                    if stop - start not in sources:
+                        sources[stop - start] = h5py.h5s.create_simple((stop - start,) + shape)
                     # Relative paths: HDF5 resolves them against the catalog's own folder, so the
                     # output directory can be moved as a whole.
-                    layout[start:stop] = h5py.VirtualSource(
-                        f"{PARTS}/{part_name(unit)}", name, shape=(stop - start,) + shape, dtype=dtype
+                    layout.dcpl.set_virtual(
+                        virtual, f"{PARTS}/{part_name(unit)}".encode(), name.encode(), sources[stop - start]
                     )
                 ds = f.create_virtual_dataset(name, layout, fillvalue=fill)
                 ds.attrs["description"] = description
@@ -439,37 +524,165 @@ def check_mapping(catalog, units, fields):
     return problems
 
 
-def check_values(catalog, fields, targets):
-    """Problems with the values read through the virtual datasets: fill values (a part that
-    is missing or was never written), duplicate keys, validity inconsistent with pred."""
-    problems = []
-    n = catalog["pred"].shape[0]
-    keys = []
-    for start in range(0, n, _VERIFY_BLOCK):
-        stop = min(start + _VERIFY_BLOCK, n)
-        for name, (_, _, fill, _) in fields.items():
-            if name in IMAGE_FIELDS:
-                continue  # image fill values can be real pixels; a hole shows in every other field
-            values = catalog[name][start:stop]
-            bad = _missing(name, values, fill)
-            rows = np.flatnonzero(bad.reshape(len(values), -1).any(1))
+# part files one open virtual dataset may have read from before verify and pack reopen it.
+# HDF5 keeps every part file open that a virtual dataset has read, until the dataset is
+# closed; past the open-file limit (ulimit -n: often 1024) it reads the parts it cannot open
+# as fill values, without an error
+_OPEN_PARTS = 128
+_MAX_VALUE_WORKERS = 8
+_PACK_BYTES = 64 * 2**20
+
+
+def _row_blocks(units, rows):
+    """(start, stop, parts) of consecutive units grouped into blocks of at least ``rows``
+    galaxies or ``_OPEN_PARTS`` units (the last may be shorter). Blocks end on unit
+    boundaries: each field of a part is one chunk, and a block that split a unit would
+    decompress that chunk twice."""
+    blocks, first = [], 0
+    for i, (_, stop) in enumerate(units):
+        if stop - units[first][0] >= rows or i + 1 - first >= _OPEN_PARTS or i == len(units) - 1:
+            blocks.append((units[first][0], stop, i + 1 - first))
+            first = i + 1
+    return blocks
+
+
+class _RowChecker:
+    """Checks blocks of rows of an open ``catalog.h5``, reading through its virtual datasets:
+    per block, (fill values, validity inconsistent with pred, keys). Datasets stay open from
+    block to block (opening one decodes all its mappings) but are reopened after
+    ``_OPEN_PARTS`` part files, so that no more part files are held open than that."""
+
+    def __init__(self, catalog, fields, targets):
+        self.catalog, self.targets = catalog, np.asarray(targets)
+        self.fills = {name: fill for name, (_, _, fill, _) in fields.items() if name not in IMAGE_FIELDS}
+        self.validity = validity_fields(fields)
+        self.datasets, self.parts = {}, 0
+
+    def __call__(self, block):
+        start, stop, parts = block
+        if not self.datasets or self.parts + parts > _OPEN_PARTS:
+            self.datasets = {}  # closes the datasets, and so the part files they hold open
+            self.datasets = {name: self.catalog[name] for name in self.fills}
+            self.parts = 0
+        self.parts += parts
+        fills, invalid, kept = {}, {}, {}
+        # image fill values can be real pixels; a hole shows in every other field
+        for name, fill in self.fills.items():
+            values = self.datasets[name][start:stop]
+            rows = np.flatnonzero(_missing(name, values, fill).reshape(len(values), -1).any(1))
             if len(rows):
-                problems.append(
-                    f"'{name}' holds its fill value {fill!r} for {len(rows)} galaxies, first "
-                    f"index {start + rows[0]}: their part file is missing or incomplete"
-                )
-        keys.extend(catalog["key"][start:stop].tolist())
-        pred = catalog["pred"][start:stop]
-        own = pred[:, None] == np.asarray(targets)[None]
-        for name in validity_fields(fields):
-            if ((catalog[name][start:stop] == -1) != own).any():
-                problems.append(
-                    f"'{name}' is -1 somewhere other than where target == pred (galaxies {start}-{stop - 1})"
-                )
-    unique, counts = np.unique(np.asarray(keys, dtype=object), return_counts=True)
-    if (counts > 1).any():
-        problems.append(f"{int((counts > 1).sum())} keys appear more than once, e.g. {unique[counts > 1][0]!r}")
-    return problems, [k.decode() for k in keys]
+                fills[name] = (len(rows), start + int(rows[0]))
+            if name in ("key", "pred") or name in self.validity:
+                kept[name] = values
+        own = kept["pred"][:, None] == self.targets[None]
+        for name in self.validity:
+            rows = np.flatnonzero(((kept[name] == -1) != own).any(1))
+            if len(rows):
+                invalid[name] = (len(rows), start + int(rows[0]))
+        return fills, invalid, kept["key"]
+
+
+_WORKER_CHECKER = None
+
+
+def _start_row_checker(path, fields, targets):
+    global _WORKER_CHECKER
+    _WORKER_CHECKER = _RowChecker(h5py.File(path, "r"), fields, targets)
+
+
+def _check_rows(block):
+    return _WORKER_CHECKER(block)
+
+
+def _value_workers(workers, blocks):
+    if workers is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        workers = min(_MAX_VALUE_WORKERS, cpus) if blocks >= 4 else 1
+    # fork: the workers inherit the schema and need no import of the caller's __main__
+    # (which spawn would run again); no HDF5 file of the caller is open for them to inherit
+    return max(1, min(workers, blocks)) if "fork" in multiprocessing.get_all_start_methods() else 1
+
+
+def check_values(catalog, fields, targets, units=None, workers=None, block=_VERIFY_BLOCK):
+    """Problems with the values read through the virtual datasets of ``catalog`` (the path of
+    ``catalog.h5``, or an open one): fill values (a part that is missing or was never
+    written), duplicate keys, validity inconsistent with pred. Returns (problems, keys as an
+    array of fixed-length bytes).
+
+    Reads blocks of about ``block`` galaxies that end on the boundaries of ``units`` (the
+    parts' rows as checked by :func:`check_mapping`; fixed blocks without). Given a path,
+    ``workers`` processes (default: the CPUs this process may use, at most 8, for 4 blocks
+    or more; forked, each with its own handle of ``catalog.h5``) read the blocks in
+    parallel: decompressing the values is most of the time (13.5 GB for 8.67 million
+    galaxies without images). An open file is read in this process only."""
+    own = not isinstance(catalog, h5py.File)
+    f = h5py.File(catalog, "r") if own else catalog
+    try:
+        n = f["pred"].shape[0]
+        if units:
+            blocks = _row_blocks(units, block)
+        else:  # parts unknown: fixed blocks, and the datasets reopened for every block
+            blocks = [(start, stop, _OPEN_PARTS) for start, stop in work_units(n, block)]
+        workers = _value_workers(workers, len(blocks)) if own else 1
+        if workers > 1:
+            f.close()
+            context = multiprocessing.get_context("fork")
+            with context.Pool(workers, _start_row_checker, (catalog, fields, targets)) as pool:
+                results = pool.map(_check_rows, blocks, chunksize=1)
+        else:
+            checker = _RowChecker(f, fields, targets)
+            results = [checker(b) for b in blocks]
+            checker.datasets = {}
+    finally:
+        if own:
+            f.close()
+    fills, invalid = {}, {}
+    for block_fills, block_invalid, _ in results:
+        for found, block_found in ((fills, block_fills), (invalid, block_invalid)):
+            for name, (count, first) in block_found.items():
+                total, earliest = found.get(name, (0, first))
+                found[name] = (total + count, min(earliest, first))
+    problems = [
+        f"'{name}' holds its fill value {fields[name][2]!r} for {count} galaxies, first index {first}: their part "
+        "file is missing or incomplete"
+        for name, (count, first) in fills.items()
+    ]
+    problems += [
+        f"'{name}' is -1 somewhere other than where target == pred ({count} galaxies, first index {first})"
+        for name, (count, first) in invalid.items()
+    ]
+    keys = np.concatenate([k for _, _, k in results]) if results else np.zeros(0, fields["key"][1])
+    count, example = duplicate_keys(keys)
+    if count:
+        problems.append(f"{count} keys appear more than once, e.g. {example!r}")
+    return problems, keys
+
+
+def duplicate_keys(keys):
+    """(how many distinct keys appear more than once, one of them as bytes or None) of an
+    array of fixed-length bytes. Sorts 64-bit hashes of the keys (a second for 8.67 million,
+    where ``np.unique`` of the keys as Python objects takes tens of seconds) and compares the
+    keys behind equal hashes exactly: a collision costs a comparison, never a wrong answer."""
+    keys = np.ascontiguousarray(keys)
+    if len(keys) < 2:
+        return 0, None
+    width = keys.dtype.itemsize
+    raw = keys.view(np.uint8).reshape(len(keys), width)
+    if width % 8:
+        raw = np.concatenate([raw, np.zeros((len(keys), 8 - width % 8), np.uint8)], axis=1)
+    digest = np.full(len(keys), 0xCBF29CE484222325, np.uint64)
+    for word in np.ascontiguousarray(raw).view(np.uint64).T:
+        digest = (digest ^ word) * np.uint64(0x100000001B3)
+        digest ^= digest >> np.uint64(29)
+    order = np.argsort(digest)
+    same = digest[order[1:]] == digest[order[:-1]]
+    if not same.any():
+        return 0, None
+    candidates = np.zeros(len(keys), bool)
+    candidates[order[1:][same]] = candidates[order[:-1][same]] = True
+    unique, counts = np.unique(keys[candidates], return_counts=True)
+    repeated = unique[counts > 1]
+    return len(repeated), (bytes(repeated[0]) if len(repeated) else None)
 
 
 def read_attrs(path):
@@ -516,12 +729,20 @@ def repair_hint(catalog_dir):
 
 
 def pack_catalog(catalog_path, out_path, block=_VERIFY_BLOCK, progress=None):
-    """Copy a (verified) virtual ``catalog.h5`` into one self-contained file with contiguous
-    storage per field (same names, shapes, chunking per galaxy, compression and attributes),
-    written under a temporary name and renamed: a single file to archive or move without
-    its parts. Returns the number of galaxies; DataError, and nothing written, if a part file
-    that the virtual datasets read from is not in the catalog's directory. ``progress(done,
-    total)`` counts galaxies x fields copied."""
+    """Copy a (verified) virtual ``catalog.h5`` into one self-contained file with real
+    storage per field (same names, shapes, dtypes, fill values and attributes; images
+    chunked per galaxy, the other fields in chunks of about ``block`` values, a power of two
+    of galaxies; gzip, with HDF5's byte shuffle before it for numbers wider than a byte:
+    8 % smaller, and faster to decompress), written under a temporary name and renamed: a
+    single file to archive or move without its parts. Returns the number of galaxies;
+    DataError, and nothing written, if a part file that the virtual datasets read from is
+    not in the catalog's directory. ``progress(done, total)`` counts galaxies x fields
+    copied.
+
+    Fields are copied in reads of whole units (attribute ``unit_size``) of about
+    ``_PACK_BYTES`` and at most ``_OPEN_PARTS`` parts: a part holds each field as one chunk,
+    which a read of part of a unit would decompress again for every read (hours for units
+    of 32768 galaxies), and past the open-file limit HDF5 reads parts as fill values."""
     catalog_path = Path(catalog_path)
     with h5py.File(catalog_path, "r") as src:
         problems = check_sources(src, catalog_path.parent)
@@ -534,16 +755,37 @@ def pack_catalog(catalog_path, out_path, block=_VERIFY_BLOCK, progress=None):
         with h5py.File(catalog_path, "r") as src, atomic_path(Path(out_path)) as tmp:
             with h5py.File(tmp, "w") as dst:
                 total, done = sum(ds.shape[0] for ds in src.values()), 0
-                for name, ds in src.items():
-                    n = ds.shape[0]
-                    step = max(1, block // max(1, int(np.prod(ds.shape[1:]))))
-                    chunks = (1,) + ds.shape[1:] if ds.ndim > 2 else (min(n, step),) + ds.shape[1:]
+                unit = int(src.attrs.get("unit_size", 1)) or 1
+                for name in list(src):
+                    ds = src[name]
+                    n, shape, dtype = ds.shape[0], ds.shape[1:], ds.dtype
+                    values, row_bytes = max(1, int(np.prod(shape))), max(1, ds.dtype.itemsize * int(np.prod(shape)))
+                    if ds.ndim > 2:  # images: one galaxy per chunk, as in the parts
+                        chunks, step = (1,) + shape, max(1, min(_PACK_BYTES // row_bytes, _OPEN_PARTS * unit))
+                    else:
+                        chunk = min(n, 1 << (max(1, block // values).bit_length() - 1))
+                        chunks = (chunk,) + shape
+                        # reads of whole units, of at most _OPEN_PARTS parts (the open-file limit)
+                        # and about _PACK_BYTES; of whole chunks too where that fits
+                        limit = _OPEN_PARTS * unit
+                        whole = math.lcm(unit, chunk)
+                        whole = whole if whole <= limit and whole * row_bytes <= 4 * _PACK_BYTES else unit
+                        step = max(whole, min(_PACK_BYTES // row_bytes, limit) // whole * whole)
                     out = dst.create_dataset(
-                        name, ds.shape, ds.dtype, chunks=chunks, fillvalue=ds.fillvalue, **_COMPRESSION
+                        name,
+                        ds.shape,
+                        dtype,
+                        chunks=chunks,
+                        fillvalue=ds.fillvalue,
+                        shuffle=dtype.kind in "fiu" and dtype.itemsize > 1,
+                        **_COMPRESSION,
                     )
                     out.attrs.update(ds.attrs)
+                    del ds
                     for start in range(0, n, step):
-                        out[start : start + step] = ds[start : start + step]
+                        # the virtual dataset opened for each read: an open one holds every part
+                        # file it has read from open (see _OPEN_PARTS)
+                        out[start : start + step] = src[name][start : start + step]
                         done += min(step, n - start)
                         if progress is not None:
                             progress(done, total, name)

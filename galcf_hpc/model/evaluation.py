@@ -120,6 +120,7 @@ def explain_batch(
     placement="boundary",
     metrics=CHANGE_METRICS,
     pad=False,
+    judge_inputs=True,
 ):
     """Classify ``images`` [B, 3, R, R], reconstruct them and explain them towards each of
     ``targets`` (class indices), each counterfactual ``margin`` past the decision boundary
@@ -128,8 +129,9 @@ def explain_batch(
     re-encoded ``chunk`` at a time (default: B, the memory of one batch); with ``pad`` every
     decode (reconstructions too) runs on exactly ``chunk`` latents, so that each image is
     reproducible from its latent alone (:func:`padded_rows`). ``metrics``: the change
-    metrics to compute (a subset of ``CHANGE_METRICS``; the others stay NaN). Returns an
-    :class:`ExplainedBatch`."""
+    metrics to compute (a subset of ``CHANGE_METRICS``; the others stay NaN);
+    ``judge_inputs=False`` skips the judges' classes of the input images (``judge_pred``
+    stays empty). Returns an :class:`ExplainedBatch`."""
     judges = judges or {}
     unknown = set(metrics) - set(CHANGE_METRICS)
     if unknown:
@@ -166,7 +168,7 @@ def explain_batch(
             valid[name][r, c] = (_judge_predict(judge, x_cf) == target).to(torch.int8)
         for name in metrics:
             change[name][r, c] = _change_metric(name, x_cf, recon[r], x[r], border).float().to(dev)
-    judge_pred = {name: _judge_predict(judge, x) for name, judge in judges.items()}
+    judge_pred = {name: _judge_predict(judge, x) for name, judge in judges.items()} if judge_inputs else {}
     return ExplainedBatch(
         list(targets),
         pred,
