@@ -611,7 +611,13 @@ def build_parser():
     )
     sp.add_argument("--out", required=True, help="output directory (parts/, catalog.h5, run.json)")
     sp.add_argument("--targets", default="all", help="all, or class names/numbers separated by commas")
-    sp.add_argument("--unit-size", type=int, default=256, help="galaxies per work unit (and part file)")
+    sp.add_argument(
+        "--unit-size",
+        type=int,
+        default=None,
+        help="galaxies per work unit and part file (default: from the input's size and the ranks, "
+        "256 to 32768, at most 1024 parts; a resumed run keeps its own; docs/catalog.md)",
+    )
     _device(sp, "the model")
     sp.add_argument(
         "--images",

@@ -247,6 +247,15 @@ def test_probabilities_margin_and_mislabel_score(mpi_catalog):
     assert attrs["images"] == "full" and attrs["decode_batch"] > 0
 
 
+def test_default_unit_size_and_a_resume_keeps_its_units(run_dir, sharded, tmp_path):
+    fresh = run_catalog(run_dir, sharded.out / "test", tmp_path / "auto")
+    assert json.loads((tmp_path / "auto" / "run.json").read_text())["unit_size"] == 256
+    assert fresh["num_units"] == 1 == fresh["computed_units"]
+    run_catalog(run_dir, sharded.out / "test", tmp_path / "four", unit_size=4)
+    again = run_catalog(run_dir, sharded.out / "test", tmp_path / "four")  # no --unit-size: the run's own
+    assert again["num_units"] == 6 and again["skipped_units"] == 6 and again["computed_units"] == 0
+
+
 def test_thumbnails_are_the_mean_over_each_footprint():
     x = torch.rand(2, 9, 3, 64, 64)
     small = thumbnails(x, 16)

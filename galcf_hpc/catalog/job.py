@@ -148,9 +148,9 @@ def _schema(plan, model, cfg):
 # Preparation (rank 0): everything that can fail on bad input, before any output is touched
 
 
-def _prepare(checkpoint, input_path, out_dir, targets, unit_size, image_dtype, images, device):
+def _prepare(checkpoint, input_path, out_dir, targets, unit_size, image_dtype, images, device, ranks):
     resolve_device(device, 0, option="--device")
-    if unit_size < 1:
+    if unit_size is not None and unit_size < 1:
         raise UsageError(f"--unit-size must be at least 1, got {unit_size}")
     if image_dtype not in IMAGE_DTYPES:
         raise UsageError(f"--image-dtype must be one of {', '.join(IMAGE_DTYPES)}, got {image_dtype!r}")
@@ -184,12 +184,17 @@ def _prepare(checkpoint, input_path, out_dir, targets, unit_size, image_dtype, i
         "decode_batch": cfg.explain.batch_size,
         "key_length": max(len(k) for k in source.keys),
     }
+    if unit_size is None:
+        run["unit_size"] = store.default_unit_size(source.n, ranks, _schema(run, model, cfg))
+        log.info("catalog: units of %d galaxies for %d galaxies on %d rank(s)", run["unit_size"], source.n, ranks)
     run_json = out_dir / "run.json"
     if run_json.is_file():
         try:
             old = json.loads(run_json.read_text())
         except (OSError, ValueError) as exc:
             raise DataError(f"{run_json} cannot be read ({exc}); pass a new --out") from None
+        if unit_size is None:  # a resumed run keeps its units, whatever the number of ranks now
+            run["unit_size"] = old.get("unit_size")
         diff = [f"{k}: {old.get(k)!r} there, {run[k]!r} now" for k in _IDENTITY if old.get(k) != run[k]]
         if diff:
             raise DataError(
@@ -207,7 +212,7 @@ def _prepare(checkpoint, input_path, out_dir, targets, unit_size, image_dtype, i
     parts.mkdir(parents=True, exist_ok=True)
     for stale in parts.glob(".unit-*.tmp"):  # left by a killed run; its unit is recomputed
         stale.unlink(missing_ok=True)
-    units = store.work_units(source.n, unit_size)
+    units = store.work_units(source.n, run["unit_size"])
     todo, rejected = _check_done(parts, units, _schema(run, model, cfg), run)
     plan = {
         **run,
@@ -468,7 +473,7 @@ def run_catalog(
     input_path,
     out_dir,
     targets=None,
-    unit_size=256,
+    unit_size=None,
     device="auto",
     image_dtype="uint8",
     comm=None,
@@ -511,7 +516,7 @@ def _run_catalog(
                     "another --out, or delete the lock file if that job has ended"
                 )
             plan, model, judges, cfg, source = _prepare(
-                checkpoint, input_path, out_dir, targets, unit_size, image_dtype, images, device
+                checkpoint, input_path, out_dir, targets, unit_size, image_dtype, images, device, size
             )
         except Exception as exc:  # bad input, or a bug: either way the other ranks must hear of it
             error = exc
