@@ -79,7 +79,8 @@ def test_train_is_the_multi_rank_entry_point():
 def test_defaults_are_shown():
     shard_help = " ".join(COMMANDS["galcf-hpc data shard"][0].format_help().split())  # unwrapped
     assert "(default: data.shard_size of --config, else 1000)" in shard_help
-    assert "(default: 256)" in COMMANDS["galcf-hpc catalog run"][0].format_help()
+    run_help = " ".join(COMMANDS["galcf-hpc catalog run"][0].format_help().split())
+    assert "(default: from the input's size and the ranks" in run_help and "(default: auto)" in run_help
     assert "(default: None)" not in "".join(p.format_help() for p, _ in COMMANDS.values())
 
 
