@@ -598,8 +598,8 @@ def _value_workers(workers, blocks):
     if workers is None:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         workers = min(_MAX_VALUE_WORKERS, cpus) if blocks >= 4 else 1
-    # fork: the workers inherit the schema and need no import of the caller's __main__
-    # (which spawn would run again); no HDF5 file of the caller is open for them to inherit
+    # fork, not spawn: spawn would import the caller's __main__ again in every worker. The
+    # catalog is closed before the fork; files the caller holds open are inherited, untouched
     return max(1, min(workers, blocks)) if "fork" in multiprocessing.get_all_start_methods() else 1
 
 
@@ -660,9 +660,10 @@ def check_values(catalog, fields, targets, units=None, workers=None, block=_VERI
 
 def duplicate_keys(keys):
     """(how many distinct keys appear more than once, one of them as bytes or None) of an
-    array of fixed-length bytes. Sorts 64-bit hashes of the keys (a second for 8.67 million,
-    where ``np.unique`` of the keys as Python objects takes tens of seconds) and compares the
-    keys behind equal hashes exactly: a collision costs a comparison, never a wrong answer."""
+    array of fixed-length bytes. Sorts 64-bit hashes of the keys (0.5 s for 8.67 million
+    keys; ``np.unique`` takes 2.7 s over the fixed-length bytes, 6.4 s over them as Python
+    objects) and compares the keys behind equal hashes exactly: a collision costs a
+    comparison, never a wrong answer."""
     keys = np.ascontiguousarray(keys)
     if len(keys) < 2:
         return 0, None
@@ -674,13 +675,11 @@ def duplicate_keys(keys):
     for word in np.ascontiguousarray(raw).view(np.uint64).T:
         digest = (digest ^ word) * np.uint64(0x100000001B3)
         digest ^= digest >> np.uint64(29)
-    order = np.argsort(digest)
-    same = digest[order[1:]] == digest[order[:-1]]
-    if not same.any():
+    ordered = np.sort(digest)
+    same = ordered[1:][ordered[1:] == ordered[:-1]]
+    if not len(same):
         return 0, None
-    candidates = np.zeros(len(keys), bool)
-    candidates[order[1:][same]] = candidates[order[:-1][same]] = True
-    unique, counts = np.unique(keys[candidates], return_counts=True)
+    unique, counts = np.unique(keys[np.isin(digest, same)], return_counts=True)
     repeated = unique[counts > 1]
     return len(repeated), (bytes(repeated[0]) if len(repeated) else None)
 
