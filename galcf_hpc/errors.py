@@ -16,6 +16,7 @@ code   meaning
 5      checkpoint error: missing, damaged, or from another configuration
 6      distributed job: a peer rank died or stopped answering, or the launcher's tasks do
        not form one MPI world
+7      the machine: a GPU, its driver, CUDA libraries or device memory (not the input)
 130    interrupted (Ctrl-C)
 =====  =======================================================================
 """
@@ -62,3 +63,11 @@ class LaunchError(GalcfError):
 
 class PeerLostError(LaunchError):
     """Another rank of a distributed job died or stopped answering."""
+
+
+class DeviceError(GalcfError):
+    """The machine cannot run the job as set up: no usable GPU, a driver or CUDA library that
+    does not fit, device memory exhausted, a device id this process cannot see. The input
+    data are not at fault; the message says what to check."""
+
+    exit_code = 7

@@ -39,12 +39,44 @@ import numpy as np
 import torch
 
 from galcf_hpc.data.classes import NUM_CLASSES
-from galcf_hpc.errors import CheckpointError, ConfigError, DataError
+from galcf_hpc.errors import CheckpointError, ConfigError, DataError, DeviceError
 from galcf_hpc.loaders.augment import crop_box
 from galcf_hpc.loaders.split import EpochPosition, ceil_div, open_split, steps_per_epoch, verify_hint
 
 _LAYOUT = ("world_size", "rank", "batch_size", "num_samples", "train", "seed", "device")
 _SHARD_IN_MESSAGE = re.compile(r"[^\s'\"]*\.tar")
+# DALI failures that come from the machine, not from the shards (texts as DALI and CUDA write
+# them: "CUDA allocation failed", "CUDA runtime API error cudaErrorInvalidDevice (101): invalid
+# device ordinal", "CUDA driver API error CUDA_ERROR_INVALID_DEVICE", "Assert on
+# \"cuInitChecked()\" failed", "std::bad_alloc", nvJPEG allocator/execution failures)
+_MACHINE = {
+    "memory": re.compile(r"out[ _]of[ _]memory|allocation failed|bad_alloc|MemoryAllocation|ALLOCATOR_FAILURE", re.I),
+    "device": re.compile(r"invalid[ _]?device|device ordinal|NoDevice|NO_DEVICE|no CUDA-capable device", re.I),
+    "driver": re.compile(
+        r"cuInit|libcuda|driver version|insufficient ?driver|cudaErrorInsufficientDriver|"
+        r"CUDA (?:runtime|driver) API error|CUDA_ERROR_|cudaError|NVJPEG_STATUS_(?:EXECUTION_FAILED|ARCH_MISMATCH|"
+        r"INTERNAL_ERROR|NOT_INITIALIZED)|NVML",
+        re.I,
+    ),
+}
+_MACHINE_HINTS = {
+    "memory": "the GPU ran out of memory: a smaller train.batch_size, fewer DALI threads, no other process on "
+    "this GPU (nvidia-smi), or data.device: cpu",
+    "device": "the pipeline's GPU is not visible to this process: one rank per visible GPU, and "
+    "CUDA_VISIBLE_DEVICES / srun --gres and --ntasks-per-node that agree (docs/distributed.md, On GPUs)",
+    "driver": "the DALI wheel must match the CUDA driver (nvidia-smi shows the driver's CUDA version: "
+    "nvidia-dali-cuda120 for 12.x, nvidia-dali-cuda130 for 13.x) and the GPU must work (nvidia-smi); "
+    "data.device: cpu takes the GPU out of the data path",
+}
+
+
+def machine_failure(text):
+    """``"memory"``, ``"device"`` or ``"driver"`` when a DALI error text reports a failure of the
+    machine (GPU memory, a device this process cannot use, the driver or CUDA libraries),
+    else None: the shards are then the suspects. Only DALI's own reason counts (after
+    "encountered:"), not the pipeline definition it quotes."""
+    reason = str(text).split("encountered:", 1)[-1]
+    return next((kind for kind, pattern in _MACHINE.items() if pattern.search(reason)), None)
 
 
 def _import_dali():
@@ -233,9 +265,12 @@ class DaliLoader(EpochPosition):
         self.epoch, self._step = 0, 0
         self._pipe, self._restore = None, None
         self._torch_device = torch.device(f"cuda:{device_id}") if self.device == "gpu" else torch.device("cpu")
+        self._copied = None  # CUDA event after the copy of the last batch out of DALI's buffer
 
     def _error(self, exc):
-        """A DataError naming the shard (and sample) behind a DALI failure.
+        """The error behind a DALI failure: a DeviceError that says what to check when the
+        machine failed (GPU memory, device visibility, driver or CUDA libraries; see
+        :func:`machine_failure`), else a DataError naming the shard (and sample).
 
         DALI reports a decoding failure without the sample; the samples of this rank's
         current range are then decoded once more with the torch back-end's reader, whose
@@ -246,6 +281,13 @@ class DaliLoader(EpochPosition):
         reason = next(
             (line.strip() for line in reason if line.strip() and "pipeline" not in line.lower()), type(exc).__name__
         )[:300]
+        kind = machine_failure(text)
+        if kind is not None:
+            on = f"GPU {self._args['device_id']}" if self.device == "gpu" else "the CPU"
+            return DeviceError(
+                f"DALI failed on {on} ({reason}); a problem of this machine, not of the shards in "
+                f"{self.split_dir}: {_MACHINE_HINTS[kind]}"
+            )
         shard_id = self.rank if not self.train else (self.rank + self.epoch) % self.world_size
         found = _first_bad_sample(self.split_dir, rank_range(self.num_samples, shard_id, self.world_size)[0])
         if found is not None:
@@ -263,9 +305,26 @@ class DaliLoader(EpochPosition):
             self._restore = None
         return self._pipe
 
+    def _stream(self):
+        """torch's current stream on the pipeline's GPU (None on the CPU): DALI hands its
+        outputs over on it and the copy into torch runs on it, so the batch is ordered before
+        every kernel the training step queues after it."""
+        return torch.cuda.current_stream(self._torch_device) if self.device == "gpu" else None
+
+    def _wait_for_copy(self):
+        """Block until the copy of the last batch has left DALI's output buffer: DALI may hand
+        that buffer to the next iteration once ``run()`` is called again (or free it with the
+        pipeline). Only that copy is waited for (and what was queued before it), never the
+        training step queued after it."""
+        if self._copied is not None:
+            self._copied.synchronize()
+            self._copied = None
+
     def _run(self):
+        self._wait_for_copy()
+        stream = self._stream()
         try:
-            return self._pipe.run()
+            return self._pipe.run() if stream is None else self._pipe.run(stream)
         except RuntimeError as exc:
             raise self._error(exc) from None
 
@@ -299,8 +358,11 @@ class DaliLoader(EpochPosition):
         *_, feed_ndarray = _import_dali()
         dense = tensor_list.as_tensor()
         out = torch.empty(dense.shape(), dtype=torch.float32, device=self._torch_device)
-        stream = torch.cuda.current_stream(self._torch_device) if self.device == "gpu" else None
-        feed_ndarray(dense, out, cuda_stream=stream)
+        stream = self._stream()
+        feed_ndarray(dense, out, cuda_stream=stream)  # asynchronous on torch's stream (GPU)
+        if stream is not None:
+            self._copied = torch.cuda.Event()
+            self._copied.record(stream)
         return out.clamp_(0.0, 1.0)  # float rounding of the resampling filters
 
     def _batch(self, outputs, step):
@@ -327,6 +389,7 @@ class DaliLoader(EpochPosition):
 
     def close(self):
         """Free the pipeline (threads, buffers, GPU memory); the loader is done after this."""
+        self._wait_for_copy()
         self._pipe = None
 
     def state_dict(self):
@@ -354,5 +417,6 @@ class DaliLoader(EpochPosition):
                 "data, seed, world size and batch size (or restart from an epoch boundary)"
             )
         self.epoch, self._step = int(state["epoch"]), int(state["step"])
+        self._wait_for_copy()
         self._pipe = None
         self._restore = state["dali"] if same else None

@@ -93,10 +93,10 @@ def batch_losses(model, vgg, images, labels, loss_cfg, cf_active):
         l_rec = l_rec + loss_cfg.pixel * terms["pixel"]
 
     bandwidth = loss_cfg.mmd_bandwidth or 2.0 * z.shape[1]
-    terms["mmd"] = mmd_unbiased(z.float(), torch.randn_like(z.float()), bandwidth)
-
     h = lat.h
-    l_ib, l_x, l_y = ib_loss(h.float(), lat.logdet.float(), labels, model.means, model.log_weights, loss_cfg.beta)
+    with torch.autocast(images.device.type, enabled=False):  # the latent losses in fp32 under bf16 autocast
+        terms["mmd"] = mmd_unbiased(z.float(), torch.randn_like(z.float()), bandwidth)
+        l_ib, l_x, l_y = ib_loss(h.float(), lat.logdet.float(), labels, model.means, model.log_weights, loss_cfg.beta)
     terms.update(ib=l_ib, ib_x=l_x, ib_y=l_y)
 
     total = l_rec + loss_cfg.mmd * terms["mmd"] + loss_cfg.ib * l_ib
@@ -159,8 +159,9 @@ def consistency_loss(model, z, h, recon, loss_cfg):
     # position...) is compared on the image as decoded
     seen = augment_for_reencoding(x_cf) if loss_cfg.cf_augment else x_cf
     z_seen = functional_call(model.encoder, encoder, (seen,)) if loss_cfg.cf_augment else z_re
-    h_re, _ = functional_call(model.flow, _frozen(model.flow), (model.split(z_seen)[0],))
-    logits = class_logits(h_re.float(), means, model.log_weights)
+    with torch.autocast(x_cf.device.type, enabled=False):  # the flow in fp32, as in GalaxyCF.forward
+        h_re, _ = functional_call(model.flow, _frozen(model.flow), (model.split(z_seen)[0].float(),))
+        logits = class_logits(h_re, means.float(), model.log_weights)
     terms = {
         "cf": F.cross_entropy(logits, target),
         "cf_l1": (x_cf - recon).abs().mean(),
