@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from baseline import worktree  # benchmarks/baseline.py (the script's own directory)
 
 from galcf_hpc.config import load_config
 from galcf_hpc.data.classes import NUM_CLASSES
@@ -93,12 +94,6 @@ def run(root, ranks, unit_size, device, images=None, tree=None):
     return summary, wall
 
 
-def worktree(rev, where):
-    """A checkout of ``rev`` of this repository at ``where`` (git worktree, detached)."""
-    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-f", str(where), rev], check=True)
-    return where
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--configs", nargs="+", default=["smoke", "synthetic64", "galaxy10_decals"])
@@ -113,8 +108,7 @@ def main():
     args = p.parse_args()
     counts = dict(zip(args.configs, args.galaxies + args.galaxies[-1:] * len(args.configs)))
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        base = worktree(args.baseline, Path(tmp) / "baseline") if args.baseline else None
+    with tempfile.TemporaryDirectory() as tmp, worktree(args.baseline) as base:
         for name in args.configs:
             config = REPO / "configs" / f"{name}.yaml"
             size = load_config(config).data.image_size
@@ -140,8 +134,6 @@ def main():
                     }
                 )
                 print(_line(rows[-1], args.ranks), flush=True)
-        if base:
-            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(base)], check=True)
     print(
         f"\ncatalog job, judges: {'none' if args.no_judges else 'default panel'}, units of {args.unit_size}, "
         f"torch {torch.__version__}, {os.cpu_count()} CPUs"

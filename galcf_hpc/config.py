@@ -57,12 +57,12 @@ class DataConfig:
     crop_fraction: float = 0.7  # central crop, side fraction; <= 0.707 keeps rotated corners out
     rotation_degrees: float = 180.0  # random rotation in [-deg, +deg]
     augment: bool = True  # random rotation (training batches only); evaluation is never augmented
-    loader: str = "torch"  # loader back-end: torch | dali | synthetic
+    loader: str = "torch"  # loader back-end: torch | dali | synthetic | auto (dali on a GPU, else torch)
     device: str = "auto"  # where dali decodes and augments, and synthetic batches live: gpu | cpu | auto
     num_workers: int = 0  # torch: worker processes (0 = in the training process); dali: CPU threads (min 1)
 
 
-LOADERS = ("torch", "dali", "synthetic")
+LOADERS = ("torch", "dali", "synthetic", "auto")
 ENGINES = ("ddp", "deepspeed")
 
 
@@ -191,6 +191,7 @@ class Config:
 # Keys that take one of a few values.
 _CHOICES = {
     "data.loader": LOADERS,
+    "data.image_format": ("png", "jpeg", "jp2"),  # data/shards.py IMAGE_FORMATS (also takes "jpg")
     "data.device": ("auto", "cpu", "gpu"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.engine": ENGINES,

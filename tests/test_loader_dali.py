@@ -99,7 +99,7 @@ def test_rotation_angles_cover_the_range_and_match_torch_rotation(sharded):
     b = batches[0]
     raw = torch.from_numpy(np.stack([dataset[where[k]]["image"] for k in b["keys"]]))
     same = augment_batch(raw, 20, 0.7, b["angles"])
-    assert float((b["images"] - same).abs().max()) <= 2 * TOL  # DALI rotates in uint8
+    assert float((b["images"] - same).abs().max()) <= 2 * TOL  # both reduce in uint8, then warp
     assert float((b["images"] - augment_batch(raw, 20, 0.7)).abs().mean()) > 4 * TOL
     assert float((b["images"] - augment_batch(raw, 20, 0.7, -b["angles"])).abs().mean()) > 4 * TOL
     again = list(_dali(split, image_size=20, rotation_degrees=45.0, seed=5))
@@ -215,13 +215,36 @@ def test_config_selects_backends(sharded):
     assert isinstance(build_loader(_cfg(sharded, "dali"), "train"), DaliLoader)
     synthetic = build_loader(_cfg(sharded, "synthetic"), "train", rank=1, world_size=2)
     assert isinstance(synthetic, SyntheticLoader)
-    with pytest.raises(ConfigError, match="data.loader.*must be one of torch, dali, synthetic, got 'ffcv'"):
+    with pytest.raises(ConfigError, match="data.loader.*must be one of torch, dali, synthetic, auto, got 'ffcv'"):
         _cfg(sharded, "ffcv")
     with pytest.raises(ConfigError, match="data.device"):
         _cfg(sharded, "dali", device="tpu")
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no CUDA device"):
             build_loader(_cfg(sharded, "dali", device="gpu"), "train")
+
+
+def test_auto_picks_dali_on_a_gpu_and_says_why_not_elsewhere(sharded, monkeypatch, caplog):
+    import galcf_hpc.loaders as loaders
+    from galcf_hpc.loaders.torch import ShardLoader
+
+    with caplog.at_level("INFO", logger="galcf_hpc.loaders"):
+        loader = build_loader(_cfg(sharded, "auto", device="auto"), "train")
+    if not torch.cuda.is_available():
+        assert isinstance(loader, ShardLoader)
+        assert "torch back-end, since no CUDA device is visible" in caplog.text
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(loaders, "_dali_installed", lambda: False)
+    name, why = loaders.resolve_loader("auto", "auto")
+    assert name == "torch" and "DALI is not installed" in why and "pip install" in why
+    assert loaders.resolve_loader("auto", "cpu")[0] == "torch"
+    monkeypatch.setattr(loaders, "_dali_installed", lambda: True)
+    assert loaders.resolve_loader("auto", "auto") == ("dali", "data.loader auto: DALI on the GPU")
+    assert loaders.resolve_loader("auto", "cpu") == (
+        "torch",
+        "data.loader auto: the torch back-end, since data.device is cpu",
+    )
+    assert loaders.resolve_loader("dali", "cpu")[0] == "dali"  # an explicit choice is kept
 
 
 def test_synthetic_backend_contract_and_steps(sharded):

@@ -6,7 +6,7 @@ import torch
 
 from galcf_hpc.data.shards import read_index, read_manifest
 from galcf_hpc.errors import CheckpointError, DataError
-from galcf_hpc.loaders.augment import augment_batch, rotate, sample_angles
+from galcf_hpc.loaders.augment import augment_batch, reduced_size, sample_angles, warp_batch
 from galcf_hpc.loaders.torch import ShardDataset, build_torch_loader
 
 
@@ -95,17 +95,40 @@ def test_rotation_angles_cover_the_range_and_are_used(sharded):
     assert not torch.allclose(batch["images"], augment_batch(raw, 20, 0.7), atol=1e-2)
 
 
-def test_rotate_is_counter_clockwise_about_the_centre():
-    image = torch.rand(1, 3, 16, 16)
-    # A 90 degree turn maps pixel centres onto pixel centres: it equals np.rot90 (which
-    # turns counter-clockwise as displayed, row 0 at the top).
-    turned = rotate(image, torch.tensor([90.0]))
-    assert torch.allclose(turned, torch.rot90(image, 1, dims=(2, 3)), atol=1e-5)
-    assert torch.allclose(rotate(image, torch.tensor([0.0])), image, atol=1e-6)
-    dot = torch.zeros(1, 1, 15, 15)
-    dot[0, 0, 7, 11] = 1  # right of centre
-    moved = rotate(dot, torch.tensor([90.0]))[0, 0]
+def test_warp_turns_counter_clockwise_about_the_centre():
+    image = (torch.rand(1, 16, 16, 3) * 255).to(torch.uint8)
+    as_float = image.permute(0, 3, 1, 2).float() / 255
+    # Without crop and scale a 90 degree turn maps pixel centres onto pixel centres: it equals
+    # np.rot90 (which turns counter-clockwise as displayed, row 0 at the top).
+    turned = warp_batch(image, 16, 1.0, torch.tensor([90.0]))
+    assert torch.allclose(turned, torch.rot90(as_float, 1, dims=(2, 3)), atol=1e-5)
+    assert torch.allclose(warp_batch(image, 16, 1.0, torch.tensor([0.0])), as_float, atol=1e-5)
+    dot = torch.zeros(1, 15, 15, 3, dtype=torch.uint8)
+    dot[0, 7, 11] = 255  # right of centre
+    moved = warp_batch(dot, 15, 1.0, torch.tensor([90.0]))[0, 0]
     assert divmod(int(moved.argmax()), 15) == (3, 7)  # now above the centre
+
+
+@pytest.mark.parametrize("size,image_size", [(64, 16), (60, 32), (64, 64)])
+def test_warp_is_crop_and_resize_at_angle_zero_and_equivariant(size, image_size):
+    """At angle 0 the one-resampling warp is the evaluation transform up to the bilinear
+    sampling of the reduced cutout; a quarter turn of the cutout is a quarter turn of the
+    output; the reduction antialiases (a pixel-wide checkerboard averages to grey)."""
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    blob = 230 * torch.exp(-((xx - size * 0.55) ** 2 / (size * 0.9) + (yy - size * 0.45) ** 2 / (size * 0.3)))
+    image = torch.stack([blob, blob * 0.6, blob * 0.3], -1)[None].round().to(torch.uint8)
+    zero = warp_batch(image, image_size, 0.7, torch.tensor([0.0]))
+    assert zero.shape == (1, 3, image_size, image_size)
+    assert float((zero - augment_batch(image, image_size, 0.7)).abs().mean()) < 0.01
+    side = round(size * 0.7)
+    assert reduced_size(size, image_size, 0.7) == (size if image_size >= side else round(size * image_size / side))
+    turned = torch.rot90(image, 1, dims=(1, 2)).contiguous()  # the cutout a quarter turn on
+    assert float((warp_batch(turned, image_size, 0.7, torch.tensor([-90.0])) - zero).abs().max()) < 0.02
+    assert float((warp_batch(image, image_size, 0.7, torch.tensor([90.0])) - zero).abs().mean()) > 0.01
+    checker = ((xx + yy) % 2 * 255).to(torch.uint8)[None, :, :, None].expand(1, size, size, 3).contiguous()
+    grey = warp_batch(checker, image_size, 0.7, torch.tensor([33.0]))[..., 2:-2, 2:-2]
+    if image_size < side:  # shrunk: the reduction's tent filter averages the checkerboard
+        assert float((grey - 0.5).abs().max()) < 0.1
 
 
 def _run_ranks(split_dir, world, train, batch_size=4, epoch=0):

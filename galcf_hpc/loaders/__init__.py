@@ -5,17 +5,24 @@ marking real (not padding) samples. Every rank gets the same number of steps.
 Back-ends (``data.loader``): ``torch`` (PIL decoding and torch augmentation in DataLoader
 workers, on the CPU), ``dali`` (NVIDIA DALI: decoding and augmentation on the GPU, or on the
 CPU with ``data.device: cpu``) and ``synthetic`` (random tensors on the device, for timing
-the compute side). Each has ``steps_per_epoch``, ``position``, ``set_epoch``,
+the compute side). ``auto`` is the production choice: ``dali`` on a GPU where DALI is
+installed, else ``torch``, with a log line that says which and why (``resolve_loader``).
+Each has ``steps_per_epoch``, ``position``, ``set_epoch``,
 ``state_dict``/``load_state_dict`` and ``close``.
 """
 
+import logging
 from pathlib import Path
 
-import torch
+# ``from torch import cuda``, not ``import torch``: importing the submodule ``.torch`` (the
+# torch back-end) rebinds the package's name ``torch`` to that submodule
+from torch import cuda
+
+log = logging.getLogger(__name__)
 
 
 def _local_device_index():
-    return torch.cuda.current_device() if torch.cuda.is_available() else None
+    return cuda.current_device() if cuda.is_available() else None
 
 
 def check_labels(cfg, split, rank=0, world_size=1):
@@ -34,6 +41,36 @@ def check_labels(cfg, split, rank=0, world_size=1):
     return len(range(rank, len(dataset), world_size))
 
 
+def _dali_installed():
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("nvidia.dali") is not None
+    except ModuleNotFoundError:  # no ``nvidia`` namespace package at all
+        return False
+
+
+def resolve_loader(loader, data_device="auto"):
+    """(back-end, reason): ``data.loader`` with ``auto`` resolved. ``auto`` picks DALI on the
+    GPU when a CUDA device is visible, ``data.device`` allows it and DALI is installed, and
+    otherwise the torch back-end, the reason naming what was missing and how to get it."""
+    if loader != "auto":
+        return loader, f"data.loader: {loader}"
+    missing = []
+    if not cuda.is_available():
+        missing.append("no CUDA device is visible")
+    if data_device == "cpu":
+        missing.append("data.device is cpu")
+    if not _dali_installed():
+        missing.append(
+            "NVIDIA DALI is not installed (pip install 'galcf-hpc[dali-cuda13]' or [dali-cuda12], "
+            "matching the CUDA of this machine)"
+        )
+    if missing:
+        return "torch", "data.loader auto: the torch back-end, since " + "; ".join(missing)
+    return "dali", "data.loader auto: DALI on the GPU"
+
+
 def build_loader(cfg, split, rank=0, world_size=1, train=True):
     """The configured back-end over ``<data.shards>/<split>``; train=False: no augmentation,
     every galaxy exactly once across ranks."""
@@ -41,7 +78,10 @@ def build_loader(cfg, split, rank=0, world_size=1, train=True):
     split_dir = Path(d.shards) / split
     batch_size = cfg.train.batch_size if train else cfg.explain.batch_size
     common = dict(batch_size=batch_size, image_size=d.image_size, rank=rank, world_size=world_size, train=train)
-    if d.loader == "torch":
+    loader, reason = resolve_loader(d.loader, d.device)
+    if d.loader == "auto" and rank == 0 and train:
+        log.info("%s", reason)
+    if loader == "torch":
         from .torch import build_torch_loader
 
         return build_torch_loader(
@@ -53,10 +93,10 @@ def build_loader(cfg, split, rank=0, world_size=1, train=True):
             seed=cfg.run.seed,
             **common,
         )
-    if d.loader == "dali":
+    if loader == "dali":
         from .dali import DaliLoader, resolve_data_device
 
-        device = resolve_data_device(d.device)
+        device = "gpu" if d.loader == "auto" else resolve_data_device(d.device)
         return DaliLoader(
             split_dir,
             augment=d.augment and train,
@@ -68,7 +108,7 @@ def build_loader(cfg, split, rank=0, world_size=1, train=True):
             device_id=_local_device_index() if device == "gpu" else None,
             **common,
         )
-    if d.loader == "synthetic":
+    if loader == "synthetic":
         from .dali import resolve_data_device
         from .synthetic import SyntheticLoader
 

@@ -20,11 +20,14 @@ reads the same number of batches per reader epoch.
   so the valid samples of all ranks are the split, each exactly once.
 
 Augmentation (training): rotation by an angle uniform in [-deg, +deg] from the pipeline's
-random generator (bilinear, zeros outside; the angles come back as ``batch["angles"]``), the
-central crop and an antialiased linear resize to ``image_size`` in one ``fn.resize`` with an
-absolute region of interest (the crop box of ``augment.crop_box``, as in the torch back-end),
-float CHW in [0, 1]. Without augmentation the output equals the torch back-end's to within
-rounding of the resampling filter (tests: 1/255).
+random generator (the angles come back as ``batch["angles"]``), central crop and resize as
+one affine map sampled once at the output size (``_warp``, the same transform as the torch
+back-end's ``augment.warp_batch``: an antialiased reduction of the cutout where the crop is
+shrunk, then one bilinear ``fn.warp_affine``, zeros outside), float CHW in [0, 1]. Without
+augmentation: the central crop and an antialiased linear resize in one ``fn.resize`` with an
+absolute region of interest (the crop box of ``augment.crop_box``). Both equal the torch
+back-end's output to within rounding of the resampling filters (tests: 1/255 without
+rotation, 2/255 with it).
 
 State: ``state_dict()`` holds (epoch, step) and the pipeline's own checkpoint (readers'
 positions and the random generators, ``enable_checkpointing=True``); a loader restored from
@@ -40,7 +43,7 @@ import torch
 
 from galcf_hpc.data.classes import NUM_CLASSES
 from galcf_hpc.errors import CheckpointError, ConfigError, DataError, DeviceError
-from galcf_hpc.loaders.augment import crop_box
+from galcf_hpc.loaders.augment import crop_box, reduced_size
 from galcf_hpc.loaders.split import EpochPosition, ceil_div, open_split, steps_per_epoch, verify_hint
 
 _LAYOUT = ("world_size", "rank", "batch_size", "num_samples", "train", "seed", "device")
@@ -115,6 +118,32 @@ def _pipeline_seed(seed, rank):
     return int.from_bytes(digest, "little") & 0x7FFFFFFF
 
 
+def _warp(fn, types, images, angles, size, image_size, crop_fraction):
+    """The training transform of ``augment.warp_batch`` as DALI operators: the antialiased
+    reduction of the whole cutout (when the crop is shrunk), then one bilinear
+    ``warp_affine`` at the output size, its output-to-input map composed from the same chain
+    as ``augment.warp_matrices`` (DALI's transforms apply in the order they are chained)."""
+    anchor, side = crop_box(size, crop_fraction)
+    reduced = reduced_size(size, image_size, crop_fraction)
+    if reduced != size:
+        images = fn.resize(images, size=[reduced, reduced], antialias=True, interp_type=types.INTERP_LINEAR)
+    centre = size / 2.0
+    matrix = fn.transforms.scale(scale=[side / image_size] * 2)
+    matrix = fn.transforms.translation(matrix, offset=[anchor - centre] * 2)
+    matrix = fn.transforms.rotation(matrix, angle=angles)
+    matrix = fn.transforms.translation(matrix, offset=[centre] * 2)
+    matrix = fn.transforms.scale(matrix, scale=[reduced / size] * 2)
+    return fn.warp_affine(
+        images,
+        matrix=matrix,
+        size=[image_size, image_size],
+        fill_value=0,
+        interp_type=types.INTERP_LINEAR,
+        inverse_map=True,
+        dtype=types.FLOAT,
+    )
+
+
 def _build_pipeline(
     tars,
     idxs,
@@ -159,18 +188,19 @@ def _build_pipeline(
         outputs = [cls, source]
         if rotation_degrees > 0:
             angles = fn.random.uniform(range=[-rotation_degrees, rotation_degrees])
-            images = fn.rotate(images, angle=angles, keep_size=True, fill_value=0, interp_type=types.INTERP_LINEAR)
+            images = _warp(fn, types, images, angles, source_size, image_size, crop_fraction)
             outputs.append(angles)
-        images = fn.resize(
-            images,
-            size=[image_size, image_size],
-            roi_start=[anchor, anchor],
-            roi_end=[anchor + side, anchor + side],
-            roi_relative=False,
-            antialias=True,
-            interp_type=types.INTERP_LINEAR,
-            dtype=types.FLOAT,
-        )
+        else:
+            images = fn.resize(
+                images,
+                size=[image_size, image_size],
+                roi_start=[anchor, anchor],
+                roi_end=[anchor + side, anchor + side],
+                roi_relative=False,
+                antialias=True,
+                interp_type=types.INTERP_LINEAR,
+                dtype=types.FLOAT,
+            )
         # layout and scaling in one pass (cheaper than transpose + arithmetic on the CPU)
         images = fn.crop_mirror_normalize(images, mean=0.0, std=255.0, output_layout="CHW", dtype=types.FLOAT)
         return (images, *outputs)
