@@ -43,8 +43,10 @@ setup(
         # mpi4py against the site's MPI (cluster modules); mpich adds a self-contained MPI
         # (mpiexec included) for laptops and CI.
         "mpi": ["mpi4py>=3.1"],
-        # install with DS_BUILD_OPS=0: no CUDA extensions are compiled (the optimiser is torch's)
-        "deepspeed": ["deepspeed>=0.14"],
+        # install with DS_BUILD_OPS=0: no CUDA extensions are compiled (the optimiser is torch's).
+        # 0.17.2 brought the `torch_autocast` config section that bf16 training relies on (older
+        # versions ignore it and train in fp32); 0.19.8 is the version tested here
+        "deepspeed": ["deepspeed>=0.17.2"],
         "mpich": ["mpi4py>=3.1", "mpich"],
         # train.tensorboard: metrics also as TensorBoard event files
         "tensorboard": ["tensorboard>=2.14"],

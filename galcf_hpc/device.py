@@ -34,3 +34,14 @@ def resolve_device(name="auto", local_rank=0, option="--device"):
             "--gres=gpu:N), or do not restrict CUDA_VISIBLE_DEVICES to fewer GPUs than ranks"
         )
     return torch.device("cuda", local_rank)
+
+
+def use_device(device, benchmark=True):
+    """Make ``device`` the current GPU of this process (where loaders, DeepSpeed and new
+    tensors without an index go) and let cuDNN time its convolution algorithms once per
+    input shape and keep the fastest (``benchmark``: for fixed batch shapes; off where results
+    must be reproducible, ``run.deterministic``). Nothing happens on the CPU."""
+    if device.type != "cuda":
+        return
+    torch.cuda.set_device(device)
+    torch.backends.cudnn.benchmark = bool(benchmark)

@@ -180,3 +180,169 @@ def test_flow_gmm_and_counterfactual_geometry_stay_fp32_under_bf16_autocast():
     assert (lat.h - lat.z1.float()).abs().max() > 0.1  # not the identity
     error = (z1_back - lat.z1.float()).abs().max()
     assert error < 1e-5 and abs(float(error) - float(fp32_error)) < 1e-7
+
+
+_DEEPSPEED_PRECISION = r"""
+import json, os, sys
+import torch
+import torch.distributed as dist
+from torch import nn
+
+port = sys.argv[1]
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+import deepspeed
+from galcf_hpc.config import config_from_dict
+from galcf_hpc.errors import ConfigError
+from galcf_hpc.train import engines
+
+found = {}
+for stage in (0, 2):
+    for safe in ("package", "deepspeed default"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+        config = engines.deepspeed_config(config_from_dict({"train": {"zero_stage": stage}}).train, 2, 2, bf16=True)
+        if safe != "package":
+            del config["torch_autocast"]["lower_precision_safe_modules"]
+        engine, *_ = deepspeed.initialize(
+            model=model, optimizer=torch.optim.AdamW(model.parameters()), config=config,
+            model_parameters=list(model.parameters()), dist_init_required=False,
+        )
+        try:
+            engines.check_precision(engine, config)
+            verdict = "ok"
+        except ConfigError as exc:
+            verdict = str(exc)
+        out = engine(torch.rand(2, 3, 8, 8))
+        engine.backward(out.float().sum())
+        engine.step()
+        found[f"{stage}/{safe}"] = [verdict, str(out.dtype), str(model[2].weight.dtype)]
+print(json.dumps(found))
+"""
+
+
+def test_deepspeed_runs_bf16_autocast_and_reduces_gradients_in_fp32():
+    """The DeepSpeed config of a bf16 run, initialised for real (CPU, gloo, one rank): autocast
+    is on, the weights stay fp32, and check_precision accepts it, where DeepSpeed's default
+    list of lower-precision modules (bf16 gradient reduction of Conv and Linear) is refused."""
+    import os
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    pytest.importorskip("deepspeed")
+    from galcf_hpc.errors import ConfigError
+    from galcf_hpc.train import engines
+    from galcf_hpc.train.distributed import free_port
+
+    done = subprocess.run(
+        [sys.executable, "-c", _DEEPSPEED_PRECISION, str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    found = __import__("json").loads(done.stdout.strip().splitlines()[-1])
+    for stage in (0, 2):
+        assert found[f"{stage}/package"] == ["ok", "torch.bfloat16", "torch.float32"]
+        verdict, dtype, _ = found[f"{stage}/deepspeed default"]
+        assert "the gradients of Conv2d (torch.bfloat16), Linear (torch.bfloat16) layers" in verdict
+        assert dtype == "torch.bfloat16"
+    # a DeepSpeed that ignored the torch_autocast section (before 0.17.2) would train in fp32
+    ignored = SimpleNamespace(
+        torch_autocast_enabled=lambda: False, communication_data_type=torch.float32, module=torch.nn.Linear(2, 2)
+    )
+    config = engines.deepspeed_config(SimpleNamespace(grad_accumulation=1, grad_clip=1.0, zero_stage=1), 2, 2, True)
+    with pytest.raises(ConfigError, match=r"torch autocast is off \(configured: on\)"):
+        engines.check_precision(ignored, config)
+    engines.check_precision(ignored, {**config, "torch_autocast": {"enabled": False}})  # fp32 run: as configured
+
+
+def _fake_gpus(monkeypatch, count, calls=None):
+    """torch.cuda as a process sees it with ``count`` visible GPUs (``calls`` records set_device)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: (calls if calls is not None else []).append(str(d)))
+
+
+def test_one_rank_per_visible_gpu(monkeypatch):
+    """Local rank r takes GPU r of a node's 4; with one GPU visible per task (psslurm, srun
+    --gpu-bind) every rank takes GPU 0; more local ranks than visible GPUs fail before NCCL
+    would ("Duplicate GPU detected"), naming both numbers and what to change."""
+    from galcf_hpc.device import resolve_device
+    from galcf_hpc.errors import ConfigError
+    from galcf_hpc.train.distributed import detect
+
+    _fake_gpus(monkeypatch, 4)
+    assert [resolve_device("auto", r) for r in range(4)] == [torch.device("cuda", r) for r in range(4)]
+    torchrun = {"RANK": "6", "WORLD_SIZE": "8", "LOCAL_RANK": "2"}
+    assert detect(environ=torchrun).device == torch.device("cuda", 2) and detect(environ=torchrun).backend == "nccl"
+    assert resolve_device("cpu", 3) == torch.device("cpu")
+    _fake_gpus(monkeypatch, 1)
+    assert [resolve_device("cuda", r) for r in range(4)] == [torch.device("cuda", 0)] * 4
+    _fake_gpus(monkeypatch, 2)
+    with pytest.raises(ConfigError, match=r"local rank 3 needs GPU 3, but only 2 GPU\(s\) are visible.*one rank per"):
+        detect(environ={"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "4", "SLURM_LOCALID": "3"})
+    _fake_gpus(monkeypatch, 0)
+    assert resolve_device("auto", 3) == torch.device("cpu")
+    with pytest.raises(ConfigError, match="cuda requested but no GPU is visible"):
+        resolve_device("cuda", 0)
+
+
+@pytest.fixture
+def restore_torch_settings():
+    benchmark, deterministic = torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.backends.cudnn.benchmark = benchmark
+    torch.use_deterministic_algorithms(deterministic)
+
+
+def test_rank_settings_on_a_gpu(monkeypatch, restore_torch_settings):
+    """configure_process: this rank's GPU becomes the current device, cuDNN autotunes the
+    fixed training shapes unless the run is deterministic, and run.deterministic sets the
+    cuBLAS workspace that deterministic GEMMs need (a value already set is kept)."""
+    from galcf_hpc.device import use_device
+    from galcf_hpc.train.distributed import DistEnv, configure_process
+
+    calls = []
+    _fake_gpus(monkeypatch, 4, calls)
+    gpu = DistEnv(1, 1, 2, "h", 1, "torchrun/env", torch.device("cuda", 1), "nccl")
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    torch.backends.cudnn.benchmark = False
+    configure_process(gpu)
+    assert calls == ["cuda:1"] and torch.backends.cudnn.benchmark is True
+    assert (
+        "CUBLAS_WORKSPACE_CONFIG" not in __import__("os").environ and not torch.are_deterministic_algorithms_enabled()
+    )
+    configure_process(gpu, deterministic=True)
+    assert calls == ["cuda:1"] * 2 and torch.backends.cudnn.benchmark is False
+    assert __import__("os").environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert torch.are_deterministic_algorithms_enabled()
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    configure_process(gpu, deterministic=True)
+    assert __import__("os").environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+    use_device(torch.device("cpu"))  # nothing on the CPU
+    assert calls == ["cuda:1"] * 3 and torch.backends.cudnn.benchmark is False
+
+
+def test_rng_state_is_this_ranks_gpu_only(monkeypatch):
+    """A checkpoint keeps the generator of this rank's GPU only (never every visible GPU's), and
+    a resume restores it onto the GPU the rank has now, whatever the visibility was then."""
+    from galcf_hpc.train.checkpoint import rng_state, set_rng_state
+
+    got, put = [], []
+
+    def refuse(*a):
+        raise AssertionError("every visible GPU's generator touched")
+
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", refuse)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", refuse)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda d: got.append(str(d)) or torch.tensor([7, int(d.index)]))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, d: put.append((s.tolist(), str(d))))
+    state = rng_state(torch.device("cuda", 3))  # rank with local rank 3 on a node with 4 GPUs visible
+    assert got == ["cuda:3"] and state["cuda"].tolist() == [7, 3] and torch.equal(state["torch"], torch.get_rng_state())
+    set_rng_state(state, torch.device("cuda", 0))  # resumed with one GPU visible per task
+    assert put == [([7, 3], "cuda:0")]
+    set_rng_state(state, torch.device("cpu"))  # on the CPU the GPU generator is ignored
+    assert put == [([7, 3], "cuda:0")] and set(rng_state(torch.device("cpu"))) == {"torch"}

@@ -8,7 +8,7 @@ import torch
 
 from ..config import config_from_dict
 from ..data.classes import CLASS_NAMES, NUM_CLASSES
-from ..device import resolve_device
+from ..device import resolve_device, use_device
 from ..errors import CheckpointError
 from ..fileio import write_json
 from ..judges import load_judges
@@ -58,6 +58,7 @@ def explain(run_dir, split=None, targets=None, max_galaxies=None, device="auto",
     the run's ``explain.placement``."""
     run_dir = Path(run_dir)
     dev = resolve_device(device)
+    use_device(dev)  # batches of one shape (only the last is shorter): cuDNN tunes them once
     model, cfg, ckpt = load_run(run_dir, checkpoint, dev, [f"explain.placement={placement}"] if placement else ())
     judges, judge_note = load_judges(run_dir, dev)
     split = split or cfg.explain.split

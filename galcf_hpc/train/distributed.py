@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..device import resolve_device
+from ..device import resolve_device, use_device
 from ..errors import ConfigError
 
 log = logging.getLogger("galcf_hpc")
@@ -159,8 +159,10 @@ def init_process_group(env, timeout_minutes=10.0, always=False):
 
 def configure_process(env, threads=0, deterministic=False):
     """Per-process torch settings of a rank: intra-op threads on the CPU (``threads``, else
-    Slurm's SLURM_CPUS_PER_TASK), deterministic algorithms (``run.deterministic``), and this
-    rank's GPU as the current device (loaders and DeepSpeed allocate on the current one)."""
+    Slurm's SLURM_CPUS_PER_TASK), deterministic algorithms (``run.deterministic``; with
+    CUBLAS_WORKSPACE_CONFIG=:4096:8 unless set, before the first GEMM), this rank's GPU as
+    the current device (loaders and DeepSpeed allocate on the current one) and cuDNN's
+    autotuner for the fixed training shapes unless the run is deterministic."""
     threads = threads or int(os.environ.get("SLURM_CPUS_PER_TASK", 0))
     if threads > 0 and env.device.type == "cpu":
         torch.set_num_threads(threads)
@@ -168,8 +170,7 @@ def configure_process(env, threads=0, deterministic=False):
         # cuBLAS GEMMs are deterministic only with a fixed workspace, set before the first one
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
-    if env.device.type == "cuda":
-        torch.cuda.set_device(env.device)
+    use_device(env.device, benchmark=not deterministic)
 
 
 @contextlib.contextmanager

@@ -174,6 +174,43 @@ def _import_deepspeed():
     return deepspeed
 
 
+def check_precision(engine, config):
+    """Raise a ConfigError unless the initialised DeepSpeed ``engine`` runs the precision its
+    ``config`` asks for: torch autocast on (bf16) or off as configured, and every gradient
+    all-reduced in fp32. DeepSpeed ignores config sections it does not know, so a version
+    without ``torch_autocast`` would train in fp32 without a word, and a
+    ``lower_precision_safe_modules`` list left at DeepSpeed's default would reduce the
+    gradients of Linear and Conv layers in bf16 under ZeRO-1/2."""
+    from deepspeed.runtime.torch_autocast import PARAM_COMM_DTYPE_ATTR_NAME
+
+    wanted = bool(config["torch_autocast"]["enabled"])
+    problems = []
+    if bool(engine.torch_autocast_enabled()) != wanted:
+        problems.append(f"torch autocast is {'off' if wanted else 'on'} (configured: {'on' if wanted else 'off'})")
+    elif wanted and engine.torch_autocast_dtype() != torch.bfloat16:
+        problems.append(f"autocast computes in {engine.torch_autocast_dtype()}, not bfloat16")
+    if engine.communication_data_type != torch.float32:
+        problems.append(f"gradients are all-reduced in {engine.communication_data_type}")
+    low = sorted(
+        {
+            f"{type(m).__name__} ({getattr(p, PARAM_COMM_DTYPE_ATTR_NAME)})"
+            for m in engine.module.modules()
+            for p in m.parameters(recurse=False)
+            if getattr(p, PARAM_COMM_DTYPE_ATTR_NAME, torch.float32) != torch.float32
+        }
+    )
+    if low:
+        problems.append(f"the gradients of {', '.join(low)} layers are reduced in lower precision")
+    if problems:
+        import deepspeed
+
+        raise ConfigError(
+            f"DeepSpeed {deepspeed.__version__} did not take this package's precision settings: "
+            f"{'; '.join(problems)}. Install a DeepSpeed this package supports (setup.py: the deepspeed "
+            "extra) or use train.engine: ddp"
+        )
+
+
 class DeepSpeedEngine:
     name = "deepspeed"
 
@@ -196,6 +233,7 @@ class DeepSpeedEngine:
                 model_parameters=list(self.model.parameters()),
                 dist_init_required=False,
             )
+        check_precision(self.engine, config)
 
     def micro_step(self, images, labels, cf_active, boundary):
         loss, terms = self.engine(images, labels, cf_active)
