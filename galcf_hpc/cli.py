@@ -22,7 +22,7 @@ DESCRIPTION = (
 EPILOG = (
     "Start with `galcf-hpc demo` (CPU only, minutes); `galcf-hpc COMMAND --help` for each command. "
     "Exit codes: 0 success, 1 a bug (traceback), 2 usage, 3 configuration, 4 data, 5 checkpoint, "
-    "6 distributed job (a lost peer or launcher), 130 interrupted."
+    "6 distributed job (a lost peer or launcher), 7 the machine (GPU, driver, device memory), 130 interrupted."
 )
 # device.DEVICES, written out so that --help does not import torch (tests/test_cli.py checks they agree)
 DEVICE_CHOICES = ("auto", "cpu", "cuda")

@@ -108,9 +108,9 @@ def test_bad_input_exits_with_its_class_code_and_a_named_message(
 
 
 def test_usage_config_data_checkpoint_and_launch_errors_exit_differently(capsys):
-    from galcf_hpc.errors import LaunchError, PeerLostError
+    from galcf_hpc.errors import DeviceError, LaunchError, PeerLostError
 
-    classes = (UsageError, ConfigError, DataError, CheckpointError, LaunchError)
+    classes = (UsageError, ConfigError, DataError, CheckpointError, LaunchError, DeviceError)
     assert len({c.exit_code for c in classes}) == len(classes) and 0 not in {c.exit_code for c in classes}
     assert PeerLostError.exit_code == LaunchError.exit_code
     with pytest.raises(SystemExit) as usage:  # argparse's own usage errors
@@ -124,3 +124,4 @@ def test_usage_config_data_checkpoint_and_launch_errors_exit_differently(capsys)
     for cls, word in ((UsageError, "usage"), (ConfigError, "configuration"), (DataError, "data")):
         assert f"{cls.exit_code} {word}" in text
     assert f"{CheckpointError.exit_code} checkpoint" in text and f"{LaunchError.exit_code} distributed" in text
+    assert f"{DeviceError.exit_code} the machine" in text
