@@ -87,7 +87,7 @@ def cmd_synth(args):
 
 
 def cmd_shard(args):
-    from .data.shards import write_shards
+    from .data.shards import DEFAULT_JPEG_QUALITY, image_encoding, write_shards
     from .progress import Progress
 
     # the config's data section (if any) gives the defaults; options on the command line win
@@ -103,13 +103,22 @@ def cmd_shard(args):
     def pick(option, key, default):
         return option if option is not None else (getattr(d, key) if d else default)
 
+    image_format = pick(args.image_format, "image_format", "png")
+    if args.jpeg_quality is not None and image_format not in ("jpeg", "jpg"):
+        raise UsageError(f"--jpeg-quality applies to --image-format jpeg only; the image format is {image_format}")
+    jpeg_quality = pick(args.jpeg_quality, "jpeg_quality", DEFAULT_JPEG_QUALITY)
+    try:
+        image_encoding(image_format, jpeg_quality)
+    except ValueError as exc:
+        raise UsageError(f"--jpeg-quality: {exc}") from None
     summary = write_shards(
         source,
         args.out,
         shard_size=pick(args.shard_size, "shard_size", 1000),
         fractions=tuple(fractions),
         seed=pick(args.seed, "split_seed", 0),
-        image_format=args.format,
+        image_format=image_format,
+        jpeg_quality=jpeg_quality,
         progress=Progress(1, "shard"),
         match_radius_arcsec=pick(args.match_radius, "match_radius_arcsec", 10.0),
         overwrite=args.overwrite,
@@ -122,7 +131,9 @@ def cmd_shard(args):
             f"{len(conflicts)} groups of repeated cutouts carry conflicting labels (kept in one split each; "
             f"listed in {Path(args.out) / 'splits.json'})"
         )
-    print(f"wrote {args.out}; check it with `galcf-hpc data verify {args.out}`")
+    quality = summary["jpeg_quality"]
+    images = f"{summary['image_format']} images, " + (f"quality {quality}" if quality else "lossless")
+    print(f"wrote {args.out} ({images}); check it with `galcf-hpc data verify {args.out}`")
 
 
 def cmd_verify(args):
@@ -529,7 +540,19 @@ def build_parser():
         metavar="ARCSEC",
         help="cutouts closer than this share a split (default: data.match_radius_arcsec of --config, else 10)",
     )
-    sp.add_argument("--format", choices=("png", "jpg"), default="png", help="image encoding (png is lossless)")
+    sp.add_argument(
+        "--image-format",
+        "--format",
+        choices=("png", "jpeg", "jpg", "jp2"),
+        help="image encoding: png or jp2 (JPEG 2000), both lossless, or jpeg (lossy, --jpeg-quality); "
+        "default: data.image_format of --config, else png (docs/loaders.md: image formats)",
+    )
+    sp.add_argument(
+        "--jpeg-quality",
+        type=int,
+        metavar="Q",
+        help="JPEG quality 1-100 for --image-format jpeg (default: data.jpeg_quality of --config, else 95)",
+    )
     sp.add_argument(
         "--overwrite", action="store_true", help="replace shards of another catalog already in the output directory"
     )

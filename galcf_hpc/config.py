@@ -50,6 +50,8 @@ class DataConfig:
     shards: str = "data/shards"  # directory with train/ val/ test/ shard splits
     synth: SynthConfig = field(default_factory=SynthConfig)  # the synthetic catalog (data synth, demo)
     shard_size: int = 1000  # galaxies per WebDataset tar shard
+    image_format: str = "png"  # image encoding in the shards: png | jpeg | jp2 (png and jp2 lossless)
+    jpeg_quality: int = 95  # JPEG quality 1-100 when image_format is jpeg
     split_fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])  # train, val, test; sum 1
     split_seed: int = 0  # seed of the group-wise split into train/val/test
     match_radius_arcsec: float = 10.0  # cutouts closer than this are one group when splitting
@@ -227,6 +229,7 @@ _RANGES = {
     "data.synth.workers": (1, 1024),
     "data.shard_size": (1, None),
     "data.split_seed": (0, 2**63 - 1),
+    "data.jpeg_quality": (1, 100),
     "data.match_radius_arcsec": (0.0, 3600.0),
     "data.image_size": (8, 4096),
     "data.rotation_degrees": (0.0, 360.0),

@@ -94,6 +94,8 @@ def stage_data(demo):
             fractions=tuple(cfg.data.split_fractions),
             seed=cfg.data.split_seed,
             match_radius_arcsec=cfg.data.match_radius_arcsec,
+            image_format=cfg.data.image_format,
+            jpeg_quality=cfg.data.jpeg_quality,
         )
         log.info("sharded %s into %s", source, shards)
     return shards

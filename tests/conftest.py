@@ -136,6 +136,37 @@ def sharded_copy(sharded, tmp_path):
     return out
 
 
+@pytest.fixture(scope="session")
+def sharded_as(sharded, tmp_path_factory):
+    """``sharded_as(fmt)``: the ``sharded`` catalog's shards (same split and order) with images
+    as ``png`` (``sharded.out`` itself), ``jpg`` (quality 95) or ``jp2``; each written once per
+    session when first asked for, read-only."""
+    from galcf_hpc.data.shards import write_shards
+
+    made = {"png": sharded.out}
+
+    def get(fmt):
+        if fmt not in made:
+            out = tmp_path_factory.mktemp(f"sharded_{fmt}") / "shards"
+            write_shards(sharded.catalog.path, out, shard_size=50, seed=0, image_format=fmt)
+            made[fmt] = out
+        return made[fmt]
+
+    return get
+
+
+@pytest.fixture
+def sharded_copy_as(sharded_as, tmp_path):
+    """``sharded_copy_as(fmt)``: a private copy of ``sharded_as(fmt)`` that a test may damage."""
+
+    def copy(fmt):
+        out = tmp_path / f"shards_{fmt}"
+        shutil.copytree(sharded_as(fmt), out)
+        return out
+
+    return copy
+
+
 @pytest.fixture
 def patch_member():
     """``patch_member(tar_path, sample_no, ext, change)``: replace one member's data in place

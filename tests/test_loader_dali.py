@@ -53,11 +53,12 @@ def test_batch_contract(sharded):
     assert "valid" not in b and loader.position == 0 and loader.epoch == 1
 
 
-@pytest.mark.parametrize("train", [False, True])
-def test_equals_torch_backend_without_augmentation(sharded, train):
+@pytest.mark.parametrize("fmt, train", [("png", False), ("png", True), ("jpg", False), ("jp2", False)])
+def test_equals_torch_backend_without_augmentation(sharded, sharded_as, fmt, train):
     """Same shards, no augmentation: the same keys per epoch (evaluation: the whole split;
-    training: no repeats and the same count) and images equal within 1/255."""
-    split = sharded.out / "val"
+    training: no repeats and the same count) and images equal within 1/255, for every image
+    format (DALI's decoders against Pillow's)."""
+    split = sharded_as(fmt) / "val"
     dali = _by_key(_dali(split, batch_size=5, image_size=20, train=train, augment=False, crop_fraction=0.7))
     ref = _by_key(build_torch_loader(split, batch_size=5, image_size=20, train=train, augment=False, crop_fraction=0.7))
     if train:
@@ -192,11 +193,22 @@ def test_truncated_tar_and_stale_index_are_named(sharded_copy):
         _dali(sharded_copy / "val")
 
 
-@pytest.mark.parametrize("damage", ["zeros", "flipped byte"])
-def test_corrupt_image_names_shard_and_sample(sharded_copy, patch_member, damage):
-    split_dir = sharded_copy / "test"
-    change = (lambda d: bytes(len(d))) if damage == "zeros" else (lambda d: d[:60] + bytes([d[60] ^ 0xFF]) + d[61:])
-    key = patch_member(split_dir / "shard-000000.tar", 3, "png", change)
+_DAMAGE = {
+    "zeros": lambda d: bytes(len(d)),
+    "flipped byte": lambda d: d[:60] + bytes([d[60] ^ 0xFF]) + d[61:],  # PNG: a broken compressed stream
+    # JPEG and JPEG 2000 decode a flipped byte inside their data to wrong pixels without an
+    # error, in Pillow and DALI alike (docs/loaders.md); a broken signature fails both
+    "signature": lambda d: bytes([d[0] ^ 0xFF]) + d[1:],
+}
+
+
+@pytest.mark.parametrize(
+    "fmt, damage",
+    [("png", "zeros"), ("png", "flipped byte"), ("jpg", "zeros"), ("jpg", "signature"), ("jp2", "signature")],
+)
+def test_corrupt_image_names_shard_and_sample(sharded_copy_as, patch_member, fmt, damage):
+    split_dir = sharded_copy_as(fmt) / "test"
+    key = patch_member(split_dir / "shard-000000.tar", 3, fmt, _DAMAGE[damage])
     with pytest.raises(DataError, match=rf"DALI stopped .*shard-000000\.tar: sample {key} image cannot be decoded"):
         list(_dali(split_dir, train=False, augment=False))
 

@@ -54,8 +54,9 @@ def test_batch_contract(sharded):
     assert len(loader) == loader.steps_per_epoch == len(_split_keys(sharded.out / "train")) // 8
 
 
-def test_dataset_returns_exact_pixels(sharded):
-    ds = ShardDataset(sharded.out / "val")
+@pytest.mark.parametrize("fmt", ["png", "jp2"])
+def test_dataset_returns_exact_pixels(sharded, sharded_as, fmt):
+    ds = ShardDataset(sharded_as(fmt) / "val")
     for i in (0, len(ds) - 1):
         sample = ds[i]
         assert np.array_equal(sample["image"], sharded.catalog.images[int(sample["key"][1:])])
@@ -230,9 +231,10 @@ def test_truncated_tar_is_named(sharded_copy):
         build_torch_loader(sharded_copy / "train", batch_size=4, image_size=8)
 
 
-def test_corrupt_image_names_shard_and_sample(sharded_copy, patch_member):
-    split_dir = sharded_copy / "test"
-    key = patch_member(split_dir / "shard-000000.tar", 1, "png", lambda data: bytes(len(data)))
+@pytest.mark.parametrize("fmt", ["png", "jpg", "jp2"])
+def test_corrupt_image_names_shard_and_sample(sharded_copy_as, patch_member, fmt):
+    split_dir = sharded_copy_as(fmt) / "test"
+    key = patch_member(split_dir / "shard-000000.tar", 1, fmt, lambda data: bytes(len(data)))
     ds = ShardDataset(split_dir)
     ds[0]
     with pytest.raises(DataError, match=rf"shard-000000\.tar: sample {key} image cannot be decoded"):

@@ -290,6 +290,107 @@ def test_jpg_shards_verify_and_stay_close(make_catalog, tmp_path):
     assert np.abs(image - info.images[_source_index(member.name.split(".")[0])]).mean() < 4
 
 
+def _encodings(out):
+    """(image_format, jpeg_quality, lossless) of splits.json and of every split's manifest."""
+    docs = [json.loads((out / "splits.json").read_text())] + [read_manifest(out / s) for s in SPLITS]
+    return {(d["image_format"], d["jpeg_quality"], d["lossless"]) for d in docs}
+
+
+def _images(out, ext):
+    """{source index: decoded uint8 image} of every sample's ``.<ext>`` member, read with tarfile."""
+    images = {}
+    for tar_path in _tars(out):
+        with tarfile.open(tar_path) as tar:
+            for m in tar.getmembers():
+                if m.name.endswith(f".{ext}"):
+                    data = tar.extractfile(m).read()
+                    images[_source_index(m.name.split(".")[0])] = (data, np.asarray(Image.open(io.BytesIO(data))))
+    return images
+
+
+@pytest.mark.parametrize("fmt", ["png", "jp2"])
+def test_lossless_formats_decode_to_the_catalog_pixels(sharded, sharded_as, fmt):
+    out = sharded_as(fmt)
+    images = _images(out, fmt)
+    assert sorted(images) == list(range(240))
+    for i, (data, image) in images.items():
+        assert image.dtype == np.uint8 and np.array_equal(image, sharded.catalog.images[i]), i
+        if fmt == "jp2":  # the JP2 container (colour space recorded), not a bare codestream
+            assert data[:12] == b"\x00\x00\x00\x0cjP  \r\n\x87\n"
+    assert _encodings(out) == {(fmt, None, True)}
+    assert verify_shards(out) == verify_shards(sharded.out)
+    assert read_index(out / "val" / "shard-000000.idx")[0]["components"][0]["ext"] == fmt
+
+
+def test_jpeg_quality_is_recorded_and_trades_bytes_for_error(make_catalog, tmp_path):
+    """`data shard --image-format jpeg --jpeg-quality Q` (or data.jpeg_quality of --config):
+    every manifest and splits.json state the quality; a lower one gives smaller members and
+    larger pixel errors; a manifest written before the quality was recorded still loads."""
+    from galcf_hpc.cli import main
+    from galcf_hpc.loaders.torch import ShardDataset
+
+    info = make_catalog(n=40, size=32)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data:\n  source: {info.path}\n  image_format: jpeg\n  jpeg_quality: 40\n  shard_size: 10\n")
+    shard = ["data", "shard", "--input", str(info.path), "--image-format", "jpeg"]
+    assert main([*shard, "--out", str(tmp_path / "q95")]) == 0
+    assert main(["data", "shard", "--config", str(config), "--out", str(tmp_path / "q40")]) == 0
+    stats = {}
+    for q in (95, 40):
+        out = tmp_path / f"q{q}"
+        assert _encodings(out) == {("jpg", q, False)}
+        assert sum(verify_shards(out).values()) == 40
+        images = _images(out, "jpg")
+        error = np.mean([np.abs(img.astype(float) - info.images[i]).mean() for i, (_, img) in images.items()])
+        stats[q] = (sum(len(data) for data, _ in images.values()), error)
+    assert stats[40][0] < 0.8 * stats[95][0] and stats[40][1] > stats[95][1] > 0
+    path = tmp_path / "q40" / "train" / "manifest.json"
+    old = json.loads(path.read_text())
+    del old["jpeg_quality"], old["lossless"]
+    path.write_text(json.dumps(old))
+    assert read_manifest(path.parent)["image_format"] == "jpg"
+    assert ShardDataset(path.parent)[0]["image"].shape == (32, 32, 3)
+    assert sum(verify_shards(tmp_path / "q40").values()) == 40
+
+
+def test_unknown_format_or_quality_out_of_range_is_refused(make_catalog, tmp_path, sharded_copy):
+    from galcf_hpc.cli import main
+    from galcf_hpc.config import config_from_dict
+    from galcf_hpc.errors import ConfigError
+
+    info = make_catalog(n=10, size=32)
+    for kwargs, message in [
+        ({"image_format": "webp"}, "image format must be one of png, jpeg, jpg, jp2, got 'webp'"),
+        ({"image_format": "jpeg", "jpeg_quality": 0}, "JPEG quality must be an integer from 1 to 100, got 0"),
+        ({"image_format": "jpeg", "jpeg_quality": 101}, "from 1 to 100, got 101"),
+        ({"image_format": "jpeg", "jpeg_quality": 90.5}, "from 1 to 100, got 90.5"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            write_shards(info.path, tmp_path / "out", **kwargs)
+    shard = ["data", "shard", "--input", str(info.path), "--out", str(tmp_path / "out")]
+    assert main([*shard, "--image-format", "jpeg", "--jpeg-quality", "101"]) == UsageError.exit_code
+    assert main([*shard, "--image-format", "jp2", "--jpeg-quality", "80"]) == UsageError.exit_code
+    with pytest.raises(SystemExit) as exc:
+        main([*shard, "--image-format", "webp"])
+    assert exc.value.code == UsageError.exit_code
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ConfigError, match="'data.image_format': must be one of png, jpeg, jp2, got 'gif'"):
+        config_from_dict({"data": {"image_format": "gif"}})
+    with pytest.raises(ConfigError, match=r"'data.jpeg_quality': must be \[1, 100\], got 0"):
+        config_from_dict({"data": {"jpeg_quality": 0}})
+    bad_manifests = [
+        ("image_format", "webp", r"image_format 'webp' is not one this package reads \(jp2, jpg, png\)"),
+        ("jpeg_quality", 0, "jpeg_quality 0 is not an integer 1-100"),
+    ]
+    for key, value, message in bad_manifests:
+        path = sharded_copy / "val" / "manifest.json"
+        manifest = json.loads(path.read_text())
+        path.write_text(json.dumps({**manifest, key: value}))
+        with pytest.raises(DataError, match=rf"val/manifest\.json: {message}"):
+            read_manifest(path.parent)
+        path.write_text(json.dumps(manifest))
+
+
 def test_unlabelled_catalog_is_refused(make_catalog, tmp_path):
     info = make_catalog(n=10, keys=("images", "ra", "dec"))
     with pytest.raises(DataError, match="cat.h5.*'ans'"):
@@ -368,20 +469,30 @@ def test_verify_names_sample_with_bad_label(sharded_copy, patch_member):
         verify_shards(sharded_copy)
 
 
+@pytest.mark.parametrize("fmt", ["png", "jpg", "jp2"])
+def test_verify_names_sample_with_undecodable_image(sharded_copy_as, patch_member, fmt):
+    """An image member zeroed and every hash updated: the decoding check names the sample."""
+    out = sharded_copy_as(fmt)
+    key = patch_member(out / "val" / "shard-000000.tar", 4, fmt, lambda data: bytes(len(data)))
+    _rehash_in_manifest(out / "val", 0)
+    with pytest.raises(DataError, match=rf"val/shard-000000\.tar: sample {key}: image cannot be decoded"):
+        verify_shards(out)
+
+
 # --- atomic writes and reruns -----------------------------------------------------------
 
 
 def _fail_after(monkeypatch, calls):
-    original = shards._encode_image
+    original = shards.encode_image
     count = [0]
 
-    def encode(image, image_format):
+    def encode(*args):
         count[0] += 1
         if count[0] > calls:
             raise RuntimeError("interrupted (simulated)")
-        return original(image, image_format)
+        return original(*args)
 
-    monkeypatch.setattr(shards, "_encode_image", encode)
+    monkeypatch.setattr(shards, "encode_image", encode)
 
 
 def _manifests(out):

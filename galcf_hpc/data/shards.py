@@ -8,8 +8,8 @@ Layout written by :func:`write_shards`::
     out_dir/<split>/manifest.json       counts per class, sha256/size of every tar and idx
 
 A sample is three tar members sharing the key ``g<source index, 7 digits>``:
-``<key>.png`` (or ``.jpg``), ``<key>.cls`` (ASCII label) and ``<key>.json`` (ra, dec,
-redshift, pxscale, source index and file, split).
+``<key>.png`` (or ``.jpg``, ``.jp2``: :data:`IMAGE_FORMATS`), ``<key>.cls`` (ASCII label) and
+``<key>.json`` (ra, dec, redshift, pxscale, source index and file, split).
 
 Index files follow DALI's format version ``v1.2`` (``tools/wds2idx.py`` and
 ``dali/operators/reader/loader/webdataset_loader.cc``): a first line ``v1.2 <samples>``,
@@ -48,7 +48,14 @@ from galcf_hpc.errors import DataError
 from galcf_hpc.fileio import atomic_path, file_sha256, write_json
 
 SPLITS = ("train", "val", "test")
-IMAGE_FORMATS = {"png": "png", "jpg": "jpg", "jpeg": "jpg"}
+# Image encodings (the name `data shard --image-format` takes -> the tar member's extension,
+# which is also what the manifests record). png and jp2 (JPEG 2000, reversible 5/3 wavelet)
+# are lossless; jpg is lossy at a stated quality. DALI's `fn.decoders.image` decodes all three
+# on the CPU (checked with DALI 2.4: jp2 in the JP2 container, exact pixels); `mixed` decodes
+# JPEG and JPEG 2000 on the GPU, PNG always on the CPU.
+IMAGE_FORMATS = {"png": "png", "jpeg": "jpg", "jpg": "jpg", "jp2": "jp2"}
+LOSSLESS_FORMATS = ("png", "jp2")
+DEFAULT_JPEG_QUALITY = 95
 INDEX_VERSION = "v1.2"
 MANIFEST_FORMAT = "galcf-hpc-shards/1"
 _TAR_BLOCK = 512
@@ -171,12 +178,31 @@ def split_indices(ra, dec, labels, fractions=(0.8, 0.1, 0.1), seed=0, match_radi
 # Writing
 
 
-def _encode_image(image, image_format):
+def image_encoding(image_format, jpeg_quality=DEFAULT_JPEG_QUALITY):
+    """(member extension, JPEG quality or None) of an ``--image-format`` name and quality;
+    ValueError naming the choices or the range."""
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"image format must be one of {', '.join(IMAGE_FORMATS)}, got {image_format!r}")
+    ext = IMAGE_FORMATS[image_format]
+    if ext != "jpg":
+        return ext, None
+    if isinstance(jpeg_quality, bool) or int(jpeg_quality) != jpeg_quality or not 1 <= jpeg_quality <= 100:
+        raise ValueError(f"JPEG quality must be an integer from 1 to 100, got {jpeg_quality!r}")
+    return ext, int(jpeg_quality)
+
+
+def encode_image(image, ext, jpeg_quality=None):
+    """Bytes of an RGB uint8 [S, S, 3] image as tar member ``.<ext>``."""
     buf = io.BytesIO()
-    if image_format == "png":
+    if ext == "png":
         Image.fromarray(image).save(buf, format="PNG")
+    elif ext == "jp2":
+        # reversible wavelet + reversible colour transform: lossless; the JP2 container (not a
+        # bare codestream) carries the sRGB colour space, which DALI's decoder reads without warning
+        Image.fromarray(image).save(buf, format="JPEG2000", irreversible=False, mct=1)
     else:
-        Image.fromarray(image).save(buf, format="JPEG", quality=95, subsampling=0)
+        # no chroma subsampling: colour is a class cue here (g/r/z rendered as RGB)
+        Image.fromarray(image).save(buf, format="JPEG", quality=jpeg_quality, subsampling=0)
     return buf.getvalue()
 
 
@@ -274,18 +300,19 @@ def _check_replaceable(out_dir, source, overwrite):
 
 
 def write_shards(catalog_path, out_dir, shard_size=1000, fractions=(0.8, 0.1, 0.1), seed=0,
-                 image_format="png", progress=None, match_radius_arcsec=10.0, overwrite=False):
+                 image_format="png", progress=None, match_radius_arcsec=10.0, overwrite=False,
+                 jpeg_quality=DEFAULT_JPEG_QUALITY):
     """Split a Galaxy10-format catalog and write WebDataset shards, indexes and manifests.
 
-    ``image_format``: ``"png"`` (lossless; decoded pixels equal the catalog's) or
-    ``"jpg"`` (quality 95, no chroma subsampling). Samples are in a per-seed shuffled
-    order. ``progress(done, total)`` is called with sample counts after every shard.
-    Returns the summary that is also written to ``out_dir/splits.json``. An ``out_dir``
-    that holds shards of another catalog is refused unless ``overwrite``.
+    ``image_format``: ``"png"`` or ``"jp2"`` (lossless JPEG 2000): decoded pixels equal the
+    catalog's; ``"jpeg"`` (or ``"jpg"``): lossy at ``jpeg_quality`` (1-100), no chroma
+    subsampling. The manifests and ``splits.json`` record the member extension
+    (``image_format``), ``jpeg_quality`` (None unless jpg) and ``lossless``. Samples are in a
+    per-seed shuffled order. ``progress(done, total)`` is called with sample counts after
+    every shard. Returns the summary that is also written to ``out_dir/splits.json``. An
+    ``out_dir`` that holds shards of another catalog is refused unless ``overwrite``.
     """
-    if image_format not in IMAGE_FORMATS:
-        raise ValueError(f"image_format must be one of {sorted(IMAGE_FORMATS)}, got {image_format!r}")
-    image_format = IMAGE_FORMATS[image_format]
+    image_format, jpeg_quality = image_encoding(image_format, jpeg_quality)
     if int(shard_size) != shard_size or shard_size < 1:
         raise ValueError(f"shard_size must be a positive integer, got {shard_size!r}")
     fractions = _check_fractions(fractions)
@@ -302,7 +329,8 @@ def write_shards(catalog_path, out_dir, shard_size=1000, fractions=(0.8, 0.1, 0.
         summary = {
             "source": source, "seed": seed, "fractions": list(fractions),
             "match_radius_arcsec": match_radius_arcsec, "shard_size": int(shard_size),
-            "image_format": image_format, "image_size": cat.image_size, "splits": {},
+            "image_format": image_format, "jpeg_quality": jpeg_quality,
+            "lossless": image_format in LOSSLESS_FORMATS, "image_size": cat.image_size, "splits": {},
             "conflicting_groups": conflicts,
         }
         for old in out_dir.glob(".staging-*"):  # left by a killed run
@@ -353,7 +381,7 @@ def _write_splits(cat, catalog_path, staging, splits, seed, shard_size, image_fo
                         "source_index": i, "source_file": catalog_path.name, "split": split,
                     }
                     samples.append((sample_key(i), [
-                        (image_format, _encode_image(image, image_format)),
+                        (image_format, encode_image(image, image_format, summary["jpeg_quality"])),
                         ("cls", str(int(cat.labels[i])).encode("ascii")),
                         ("json", json.dumps(meta, sort_keys=True).encode("utf-8")),
                     ]))
@@ -374,6 +402,7 @@ def _write_splits(cat, catalog_path, staging, splits, seed, shard_size, image_fo
             "class_counts": dict(zip(CLASS_NAMES, class_counts)),
             "class_counts_by_index": class_counts,
             "image_size": cat.image_size, "image_format": image_format,
+            "jpeg_quality": summary["jpeg_quality"], "lossless": summary["lossless"],
             "source": source, "seed": seed, "fractions": list(fractions), "shards": shards,
         })
         manifests[split] = [s[k]["file"] for s in shards for k in ("tar", "idx")]
@@ -415,6 +444,13 @@ def read_manifest(split_dir):
     for key, kind in required.items():
         if not isinstance(manifest, dict) or not isinstance(manifest.get(key), kind):
             raise DataError(f"{path}: key '{key}' is missing or not a {kind.__name__}; {_REDO}")
+    known = sorted(set(IMAGE_FORMATS.values()))
+    if manifest["image_format"] not in known:
+        raise DataError(f"{path}: image_format {manifest['image_format']!r} is not one this package reads "
+                        f"({', '.join(known)}); {_REDO}")
+    quality = manifest.get("jpeg_quality")  # absent in manifests written before it was recorded
+    if quality is not None and (isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100):
+        raise DataError(f"{path}: jpeg_quality {quality!r} is not an integer 1-100; {_REDO}")
     for n, shard in enumerate(manifest["shards"]):
         ok = isinstance(shard, dict) and isinstance(shard.get("num_samples"), int) and all(
             isinstance(shard.get(k), dict) and {"file", "bytes", "sha256"} <= shard[k].keys()
