@@ -346,3 +346,80 @@ def test_rng_state_is_this_ranks_gpu_only(monkeypatch):
     assert put == [([7, 3], "cuda:0")]
     set_rng_state(state, torch.device("cpu"))  # on the CPU the GPU generator is ignored
     assert put == [([7, 3], "cuda:0")] and set(rng_state(torch.device("cpu"))) == {"torch"}
+
+
+class OnGPU(torch.Tensor):
+    """A CPU tensor that behaves like a CUDA tensor where device handling can go wrong: no
+    ``.numpy()``, no arithmetic with a CPU tensor of more than 0 dims (indexing with a CPU
+    mask is allowed, as on a GPU); ``.cpu()`` and ``.to("cpu")`` give a plain tensor."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.numpy:
+            raise TypeError("can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu() first.")
+        to_cpu = func is torch.Tensor.to and any(str(a) == "cpu" for a in (*args[1:], *kwargs.values()))
+        if func is torch.Tensor.cpu or to_cpu:
+            with torch._C.DisableTorchFunctionSubclass():
+                return torch.Tensor.clone(args[0])
+        if func is torch.Tensor.to and any(str(a).startswith("cuda") for a in (*args[1:], *kwargs.values())):
+            return args[0]  # already "there"
+        flat = torch.utils._pytree.tree_leaves((args, kwargs))
+        mine = any(isinstance(t, cls) for t in flat)
+        cpu = [t for t in flat if isinstance(t, torch.Tensor) and not isinstance(t, cls) and t.dim() > 0]
+        if mine and cpu and func not in (torch.Tensor.__getitem__, torch.Tensor.__setitem__):
+            raise RuntimeError(f"Expected all tensors to be on the same device, but found cuda:0 and cpu ({func})")
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+def test_evaluation_and_reports_take_batches_on_the_device():
+    """Validation (train/evaluate.py) and the report's pools get labels, predictions and
+    images on the device (DALI on a GPU, the synthetic back-end): they compare and convert
+    them on the CPU, and come to the same numbers as with CPU batches."""
+    from galcf_hpc.data.classes import NUM_CLASSES
+    from galcf_hpc.explain.figures import _to_numpy
+    from galcf_hpc.metrics import confusion_matrix
+    from galcf_hpc.model.galcf import Classification
+    from galcf_hpc.report.collect import OutlierPool
+    from galcf_hpc.train.evaluate import evaluate
+
+    g = torch.Generator().manual_seed(0)
+    labels, preds = torch.randint(0, NUM_CLASSES, (32,), generator=g), torch.randint(0, NUM_CLASSES, (32,), generator=g)
+    gpu = OnGPU(labels)
+    with pytest.raises(RuntimeError, match="same device"):
+        gpu * NUM_CLASSES + preds  # the mistake the fake device catches
+    with pytest.raises(TypeError, match="numpy"):
+        gpu.numpy()
+    assert torch.equal(confusion_matrix(gpu, OnGPU(preds), NUM_CLASSES), confusion_matrix(labels, preds, NUM_CLASSES))
+    assert torch.equal(
+        confusion_matrix(labels, OnGPU(preds), NUM_CLASSES), confusion_matrix(labels, preds, NUM_CLASSES)
+    )
+
+    images = torch.rand(32, 3, 8, 8, generator=g)
+
+    class Model(torch.nn.Module):  # nearest-mean classifier stand-in: pred fixed per image
+        def classify(self, x):
+            pred = OnGPU(preds[: len(x)]) if isinstance(x, OnGPU) else preds[: len(x)]
+            return Classification(pred, None, None, x.mean((2, 3)))
+
+        def decoder(self, z):
+            return z[:, :, None, None].expand(-1, 3, 8, 8)
+
+    def batches(wrap):
+        valid = torch.arange(32) < 29  # a padded last batch: valid is made on the CPU
+        yield {"images": wrap(images), "labels": wrap(labels), "valid": valid}
+
+    on_cpu = evaluate(Model(), batches(lambda t: t), "cpu", 1.0, cf_limit=0)
+    on_gpu = evaluate(Model(), batches(OnGPU), "cuda", 1.0, cf_limit=0)
+    same = __import__("json").dumps(on_gpu.classification, sort_keys=True)  # NaN for an absent class
+    assert same == __import__("json").dumps(on_cpu.classification, sort_keys=True)
+    assert on_cpu.classification["accuracy"] > 0 and on_cpu.classification["num_galaxies"] == 29
+    assert on_gpu.recon_mse == pytest.approx(on_cpu.recon_mse)
+
+    pool, plain = OutlierPool(k=3), OutlierPool(k=3)
+    distance = torch.rand(32, NUM_CLASSES, generator=g)
+    pool.add(0, OnGPU(distance), OnGPU(images))
+    plain.add(0, distance, images)
+    assert pool.indices("far") == plain.indices("far") and len(pool.images("far")) == 3
+    assert all((a == b).all() for a, b in zip(pool.images("between"), plain.images("between")))
+    assert (_to_numpy(OnGPU(images)) == images.numpy()).all()
