@@ -67,7 +67,7 @@ def shards_for(catalog, fmt, quality, cache):
         if done["source"]["file"] == catalog.name and done.get("jpeg_quality") == quality:
             return out, None
     start = time.perf_counter()
-    write_shards(catalog, out, shard_size=500, seed=0, image_format=fmt, jpeg_quality=quality or 95, overwrite=True)
+    write_shards(catalog, out, shard_size=500, seed=0, image_format=fmt, jpeg_quality=quality, overwrite=True)
     return out, time.perf_counter() - start
 
 

@@ -186,7 +186,9 @@ def image_encoding(image_format, jpeg_quality=DEFAULT_JPEG_QUALITY):
     ext = IMAGE_FORMATS[image_format]
     if ext != "jpg":
         return ext, None
-    if isinstance(jpeg_quality, bool) or int(jpeg_quality) != jpeg_quality or not 1 <= jpeg_quality <= 100:
+    whole = isinstance(jpeg_quality, (int, float)) and not isinstance(jpeg_quality, bool) and (
+        float(jpeg_quality).is_integer())
+    if not whole or not 1 <= jpeg_quality <= 100:
         raise ValueError(f"JPEG quality must be an integer from 1 to 100, got {jpeg_quality!r}")
     return ext, int(jpeg_quality)
 
