@@ -94,7 +94,7 @@ def main():
     p.add_argument("--out", required=True, help="directory of the variants' runs and the results")
     p.add_argument("--variant", action="append", default=[], help="NAME=key=value;key=value (repeatable)")
     p.add_argument("--set", action="append", default=[], help="override applied to every variant")
-    p.add_argument("--placements", default="boundary", help="comma-separated: boundary,translate")
+    p.add_argument("--placements", default="boundary", help="comma-separated: boundary, translate or alpha in [0, 1]")
     p.add_argument("--limit", type=int, default=0, help="galaxies of the test split to explain (0 = all)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -111,7 +111,10 @@ def main():
         if not (out / name / "eval.json").is_file():
             train(cfg, resume=True)
         seconds = time.monotonic() - t0
-        for placement in args.placements.split(","):
+        for name_of_placement in args.placements.split(","):
+            # a number alpha: part-way from the boundary placement (0) to the translated one (1)
+            numeric = name_of_placement.replace(".", "", 1).isdigit()
+            placement = float(name_of_placement) if numeric else name_of_placement
             s = judge_run(out / name, judges, placement, args.limit, out / f"grid_{name}_{placement}.png")
             r = row(name, placement, s, judges) | {"overrides": overrides, "train_seconds": seconds}
             with open(out / "ablation.jsonl", "a") as fh:
@@ -144,7 +147,7 @@ def write_table(out, judges):
             + " | ".join(
                 [
                     r["variant"],
-                    r["placement"],
+                    str(r["placement"]),
                     f(r["accuracy"]),
                     f(r["validity_model"]),
                     *[f(r.get(f"validity_{j}")) for j in judges],

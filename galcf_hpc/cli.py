@@ -604,9 +604,9 @@ def build_parser():
     sp.add_argument("--checkpoint", default=None, help="a checkpoint file (default: the run's newest)")
     sp.add_argument(
         "--placement",
-        choices=("boundary", "translate"),
         default=None,
-        help="where h_cf lands: margin past the boundary, or h - mu_p + mu_t (default: the run's explain.placement)",
+        help="where h_cf lands: boundary (margin past it), translate (h - mu_p + mu_t) or a number alpha in "
+        "[0, 1] between them (default: the run's explain.placement)",
     )
     sp.set_defaults(func=cmd_explain)
 

@@ -98,6 +98,7 @@ class LossConfig:
     cf_warmup_epochs: int = 1  # epochs before the consistency term switches on
     cf_margin: float = 1.0  # margin past the decision boundary for training counterfactuals
     cf_proximity: float = 0.0  # L1 distance |x_cf - x~| (minimal, sparse change)
+    cf_ssim: float = 0.0  # 1 - SSIM(x_cf, x~) (minimal change of local structure: the similarity reported)
     cf_z2: float = 0.0  # re-encoded z2 of x_cf must stay the galaxy's z2 (class-free content kept)
     cf_placement: str = "boundary"  # boundary | translate | interpolate (random fraction between them)
     cf_augment: bool = False  # re-encode x_cf under random rot90/flip, shift and noise (no pixel codes)
@@ -143,7 +144,7 @@ class JudgesConfig:
 class ExplainConfig:
     split: str = "test"  # split explained by `galcf-hpc explain`: train | val | test
     margin: float = 1.0  # distance past the decision boundary in h (unit-variance Gaussians)
-    placement: str = "boundary"  # boundary | translate: where h_cf lands (docs/method.md)
+    placement: str | float = "boundary"  # boundary | translate | alpha in [0, 1] between them: where h_cf lands
     max_galaxies: int = 0  # 0 = every galaxy of the split
     batch_size: int = 64  # galaxies per explained batch
     background_fraction: float = 0.25  # outer border (side fraction) used for the background check
@@ -200,7 +201,6 @@ _CHOICES = {
     "train.zero_stage": (0, 1, 2),  # ZeRO-3 shards the weights, which this small model does not need
     "train.eval_split": ("train", "val", "test"),
     "explain.split": ("train", "val", "test"),
-    "explain.placement": ("boundary", "translate"),
     "loss.cf_placement": ("boundary", "translate", "interpolate"),
 }
 
@@ -217,6 +217,12 @@ def _check_choices(cfg):
         value = _lookup(cfg, key)
         if value not in choices:
             raise ConfigError(f"config key '{key}': must be one of {', '.join(map(str, choices))}, got {value!r}")
+    placement = cfg.explain.placement
+    if placement not in ("boundary", "translate") and not (isinstance(placement, float) and 0.0 <= placement <= 1.0):
+        raise ConfigError(
+            f"config key 'explain.placement': must be boundary, translate or a number in [0, 1] "
+            f"(that fraction of the way from the first to the second), got {placement!r}"
+        )
 
 
 # Allowed ranges of numeric keys: (low, high), None = unbounded; both ends inclusive. Every
@@ -228,8 +234,8 @@ _RANGES = {
     "data.synth.seed": (0, 2**63 - 1),
     "data.synth.workers": (1, 1024),
     "data.shard_size": (1, None),
-    "data.split_seed": (0, 2**63 - 1),
     "data.jpeg_quality": (1, 100),
+    "data.split_seed": (0, 2**63 - 1),
     "data.match_radius_arcsec": (0.0, 3600.0),
     "data.image_size": (8, 4096),
     "data.rotation_degrees": (0.0, 360.0),

@@ -88,6 +88,20 @@ def test_translate_placement_keeps_the_offset_from_the_mean():
     )
     # boundary placement (3.5, 1) and translated (5.5, 1): half way
     assert torch.allclose(half, torch.tensor([[4.5, 1.0]]))
+    # the fraction as an HDF5 attribute or a command line gives it: a numeric string
+    quarter = counterfactual_h(
+        torch.tensor([[-0.5, 1.0]]),
+        torch.tensor([0]),
+        torch.tensor([1]),
+        means,
+        torch.zeros(2),
+        margin=0.5,
+        mode="0.75",
+    )
+    assert torch.allclose(quarter, torch.tensor([[5.0, 1.0]]))
+    for bad in ("middle", 1.5, -0.1, True, None):
+        with pytest.raises(ValueError, match="boundary.*translate.*number in \\[0, 1\\]"):
+            counterfactual_h(h, torch.tensor([0]), torch.tensor([1]), means, torch.zeros(2), mode=bad)
 
 
 def test_translate_placement_multiclass_reaches_target_and_is_in_distribution():

@@ -192,6 +192,30 @@ def test_critic_and_encoder_do_not_learn_from_counterfactuals():
     assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in model.decoder.parameters())
 
 
+def test_ssim_proximity_is_one_minus_the_reported_ssim_and_moves_only_the_decoder(monkeypatch):
+    """loss.cf_ssim: 1 - SSIM(x_cf, x~), the similarity the evaluation reports (metrics.ssim);
+    absent at weight 0; its gradient reaches the decoder, not the frozen encoder."""
+    import galcf_hpc.train.objective as objective
+    from galcf_hpc.metrics import ssim
+
+    cfg = config_from_dict({"data": {"image_size": 16}, "model": {"channels": [8, 16]}, "loss": {"cf_ssim": 2.0}})
+    model = GalaxyCF.from_config(cfg).train()
+    decoded = []
+    real_decoder = model.decoder.forward
+    monkeypatch.setattr(model.decoder, "forward", lambda z: decoded.append(out := real_decoder(z)) or out)
+    lat = model(torch.rand(6, 3, 16, 16))
+    recon = lat.recon.detach()
+    terms = objective.consistency_loss(model, lat.z.detach(), lat.h.detach(), recon, cfg.loss)
+    expected = 1.0 - ssim(decoded[-1].detach(), recon).mean()
+    assert 0.0 < float(terms["cf_ssim"]) < 2.0 and abs(float(terms["cf_ssim"]) - float(expected)) < 1e-6
+    model.zero_grad()
+    terms["cf_ssim"].backward()
+    assert all(p.grad is None for p in model.encoder.parameters())
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in model.decoder.parameters())
+    off = config_from_dict({"data": {"image_size": 16}, "model": {"channels": [8, 16]}}).loss
+    assert "cf_ssim" not in objective.consistency_loss(model, lat.z.detach(), lat.h.detach(), recon, off)
+
+
 def test_critic_augment_shows_the_critics_other_images_than_the_encoder(monkeypatch):
     """loss.cf_critic_augment: each critic reads x_cf under its own random symmetry while the
     explained model's encoder reads x_cf as decoded; loss.cf_critic_margin switches the

@@ -36,6 +36,21 @@ def boundary_distance(h, mu_from, mu_to, lw_from, lw_to):
 PLACEMENTS = ("boundary", "translate")
 
 
+def placement_value(mode):
+    """``mode`` as ``counterfactual_h`` uses it: ``"boundary"``, ``"translate"``, a tensor of
+    per-row fractions, or a fraction alpha in [0, 1] (also as a numeric string, the form a
+    command line or an HDF5 attribute gives); ValueError for anything else."""
+    if torch.is_tensor(mode) or mode in PLACEMENTS:
+        return mode
+    try:
+        alpha = float(mode)
+    except (TypeError, ValueError):
+        alpha = None
+    if alpha is None or isinstance(mode, bool) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"counterfactual placement must be one of {PLACEMENTS} or a number in [0, 1], got {mode!r}")
+    return alpha
+
+
 def counterfactual_h(h, pred, target, means, log_weights, margin=1.0, max_iter=20, mode="boundary"):
     """Move each h[i] from its predicted class pred[i] into target[i] (placement ``mode``,
     see above), ending at least ``margin`` past every boundary of the target.
@@ -43,12 +58,11 @@ def counterfactual_h(h, pred, target, means, log_weights, margin=1.0, max_iter=2
     Rows with target == pred are returned unchanged (a galaxy is its own counterfactual).
     Returns the moved h.
     """
+    mode = placement_value(mode)
     own = (pred == target)[:, None]
     near = past_boundary(h, pred, target, means, log_weights, margin, max_iter)
     if isinstance(mode, str) and mode == "boundary":
         return torch.where(own, h, near)
-    if isinstance(mode, str) and mode != "translate":
-        raise ValueError(f"counterfactual placement must be one of {PLACEMENTS} or a number, got {mode!r}")
     # the translated point can still lie short of the boundary (its own class, or a third
     # one, nearer): the same closed-form steps finish the move from there
     moved = h - means[pred] + means[target]

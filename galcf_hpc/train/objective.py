@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from ..metrics import ssim
 from ..model.gmm import class_logits
 from ..model.losses import ib_loss, mmd_unbiased, perceptual_loss
 
@@ -130,6 +131,7 @@ def batch_losses(model, vgg, images, labels, loss_cfg, cf_active):
             loss_cfg.cf_consistency * cf_terms["cf"]
             + loss_cfg.cf_proximity * cf_terms["cf_l1"]
             + loss_cfg.cf_z2 * cf_terms["cf_z2"]
+            + loss_cfg.cf_ssim * cf_terms.get("cf_ssim", 0.0)
         )
 
     with torch.no_grad():
@@ -167,6 +169,8 @@ def consistency_loss(model, z, h, recon, loss_cfg):
         "cf_l1": (x_cf - recon).abs().mean(),
         "cf_z2": F.mse_loss(model.split(z_re)[1], z2),
     }
+    if loss_cfg.cf_ssim > 0:
+        terms["cf_ssim"] = 1.0 - ssim(x_cf.float(), recon.float()).mean()
 
     # with cf_critic_augment every critic reads x_cf under its own random symmetry while the
     # explained model's encoder reads it as decoded: codes at fixed pixels stop convincing
