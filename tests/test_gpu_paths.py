@@ -310,6 +310,7 @@ def test_rank_settings_on_a_gpu(monkeypatch, restore_torch_settings):
     gpu = DistEnv(1, 1, 2, "h", 1, "torchrun/env", torch.device("cuda", 1), "nccl")
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(False)  # an in-process training before may have left it on
     configure_process(gpu)
     assert calls == ["cuda:1"] and torch.backends.cudnn.benchmark is True
     assert (
