@@ -155,11 +155,9 @@ def explain_batch(
     for s in range(0, len(rows), step):
         r, c = rows[s : s + step], cols[s : s + step]
         target = tgt[c]
-        if pad:
-            x_cf, h_cf = decode_counterfactuals(model, z[r], h[r], pred[r], target, margin, placement, step)
-        else:
-            x_cf, h_cf = model.counterfactual(z[r], h[r], pred[r], target, margin, placement)
-        x_cf = x_cf.float()
+        latents = (z[r], h[r], pred[r], target)
+        x_cf, h_cf = model.counterfactual(*(padded_rows(step, *latents) if pad else latents), margin, placement)
+        x_cf, h_cf = x_cf[: len(r)].float(), h_cf[: len(r)]
         h_cf_all[r, c] = h_cf.float()
         if keep_images:
             cf_images[r, c] = x_cf
