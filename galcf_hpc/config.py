@@ -137,7 +137,7 @@ class TrainConfig:
 
 @dataclass
 class JudgesConfig:
-    epochs: int = 0  # epochs of every judge of the panel; 0 = each judge's own (20-25)
+    epochs: int = 0  # epochs of every judge of the panel; 0 = each judge's own (30)
 
 
 @dataclass
