@@ -253,3 +253,28 @@ def test_critic_augment_shows_the_critics_other_images_than_the_encoder(monkeypa
         assert seen[name][0].shape == x_cf.shape and not torch.equal(seen[name][0], x_cf)
     assert not torch.equal(seen["critic"][0], seen["colour"][0])  # each critic its own draw
     assert margins == [3.0, 3.0]
+
+
+def test_interpolated_training_counterfactuals_lie_along_the_placement_path(monkeypatch):
+    """loss.cf_placement: interpolate puts each training counterfactual's h at its own random
+    fraction of the way from the boundary placement to the translated one."""
+    import galcf_hpc.train.objective as objective
+    from galcf_hpc.model.counterfactual import counterfactual_h
+
+    cfg = config_from_dict(
+        {"data": {"image_size": 16}, "model": {"channels": [8, 16]}, "loss": {"cf_placement": "interpolate"}}
+    )
+    model = GalaxyCF.from_config(cfg).train()
+    calls = []
+    real = model.counterfactual_latent
+    monkeypatch.setattr(model, "counterfactual_latent", lambda *a: calls.append((a, out := real(*a))) or out)
+    torch.manual_seed(3)
+    lat = model(torch.rand(12, 3, 16, 16))
+    objective.consistency_loss(model, lat.z.detach(), lat.h.detach(), lat.recon.detach(), cfg.loss)
+    (z, h, pred, target, margin, placement), (_, h_cf) = calls[-1]
+    assert torch.is_tensor(placement) and placement.shape == (12,)
+    assert float(placement.min()) >= 0.0 and float(placement.max()) <= 1.0 and len(set(placement.tolist())) == 12
+    args = (h, pred, target, model.means.detach().float(), model.log_weights, margin)
+    near, far = counterfactual_h(*args, mode="boundary"), counterfactual_h(*args, mode="translate")
+    assert not torch.allclose(near, far)
+    assert torch.allclose(h_cf, near + placement[:, None] * (far - near), atol=1e-5)

@@ -22,10 +22,11 @@ def test_smoke_config_meets_goals(tmp_path):
     # without the luminance critic, and the luminance-only judge convinced as often
     assert cf["judge_names"] == ["cnn", "resnet", "resnet_grey"]
     assert o["validity_panel"] >= 0.55 and o["validity_resnet_grey"] >= 0.45
-    # the change is mostly structure, not colour: 0.80 in the demo of the shipped objective
+    # the change is mostly structure, not colour: 0.82 in the demo of the shipped objective
     # (its SSIM term trades some luminance share for similarity, docs/method.md), 0.90 before
     assert o["luminance_share"] >= 0.7
-    assert o["ssim_rec"] >= 0.82  # 0.855 in that demo (0.805 before the SSIM term)
+    # 0.880 in that demo (0.855 with boundary-only training counterfactuals, 0.805 before the SSIM term)
+    assert o["ssim_rec"] >= 0.85
     assert o["background_msd"] < o["center_msd"] / 4  # the change sits on the galaxy, not the sky
     # the decoder reconstructs: far better than predicting the mean image
     assert cf["reconstruction"]["msd"] < 0.006

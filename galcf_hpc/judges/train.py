@@ -41,7 +41,9 @@ class JudgeSpec:
     family: str
     input: str
     seed: int
-    epochs: int = 30  # the cosine schedule needs them: 15 epochs gave 0.76-0.78 test accuracy, 30 gave 0.86-0.90 (smoke data)
+    # the cosine schedule needs them: 15 epochs gave 0.76-0.78 test accuracy, 30 gave
+    # 0.86-0.90 (smoke data, docs/method.md)
+    epochs: int = 30
     lr: float = 1e-3
     noise: float = 0.02  # max std of added Gaussian noise
     blur: float = 0.8  # max sigma of the Gaussian PSF-like blur, in pixels of a 64 px image
