@@ -217,12 +217,32 @@ def _check_choices(cfg):
         value = _lookup(cfg, key)
         if value not in choices:
             raise ConfigError(f"config key '{key}': must be one of {', '.join(map(str, choices))}, got {value!r}")
-    placement = cfg.explain.placement
-    if placement not in ("boundary", "translate") and not (isinstance(placement, float) and 0.0 <= placement <= 1.0):
-        raise ConfigError(
-            f"config key 'explain.placement': must be boundary, translate or a number in [0, 1] "
-            f"(that fraction of the way from the first to the second), got {placement!r}"
+    try:
+        cfg.explain.placement = placement_choice(cfg.explain.placement)
+    except ValueError as exc:
+        raise ConfigError(f"config key 'explain.placement': {exc}") from None
+
+
+PLACEMENTS = ("boundary", "translate")
+
+
+def placement_choice(mode):
+    """Where a counterfactual's h lands (model/counterfactual.py): ``"boundary"``,
+    ``"translate"`` or a fraction alpha in [0, 1] between the two, returned as a float (also
+    given as a numeric string, the form a command line or an HDF5 attribute gives). The one
+    rule for the config, the CLI and the model; ValueError for anything else."""
+    if isinstance(mode, str) and mode in PLACEMENTS:
+        return mode
+    try:
+        alpha = None if isinstance(mode, bool) else float(mode)
+    except (TypeError, ValueError):
+        alpha = None
+    if alpha is None or not 0.0 <= alpha <= 1.0:
+        raise ValueError(
+            "must be boundary, translate or a number in [0, 1] (that fraction of the way from the "
+            f"first to the second), got {mode!r}"
         )
+    return alpha
 
 
 # Allowed ranges of numeric keys: (low, high), None = unbounded; both ends inclusive. Every

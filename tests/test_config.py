@@ -75,7 +75,7 @@ def test_semantic_checks():
         config_from_dict({"data": {"split_fractions": [0.5, 0.5, 0.5]}})
     assert config_from_dict({}, ["explain.placement=0.75"]).explain.placement == 0.75
     assert config_from_dict({}, ["explain.placement=1"]).explain.placement == 1.0
-    for bad in ("1.5", "middle", "-0.25"):
+    for bad in ("1.5", "middle", "-0.25", "nan"):
         with pytest.raises(ConfigError, match="explain.placement.*boundary, translate or a number in"):
             config_from_dict({}, [f"explain.placement={bad}"])
 

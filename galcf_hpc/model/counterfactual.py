@@ -23,6 +23,8 @@ Placements (``mode``):
 
 import torch
 
+from ..config import placement_choice
+
 
 def boundary_distance(h, mu_from, mu_to, lw_from, lw_to):
     """Signed distance of rows of h past the from/to decision boundary, towards ``to``."""
@@ -33,22 +35,16 @@ def boundary_distance(h, mu_from, mu_to, lw_from, lw_to):
     return s, d
 
 
-PLACEMENTS = ("boundary", "translate")
-
-
 def placement_value(mode):
-    """``mode`` as ``counterfactual_h`` uses it: ``"boundary"``, ``"translate"``, a tensor of
-    per-row fractions, or a fraction alpha in [0, 1] (also as a numeric string, the form a
-    command line or an HDF5 attribute gives); ValueError for anything else."""
-    if torch.is_tensor(mode) or mode in PLACEMENTS:
+    """``mode`` as ``counterfactual_h`` uses it: a tensor of per-row fractions as given, else
+    :func:`galcf_hpc.config.placement_choice` (``"boundary"``, ``"translate"`` or a fraction
+    alpha in [0, 1]); ValueError for anything else."""
+    if torch.is_tensor(mode):
         return mode
     try:
-        alpha = float(mode)
-    except (TypeError, ValueError):
-        alpha = None
-    if alpha is None or isinstance(mode, bool) or not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"counterfactual placement must be one of {PLACEMENTS} or a number in [0, 1], got {mode!r}")
-    return alpha
+        return placement_choice(mode)
+    except ValueError as exc:
+        raise ValueError(f"counterfactual placement {exc}") from None
 
 
 def counterfactual_h(h, pred, target, means, log_weights, margin=1.0, max_iter=20, mode="boundary"):
