@@ -191,6 +191,9 @@ class Config:
         return dataclasses.asdict(self)
 
 
+# where a counterfactual's h lands (model/counterfactual.py); alpha in [0, 1] lies between them
+PLACEMENTS = ("boundary", "translate")
+
 # Keys that take one of a few values.
 _CHOICES = {
     "data.loader": LOADERS,
@@ -201,7 +204,7 @@ _CHOICES = {
     "train.zero_stage": (0, 1, 2),  # ZeRO-3 shards the weights, which this small model does not need
     "train.eval_split": ("train", "val", "test"),
     "explain.split": ("train", "val", "test"),
-    "loss.cf_placement": ("boundary", "translate", "interpolate"),
+    "loss.cf_placement": (*PLACEMENTS, "interpolate"),  # interpolate: a random alpha per counterfactual
 }
 
 
@@ -221,9 +224,6 @@ def _check_choices(cfg):
         cfg.explain.placement = placement_choice(cfg.explain.placement)
     except ValueError as exc:
         raise ConfigError(f"config key 'explain.placement': {exc}") from None
-
-
-PLACEMENTS = ("boundary", "translate")
 
 
 def placement_choice(mode):
