@@ -108,6 +108,7 @@ class LossConfig:
     cf_critic_colour: float = 0.0  # a second critic, on colour images, must also put x_cf into t
     cf_critic_augment: bool = False  # the critics (not the encoder) read x_cf under a random symmetry
     cf_critic_margin: float = 0.0  # > 0: the critics' terms stop at this logit margin (hinge); 0: cross-entropy
+    cf_critic_family: str = "plain"  # plain | residual | both: the critics' architecture family (both: two of each)
 
 
 @dataclass
@@ -138,6 +139,7 @@ class TrainConfig:
 @dataclass
 class JudgesConfig:
     epochs: int = 0  # epochs of every judge of the panel; 0 = each judge's own (30)
+    batch_size: int = 64  # the judges' batch: they train in one process, whatever train.batch_size per rank is
 
 
 @dataclass
@@ -194,6 +196,11 @@ class Config:
 # where a counterfactual's h lands (model/counterfactual.py); alpha in [0, 1] lies between them
 PLACEMENTS = ("boundary", "translate")
 
+# architecture families of the model's critics (loss.cf_critic_family, model/critic.py): a
+# counterfactual that has to convince networks that see an image differently (pooled plain
+# stages against strided residual ones) cannot rely on one family's blind spots
+CRITIC_FAMILIES = ("plain", "residual", "both")
+
 # Keys that take one of a few values.
 _CHOICES = {
     "data.loader": LOADERS,
@@ -205,6 +212,7 @@ _CHOICES = {
     "train.eval_split": ("train", "val", "test"),
     "explain.split": ("train", "val", "test"),
     "loss.cf_placement": (*PLACEMENTS, "interpolate"),  # interpolate: a random alpha per counterfactual
+    "loss.cf_critic_family": CRITIC_FAMILIES,
 }
 
 
@@ -290,6 +298,7 @@ _RANGES = {
     "explain.batch_size": (1, None),
     "explain.background_fraction": (0.01, 0.49),
     "judges.epochs": (0, None),  # 0 = each judge's own
+    "judges.batch_size": (1, None),
 }
 _WEIGHTS = ("loss.",)  # other loss numbers are weights: finite and >= 0
 

@@ -12,6 +12,7 @@ import torch
 
 from galcf_hpc.config import config_from_dict
 from galcf_hpc.data.classes import CLASS_NAMES, NUM_CLASSES
+from galcf_hpc.errors import ConfigError
 from galcf_hpc.judges import DEFAULT_PANEL, load_judges, train_judges
 from galcf_hpc.judges.nets import PlainCNN, ResNet, build_judge, load_judge
 from galcf_hpc.metrics import luminance_share, ssim
@@ -121,6 +122,8 @@ def test_objective_never_imports_or_calls_a_judge(monkeypatch):
                 "perceptual": 0.0,
                 "z2_adversary": 1.0,
                 "cf_critic": 1.0,
+                "cf_critic_colour": 1.0,
+                "cf_critic_family": "both",
                 "cf_augment": True,
                 "cf_placement": "interpolate",
             },
@@ -164,6 +167,39 @@ def test_train_panel_and_load_it(sharded, tmp_path):
     with pytest.raises(Exception, match="unknown judge"):
         train_judges(cfg, names=["oracle"])
     assert [s.name for s in DEFAULT_PANEL] == ["cnn", "resnet", "resnet_grey"]
+
+
+def test_judges_trained_side_by_side_equal_judges_trained_alone(sharded, tmp_path):
+    """The panel trains in lockstep over one loader pass; each judge keeps its own random
+    numbers (init, dropout, augmentation), so its weights equal those of the same judge
+    trained alone. The judges' batch is judges.batch_size, not the per-rank train.batch_size."""
+
+    def cfg(out, **judges):
+        return config_from_dict(
+            {
+                "run": {"out_dir": str(tmp_path / out), "seed": 3},
+                "data": {"shards": str(sharded.out), "image_size": 16, "crop_fraction": 0.7, "loader": "torch"},
+                "model": {"channels": [8, 16]},
+                "train": {"batch_size": 7, "threads": 1},
+                "judges": {"batch_size": 32, **judges},
+            }
+        )
+
+    together = train_judges(cfg("together"), names=["cnn", "resnet_grey"], epochs=2)
+    alone = train_judges(cfg("alone"), names=["cnn"], epochs=2)
+    assert together["cnn"]["history"] == alone["cnn"]["history"]
+    a = torch.load(tmp_path / "together" / "judges" / "cnn" / "model.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "alone" / "judges" / "cnn" / "model.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    from galcf_hpc.loaders.split import open_split, steps_per_epoch
+
+    split = sharded.out / "train"
+    n = open_split(split)[0]["num_samples"]
+    settings = together["resnet_grey"]["settings"]
+    assert (settings["epochs"], settings["batch_size"]) == (2, 32)
+    assert settings["steps_per_epoch"] == steps_per_epoch(split, n, 32, 1, True) < steps_per_epoch(split, n, 7, 1, True)
+    other = train_judges(cfg("other", batch_size=64), names=["cnn"], epochs=2)
+    assert other["cnn"]["history"] != alone["cnn"]["history"]
 
 
 def test_damaged_judge_file_is_named(tmp_path):
@@ -278,3 +314,74 @@ def test_interpolated_training_counterfactuals_lie_along_the_placement_path(monk
     near, far = counterfactual_h(*args, mode="boundary"), counterfactual_h(*args, mode="translate")
     assert not torch.allclose(near, far)
     assert torch.allclose(h_cf, near + placement[:, None] * (far - near), atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [16, 32])
+def test_critic_families_learn_from_galaxies_and_are_frozen_on_counterfactuals(size):
+    """loss.cf_critic_family: "both" adds residual critics (luminance and colour) to the
+    plain ones; each learns from real galaxies (critic_real terms, gradients in its own
+    weights), is frozen on x_cf (its cf term moves the decoder only) and weighs
+    cf_critic / cf_critic_colour. "residual" replaces the plain ones; anything else is
+    refused with the key named."""
+    from galcf_hpc.model.critic import LuminanceCritic, ResidualCritic
+    from galcf_hpc.train.objective import consistency_loss
+
+    def build(family, **loss):
+        cfg = config_from_dict(
+            {
+                "data": {"image_size": size},
+                "model": {"channels": [8, 16]},
+                "loss": {
+                    "perceptual": 0.0,
+                    "cf_critic": 1.0,
+                    "cf_critic_colour": 0.5,
+                    "cf_critic_family": family,
+                    **loss,
+                },
+            }
+        )
+        return cfg, GalaxyCF.from_config(cfg).train()
+
+    cfg, model = build("both")
+    critics = model.critics(cfg.loss)
+    assert [(n, type(c).__name__, w) for n, c, w in critics] == [
+        ("critic", "LuminanceCritic", 1.0),
+        ("colour_critic", "LuminanceCritic", 0.5),
+        ("critic_residual", "ResidualCritic", 1.0),
+        ("colour_critic_residual", "ResidualCritic", 0.5),
+    ]
+    images = torch.rand(6, 3, size, size)
+    for _, critic, _ in critics:
+        assert critic(images).shape == (6, NUM_CLASSES)
+    # luminance critics see the band mean only: a recolouring that keeps it changes nothing
+    grey = images.mean(1, keepdim=True).expand(-1, 3, -1, -1)
+    assert torch.allclose(model.critic_residual(images), model.critic_residual(grey), atol=1e-5)
+    assert not torch.allclose(model.colour_critic_residual(images), model.colour_critic_residual(grey), atol=1e-5)
+
+    _, terms = batch_losses(model, None, images, torch.arange(6) % NUM_CLASSES, cfg.loss, False)
+    for key in ("critic_real", "colour_critic_real", "critic_residual_real", "colour_critic_residual_real"):
+        assert key in terms and float(terms[key]) > 0
+    total, _ = batch_losses(model, None, images, torch.arange(6) % NUM_CLASSES, cfg.loss, False)
+    total.backward()
+    for _, critic, _ in critics:
+        assert all(p.grad is not None for p in critic.parameters())
+
+    model.zero_grad(set_to_none=True)
+    lat = model(images)
+    terms = consistency_loss(model, lat.z.detach(), lat.h.detach(), lat.recon.detach(), cfg.loss)
+    parts = [
+        float(terms[k]) for k in ("cf_critic", "cf_critic_colour", "cf_critic_residual", "cf_critic_colour_residual")
+    ]
+    assert all(p > 0 for p in parts)
+    terms["cf"].backward()
+    for _, critic, _ in critics:
+        assert all(p.grad is None for p in critic.parameters())
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in model.decoder.parameters())
+
+    cfg, model = build("residual")
+    assert isinstance(model.critic, ResidualCritic) and isinstance(model.colour_critic, ResidualCritic)
+    assert model.critic_residual is None and len(model.critics(cfg.loss)) == 2
+    cfg, model = build("plain")
+    assert isinstance(model.critic, LuminanceCritic) and len(model.critics(cfg.loss)) == 2
+    with pytest.raises(ConfigError, match="cf_critic_family"):
+        build("resnet")

@@ -7,11 +7,12 @@ rendering rather than one generator's pixels. Nothing here is imported by
 :mod:`galcf_hpc.train` or :mod:`galcf_hpc.model`: the model never trains against a judge.
 """
 
+import contextlib
+import dataclasses
 import json
 import logging
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,7 +33,7 @@ log = logging.getLogger("galcf_hpc")
 PANEL_FILE = "panel.json"
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class JudgeSpec:
     """One judge of the panel: architecture family, input (colour or luminance), seed offset
     and the strength of its extra augmentation."""
@@ -137,86 +138,163 @@ def _schedule(opt, total):
     )
 
 
-def train_judge(cfg, spec, device, epochs=None):
-    """Train one judge; writes RUN/judges/<name>/{model.pt, eval.json}; returns eval.json's dict."""
-    epochs = epochs if epochs is not None else (cfg.judges.epochs or spec.epochs)
-    if epochs < 1:
-        raise UsageError(f"--epochs must be >= 1, got {epochs}")
-    out = judges_dir(cfg.run.out_dir) / spec.name
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.run.seed + spec.seed)
-    gen = torch.Generator().manual_seed(cfg.run.seed + spec.seed)
-    channels = judge_channels(cfg.data.image_size)
-    model = build_judge(spec.family, channels, spec.input).to(device)
-    loader = build_loader(cfg, "train", 0, 1, train=True)
+class _Trainee:
+    """One judge being trained: its network, optimiser, schedule, augmentation generator and
+    its own stream of the global random numbers (dropout), so that judges trained side by
+    side draw what each would draw alone."""
+
+    def __init__(self, cfg, spec, device, epochs, steps, weights):
+        self.spec, self.epochs = spec, epochs
+        self.out = judges_dir(cfg.run.out_dir) / spec.name
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.device = device
+        with self.own_random_numbers(seed=cfg.run.seed + spec.seed):
+            self.gen = torch.Generator().manual_seed(cfg.run.seed + spec.seed)
+            self.channels = judge_channels(cfg.data.image_size)
+            self.model = build_judge(spec.family, self.channels, spec.input).to(device)
+        self.weights = weights if spec.balanced else None
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=spec.lr, weight_decay=1e-4)
+        self.sched = _schedule(self.opt, epochs * steps)
+        self.steps = steps
+        self.seconds, self.history = 0.0, []
+
+    @contextlib.contextmanager
+    def own_random_numbers(self, seed=None):
+        """A context in which the global generators (CPU and this device's) run this judge's
+        stream: seeded with ``seed`` the first time, continued from where it left off after."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            if seed is not None:
+                torch.manual_seed(seed)
+            else:
+                torch.set_rng_state(self._cpu_state)
+                if devices:
+                    torch.cuda.set_rng_state(self._device_state, self.device)
+            try:
+                yield
+            finally:
+                self._cpu_state = torch.get_rng_state()
+                if devices:
+                    self._device_state = torch.cuda.get_rng_state(self.device)
+
+    def start_epoch(self):
+        self.model.train()
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.correct = torch.zeros((), device=self.device)
+        self.seen = 0
+
+    def step(self, images, labels):
+        started = time.monotonic()
+        with self.own_random_numbers():
+            x = augment(images, self.spec, self.gen)
+            logits = self.model(x)
+            loss = F.cross_entropy(logits, labels, weight=self.weights)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            self.sched.step()
+        self.loss_sum += loss.detach() * len(labels)
+        self.correct += (logits.argmax(1) == labels).sum()
+        self.seen += len(labels)
+        self.seconds += time.monotonic() - started
+
+    def end_epoch(self, epoch):
+        mean_loss = float(self.loss_sum) / max(self.seen, 1)
+        if not math.isfinite(mean_loss):
+            raise FloatingPointError(f"judge {self.spec.name}: loss became {mean_loss} in epoch {epoch + 1}")
+        self.history.append(
+            {"epoch": epoch, "loss": mean_loss, "train_accuracy": float(self.correct) / max(self.seen, 1)}
+        )
+        log.info(
+            "judge %s epoch %d: loss %.3f, train accuracy %.3f",
+            self.spec.name,
+            epoch + 1,
+            mean_loss,
+            self.history[-1]["train_accuracy"],
+        )
+
+    def finish(self, cfg, loader_seconds):
+        """Save the judge and its evaluation (RUN/judges/<name>/{model.pt, eval.json})."""
+        self.model.eval()
+        settings = {
+            **self.spec.__dict__,
+            "epochs": self.epochs,
+            "channels": self.channels,
+            "image_size": cfg.data.image_size,
+            "run_seed": cfg.run.seed,
+            "batch_size": cfg.judges.batch_size,
+            "steps_per_epoch": self.steps,
+        }
+        save_judge(
+            self.out / "model.pt",
+            self.model,
+            {
+                "family": self.spec.family,
+                "channels": self.channels,
+                "input": self.spec.input,
+                "num_classes": NUM_CLASSES,
+                "depth": 1,
+            },
+            {"name": self.spec.name, "settings": settings},
+        )
+        splits = {
+            s: evaluate_judge(self.model, cfg, s, self.device)
+            for s in dict.fromkeys((cfg.train.eval_split, cfg.explain.split))
+        }
+        summary = {
+            **splits[cfg.explain.split],
+            "splits": splits,
+            "settings": settings,
+            # its own steps, plus the loading of the batches it shared with the judges trained beside it
+            "train_seconds": self.seconds + loader_seconds,
+            "history": self.history,
+            "model": f"{self.spec.family} on {self.spec.input} input (independent of the galcf-hpc model)",
+        }
+        write_json(self.out / "eval.json", summary)
+        return summary
+
+
+def train_panel(cfg, specs, device, epochs=None):
+    """Train the judges of ``specs`` side by side: one pass of the run's loader per epoch feeds
+    every judge the same batches (which each judge alone would see too: the loader's order and
+    rotations follow the run's seed), each with its own augmentation, optimiser and random
+    numbers. Returns {name: eval.json's dict}."""
+    # the judges' own batch: train.batch_size is a per-rank micro-batch that depends on how
+    # many ranks the run's config was written for
+    batched = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=cfg.judges.batch_size))
+    loader = build_loader(batched, "train", 0, 1, train=True)
     steps = loader.steps_per_epoch
     counts = open_split(Path(cfg.data.shards) / "train")[0]["class_counts_by_index"]
-    weights = class_weights(counts, device) if spec.balanced else None
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=1e-4)
-    sched = _schedule(opt, epochs * steps)
-    started, history = time.monotonic(), []
+    weights = class_weights(counts, device)
+    trainees = []
+    for spec in specs:
+        n = epochs if epochs is not None else (cfg.judges.epochs or spec.epochs)
+        if n < 1:
+            raise UsageError(f"--epochs must be >= 1, got {n}")
+        trainees.append(_Trainee(cfg, spec, device, n, steps, weights))
+    names = ", ".join(t.spec.name for t in trainees)
+    loader_seconds = 0.0
     try:
-        for epoch in range(epochs):
+        for epoch in range(max(t.epochs for t in trainees)):
+            active = [t for t in trainees if epoch < t.epochs]
             loader.set_epoch(epoch)
-            model.train()
-            bar = Progress(steps, f"judge {spec.name} epoch {epoch + 1}/{epochs}")
-            loss_sum = torch.zeros((), device=device)
-            correct = torch.zeros((), device=device)
-            seen = 0
+            for t in active:
+                t.start_epoch()
+            bar = Progress(steps, f"judges {names} epoch {epoch + 1}")
+            waited = time.monotonic()
             for i, batch in enumerate(loader):
-                images = augment(batch["images"].to(device), spec, gen)
-                labels = batch["labels"].to(device)
-                logits = model(images)
-                loss = F.cross_entropy(logits, labels, weight=weights)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                loss_sum += loss.detach() * len(labels)
-                correct += (logits.argmax(1) == labels).sum()
-                seen += len(labels)
+                images, labels = batch["images"].to(device), batch["labels"].to(device)
+                loader_seconds += time.monotonic() - waited
+                for t in active:
+                    t.step(images, labels)
                 bar(i + 1)
-            mean_loss = float(loss_sum) / max(seen, 1)
-            if not math.isfinite(mean_loss):
-                raise FloatingPointError(f"judge {spec.name}: loss became {mean_loss} in epoch {epoch + 1}")
-            history.append({"epoch": epoch, "loss": mean_loss, "train_accuracy": float(correct) / max(seen, 1)})
-            log.info(
-                "judge %s epoch %d: loss %.3f, train accuracy %.3f",
-                spec.name,
-                epoch + 1,
-                mean_loss,
-                history[-1]["train_accuracy"],
-            )
+                waited = time.monotonic()
+            for t in active:
+                t.end_epoch(epoch)
     finally:
         loader.close()
-    seconds = time.monotonic() - started
-    model.eval()
-    settings = {
-        **spec.__dict__,
-        "epochs": epochs,
-        "channels": channels,
-        "image_size": cfg.data.image_size,
-        "run_seed": cfg.run.seed,
-    }
-    save_judge(
-        out / "model.pt",
-        model,
-        {"family": spec.family, "channels": channels, "input": spec.input, "num_classes": NUM_CLASSES, "depth": 1},
-        {"name": spec.name, "settings": settings},
-    )
-    splits = {
-        s: evaluate_judge(model, cfg, s, device) for s in dict.fromkeys((cfg.train.eval_split, cfg.explain.split))
-    }
-    summary = {
-        **splits[cfg.explain.split],
-        "splits": splits,
-        "settings": settings,
-        "train_seconds": seconds,
-        "history": history,
-        "model": f"{spec.family} on {spec.input} input (independent of the galcf-hpc model)",
-    }
-    write_json(out / "eval.json", summary)
-    return summary
+    share = loader_seconds / len(trainees)
+    return {t.spec.name: t.finish(cfg, share) for t in trainees}
 
 
 def train_judges(cfg, names=None, device="auto", epochs=None):
@@ -228,11 +306,8 @@ def train_judges(cfg, names=None, device="auto", epochs=None):
     dev = resolve_device(device)
     if cfg.train.threads > 0 and dev.type == "cpu":
         torch.set_num_threads(cfg.train.threads)
-    results = {}
-    for spec in DEFAULT_PANEL:
-        if names and spec.name not in names:
-            continue
-        results[spec.name] = train_judge(cfg, spec, dev, epochs)
+    specs = [spec for spec in DEFAULT_PANEL if not names or spec.name in names]
+    results = train_panel(cfg, specs, dev, epochs)
     panel_path = judges_dir(cfg.run.out_dir) / PANEL_FILE
     panel = json.loads(panel_path.read_text()) if panel_path.is_file() else {}
     panel.update(

@@ -45,3 +45,44 @@ class LuminanceCritic(nn.Module):
         """Class logits [B, C] for images [B, 3, H, W] in [0, 1] (colour is discarded unless
         this is a colour critic)."""
         return self.head(self.features((x if self.colour else x.mean(dim=1, keepdim=True)) - 0.5))
+
+
+class _ResidualStage(nn.Module):
+    """Pre-activation residual stage that halves the resolution with a strided convolution;
+    the shortcut is a strided 1x1 convolution."""
+
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.GroupNorm(min(8, c_in), c_in),
+            nn.SiLU(),
+            nn.Conv2d(c_in, c_out, 3, stride=2, padding=1),
+            nn.GroupNorm(min(8, c_out), c_out),
+            nn.SiLU(),
+            nn.Conv2d(c_out, c_out, 3, padding=1),
+        )
+        self.skip = nn.Conv2d(c_in, c_out, 1, stride=2)
+
+    def forward(self, x):
+        return self.skip(x) + self.body(x)
+
+
+class ResidualCritic(nn.Module):
+    """The same task and interface as :class:`LuminanceCritic`, another architecture family: a
+    stem convolution, then strided pre-activation residual stages down to 4 pixels, a
+    normalised, activated global average and a linear head."""
+
+    def __init__(self, image_size, num_classes, width=16, realism=False, colour=False):
+        super().__init__()
+        self.colour = colour
+        c, size = width, image_size
+        layers = [nn.Conv2d(3 if colour else 1, c, 3, padding=1)]
+        while size > 4:
+            layers.append(_ResidualStage(c, min(2 * c, 128)))
+            c, size = min(2 * c, 128), size // 2
+        layers += [nn.GroupNorm(min(8, c), c), nn.SiLU()]
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes + realism))
+
+    def forward(self, x):
+        return self.head(self.features((x if self.colour else x.mean(dim=1, keepdim=True)) - 0.5))

@@ -7,10 +7,11 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from ..config import CRITIC_FAMILIES
 from ..data.classes import NUM_CLASSES
 from .autoencoder import Decoder, Encoder
 from .counterfactual import counterfactual_h
-from .critic import LuminanceCritic
+from .critic import LuminanceCritic, ResidualCritic
 from .flow import build_flow, flow_forward, flow_inverse
 from .gmm import class_logits, initial_means
 
@@ -54,6 +55,7 @@ class GalaxyCF(nn.Module):
         luminance_critic=False,
         realism=False,
         colour_critic=False,
+        critic_family="plain",
     ):
         super().__init__()
         self.z1_dim = z1_dim
@@ -75,8 +77,18 @@ class GalaxyCF(nn.Module):
         )
         # classifier of luminance alone (loss.cf_critic), trained on real galaxies; its frozen
         # verdict on counterfactuals makes the decoder change structure, not colour
-        self.critic = LuminanceCritic(image_size, num_classes, realism=realism) if luminance_critic else None
-        self.colour_critic = LuminanceCritic(image_size, num_classes, width=24, colour=True) if colour_critic else None
+        # loss.cf_critic_family: "residual" builds them as strided residual networks instead,
+        # "both" adds residual ones (critic_residual, colour_critic_residual) to the plain ones
+        if critic_family not in CRITIC_FAMILIES:
+            raise ValueError(f"critic_family must be one of {CRITIC_FAMILIES}, got {critic_family!r}")
+        first = ResidualCritic if critic_family == "residual" else LuminanceCritic
+        both = critic_family == "both"
+        self.critic = first(image_size, num_classes, realism=realism) if luminance_critic else None
+        self.colour_critic = first(image_size, num_classes, width=24, colour=True) if colour_critic else None
+        self.critic_residual = ResidualCritic(image_size, num_classes) if luminance_critic and both else None
+        self.colour_critic_residual = (
+            ResidualCritic(image_size, num_classes, width=24, colour=True) if colour_critic and both else None
+        )
 
     @classmethod
     def from_config(cls, cfg):
@@ -95,7 +107,23 @@ class GalaxyCF(nn.Module):
             luminance_critic=cfg.loss.cf_critic > 0,
             realism=cfg.loss.cf_realism,
             colour_critic=cfg.loss.cf_critic_colour > 0,
+            critic_family=cfg.loss.cf_critic_family,
         )
+
+    def critics(self, loss_cfg):
+        """(name, critic, weight) of every image critic of the objective: the luminance ones
+        weigh ``loss.cf_critic``, the colour ones ``loss.cf_critic_colour``."""
+        found = []
+        for name, weight in (
+            ("critic", loss_cfg.cf_critic),
+            ("colour_critic", loss_cfg.cf_critic_colour),
+            ("critic_residual", loss_cfg.cf_critic),
+            ("colour_critic_residual", loss_cfg.cf_critic_colour),
+        ):
+            module = getattr(self, name)
+            if module is not None and weight > 0:
+                found.append((name, module, weight))
+        return found
 
     def forward(self, x, z1_noise=0.0):
         """E, F and D on images x: returns :class:`Latents`. ``z1_noise`` (training) adds

@@ -12,10 +12,10 @@ is what makes the decoder listen to z1 (docs/method.md, "The crux").
 What the frozen encoder accepts can still be a code only it reads. Optional terms make the
 counterfactual convince more than one network (docs/method.md, "second level"): critics
 trained here on real galaxies and frozen on x_cf (``loss.cf_critic``: luminance only,
-``loss.cf_critic_colour``), a "decoded counterfactual" class for the critic
-(``loss.cf_realism``), re-encoding under symmetries of the sky (``loss.cf_augment``; for the critics only,
-``loss.cf_critic_augment``), a
-gradient-reversed class critic on z2 (``loss.z2_adversary``) and other placements of h_cf
+``loss.cf_critic_colour``; of one or two architecture families, ``loss.cf_critic_family``),
+a "decoded counterfactual" class for the critic (``loss.cf_realism``), re-encoding under
+symmetries of the sky (``loss.cf_augment``; for the critics only, ``loss.cf_critic_augment``),
+a gradient-reversed class critic on z2 (``loss.z2_adversary``) and other placements of h_cf
 (``loss.cf_placement``). All of them are *trained against*; none is a judge.
 """
 
@@ -102,17 +102,14 @@ def batch_losses(model, vgg, images, labels, loss_cfg, cf_active):
 
     total = l_rec + loss_cfg.mmd * terms["mmd"] + loss_cfg.ib * l_ib
 
-    if loss_cfg.cf_critic > 0:  # the critic learns from real galaxies (and their reconstructions)
-        seen = images.detach() if not loss_cfg.cf_realism else torch.cat([images.detach(), recon.detach()])
-        terms["critic_real"] = F.cross_entropy(
-            model.critic(augment_for_reencoding(seen)), labels.repeat(len(seen) // len(labels))
+    for name, critic, _ in model.critics(loss_cfg):  # critics learn from real galaxies
+        seen = images.detach()
+        if name == "critic" and loss_cfg.cf_realism:  # ... and, for the realism class, reconstructions
+            seen = torch.cat([seen, recon.detach()])
+        terms[f"{name}_real"] = F.cross_entropy(
+            critic(augment_for_reencoding(seen)), labels.repeat(len(seen) // len(labels))
         )
-        total = total + terms["critic_real"]
-    if loss_cfg.cf_critic_colour > 0:
-        terms["colour_critic_real"] = F.cross_entropy(
-            model.colour_critic(augment_for_reencoding(images.detach())), labels
-        )
-        total = total + terms["colour_critic_real"]
+        total = total + terms[f"{name}_real"]
 
     if loss_cfg.z2_adversary > 0:
         terms["z2_critic"] = F.cross_entropy(model.z2_critic(_GradReverse.apply(lat.z2)), labels)
@@ -178,14 +175,11 @@ def consistency_loss(model, z, h, recon, loss_cfg):
     def critic_view():
         return augment_for_reencoding(x_cf) if loss_cfg.cf_critic_augment and not loss_cfg.cf_augment else seen
 
-    if loss_cfg.cf_critic > 0:
-        logits = functional_call(model.critic, _frozen(model.critic), (critic_view(),))
-        terms["cf_critic"] = critic_loss(logits, target, loss_cfg.cf_critic_margin)
-        terms["cf"] = terms["cf"] + loss_cfg.cf_critic * terms["cf_critic"]
-        if loss_cfg.cf_realism:
+    for name, critic, weight in model.critics(loss_cfg):
+        logits = functional_call(critic, _frozen(critic), (critic_view(),))
+        key = "cf_" + name.replace("colour_critic", "critic_colour")  # cf_critic, cf_critic_colour, ...
+        terms[key] = critic_loss(logits, target, loss_cfg.cf_critic_margin)
+        terms["cf"] = terms["cf"] + weight * terms[key]
+        if name == "critic" and loss_cfg.cf_realism:
             terms["x_cf"] = x_cf
-    if loss_cfg.cf_critic_colour > 0:
-        logits = functional_call(model.colour_critic, _frozen(model.colour_critic), (critic_view(),))
-        terms["cf_critic_colour"] = critic_loss(logits, target, loss_cfg.cf_critic_margin)
-        terms["cf"] = terms["cf"] + loss_cfg.cf_critic_colour * terms["cf_critic_colour"]
     return terms
