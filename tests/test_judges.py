@@ -358,10 +358,9 @@ def test_critic_families_learn_from_galaxies_and_are_frozen_on_counterfactuals(s
     assert torch.allclose(model.critic_residual(images), model.critic_residual(grey), atol=1e-5)
     assert not torch.allclose(model.colour_critic_residual(images), model.colour_critic_residual(grey), atol=1e-5)
 
-    _, terms = batch_losses(model, None, images, torch.arange(6) % NUM_CLASSES, cfg.loss, False)
+    total, terms = batch_losses(model, None, images, torch.arange(6) % NUM_CLASSES, cfg.loss, False)
     for key in ("critic_real", "colour_critic_real", "critic_residual_real", "colour_critic_residual_real"):
         assert key in terms and float(terms[key]) > 0
-    total, _ = batch_losses(model, None, images, torch.arange(6) % NUM_CLASSES, cfg.loss, False)
     total.backward()
     for _, critic, _ in critics:
         assert all(p.grad is not None for p in critic.parameters())

@@ -28,23 +28,33 @@ def _stage(c_in, c_out):
     ]
 
 
-class LuminanceCritic(nn.Module):
-    def __init__(self, image_size, num_classes, width=16, realism=False, colour=False):
+class _Critic(nn.Module):
+    """What every critic shares: its input (the band mean, or the bands for a colour critic),
+    a feature extractor ending in ``c_out`` channels, global average pooling and a linear head
+    (with ``realism`` one more output: "a decoded counterfactual, not a galaxy")."""
+
+    def __init__(self, features, c_out, num_classes, realism, colour):
         super().__init__()
         self.colour = colour  # a colour critic (loss.cf_critic_colour) sees the bands themselves
-        layers, c_in, size = [], 3 if colour else 1, image_size
-        c = width
-        while size > 4:
-            layers += _stage(c_in, c)
-            c_in, c, size = c, min(2 * c, 128), size // 2
-        self.features = nn.Sequential(*layers)
-        # with ``realism`` one more output: "a decoded counterfactual, not a galaxy"
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, num_classes + realism))
+        self.features = features
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_out, num_classes + realism))
 
     def forward(self, x):
         """Class logits [B, C] for images [B, 3, H, W] in [0, 1] (colour is discarded unless
         this is a colour critic)."""
         return self.head(self.features((x if self.colour else x.mean(dim=1, keepdim=True)) - 0.5))
+
+
+class LuminanceCritic(_Critic):
+    """Plain stages (two convolutions, average pooling) down to 4 pixels."""
+
+    def __init__(self, image_size, num_classes, width=16, realism=False, colour=False):
+        layers, c_in, size = [], 3 if colour else 1, image_size
+        c = width
+        while size > 4:
+            layers += _stage(c_in, c)
+            c_in, c, size = c, min(2 * c, 128), size // 2
+        super().__init__(nn.Sequential(*layers), c_in, num_classes, realism, colour)
 
 
 class _ResidualStage(nn.Module):
@@ -67,22 +77,16 @@ class _ResidualStage(nn.Module):
         return self.skip(x) + self.body(x)
 
 
-class ResidualCritic(nn.Module):
+class ResidualCritic(_Critic):
     """The same task and interface as :class:`LuminanceCritic`, another architecture family: a
     stem convolution, then strided pre-activation residual stages down to 4 pixels, a
     normalised, activated global average and a linear head."""
 
     def __init__(self, image_size, num_classes, width=16, realism=False, colour=False):
-        super().__init__()
-        self.colour = colour
         c, size = width, image_size
         layers = [nn.Conv2d(3 if colour else 1, c, 3, padding=1)]
         while size > 4:
             layers.append(_ResidualStage(c, min(2 * c, 128)))
             c, size = min(2 * c, 128), size // 2
         layers += [nn.GroupNorm(min(8, c), c), nn.SiLU()]
-        self.features = nn.Sequential(*layers)
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes + realism))
-
-    def forward(self, x):
-        return self.head(self.features((x if self.colour else x.mean(dim=1, keepdim=True)) - 0.5))
+        super().__init__(nn.Sequential(*layers), c, num_classes, realism, colour)
