@@ -109,6 +109,7 @@ class LossConfig:
     cf_critic_augment: bool = False  # the critics (not the encoder) read x_cf under a random symmetry
     cf_critic_margin: float = 0.0  # > 0: the critics' terms stop at this logit margin (hinge); 0: cross-entropy
     cf_critic_family: str = "plain"  # plain | residual | both: the critics' architecture family (both: two of each)
+    cf_critic_robust: float = 0.0  # > 0: critics learn from galaxies under a one-step L2 attack of this RMS radius
 
 
 @dataclass
@@ -279,6 +280,7 @@ _RANGES = {
     "loss.cf_warmup_epochs": (0, None),
     "loss.cf_margin": (0.0, 100.0),
     "loss.cf_critic_margin": (0.0, 100.0),
+    "loss.cf_critic_robust": (0.0, 1.0),
     "train.epochs": (1, None),
     "train.grad_accumulation": (1, None),
     "train.global_batch": (0, None),  # 0 = batch_size x ranks x grad_accumulation

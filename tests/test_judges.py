@@ -384,3 +384,54 @@ def test_critic_families_learn_from_galaxies_and_are_frozen_on_counterfactuals(s
     assert isinstance(model.critic, LuminanceCritic) and len(model.critics(cfg.loss)) == 2
     with pytest.raises(ConfigError, match="cf_critic_family"):
         build("resnet")
+
+
+def test_robust_critics_learn_from_attacked_galaxies(monkeypatch):
+    """loss.cf_critic_robust: the critics learn from real galaxies moved by a one-step L2
+    attack of that per-pixel radius: every image moves, by at most the ball's radius, in a
+    direction that raises the critic's loss; the attack leaves the critic's weights without
+    gradient and the critic_real term is computed on the attacked images."""
+    import torch.nn.functional as F
+
+    import galcf_hpc.train.objective as objective
+    from galcf_hpc.model.critic import LuminanceCritic
+
+    torch.manual_seed(0)
+    critic = LuminanceCritic(16, NUM_CLASSES)
+    x, labels = torch.rand(8, 3, 16, 16), torch.arange(8) % NUM_CLASSES
+    radius = 0.05
+    moved = objective.attacked(critic, x, labels, radius)
+    norms = (moved - x).flatten(1).norm(dim=1)
+    ball = radius * (3 * 16 * 16) ** 0.5
+    assert not moved.requires_grad and float(norms.min()) > 0.5 * ball and float(norms.max()) <= ball * (1 + 1e-5)
+    assert all(p.grad is None for p in critic.parameters())
+    noise = torch.randn_like(x)
+    noise = x + ball * noise / noise.flatten(1).norm(dim=1)[:, None, None, None]
+    with torch.no_grad():
+        clean, worse, random = (F.cross_entropy(critic(v), labels, reduction="none") for v in (x, moved, noise))
+    assert bool((worse > clean).all()) and float((worse - clean).mean()) > 3 * float((random - clean).abs().mean())
+
+    calls = []
+    real_attack = objective.attacked
+    monkeypatch.setattr(objective, "attacked", lambda c, im, lb, r: calls.append(r) or real_attack(c, im, lb, r))
+
+    def real_terms(robust):
+        cfg = config_from_dict(
+            {
+                "data": {"image_size": 16},
+                "model": {"channels": [8, 16]},
+                "loss": {"perceptual": 0.0, "cf_critic": 1.0, "cf_critic_colour": 1.0, "cf_critic_robust": robust},
+            }
+        )
+        torch.manual_seed(1)
+        model = GalaxyCF.from_config(cfg).train()
+        torch.manual_seed(2)
+        _, terms = batch_losses(model, None, x, labels, cfg.loss, False)
+        return terms
+
+    plain, robust = real_terms(0.0), real_terms(0.1)
+    assert calls == [0.1, 0.1]  # one attack per critic, none without the key
+    for key in ("critic_real", "colour_critic_real"):
+        assert float(robust[key]) > float(plain[key])
+    with pytest.raises(ConfigError, match="cf_critic_robust"):
+        config_from_dict({"loss": {"cf_critic_robust": -0.1}})

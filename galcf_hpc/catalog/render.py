@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from ..data.classes import CLASS_NAMES
 from ..errors import DataError, UsageError
 from ..fileio import file_sha256
-from ..model.evaluation import decode_counterfactuals, decode_reconstructions
+from ..model.evaluation import counterfactual_images
 from . import store
 
 
@@ -50,18 +50,6 @@ def thumbnails(images, size):
     flat = images.float().clamp(0, 1).reshape(-1, *shape[-3:])
     small = F.interpolate(flat, size=(size, size), mode="area")
     return to_uint8(small).reshape(*shape[:-2], size, size)
-
-
-def counterfactual_images(model, z, h, pred, targets, margin, placement, rows):
-    """Float images ``[B, T, 3, R, R]`` of B galaxies towards each of ``targets``: x_cf, and
-    x~ where the target is the galaxy's own class, decoded ``rows`` latents at a time."""
-    tgt = torch.as_tensor(list(targets), device=z.device, dtype=pred.dtype)
-    images = decode_reconstructions(model, z, rows).float()[:, None].repeat(1, len(tgt), 1, 1, 1)
-    gal, col = (pred[:, None] != tgt[None]).nonzero(as_tuple=True)
-    if len(gal):
-        x_cf, _ = decode_counterfactuals(model, z[gal], h[gal], pred[gal], tgt[col], margin, placement, rows)
-        images[gal, col] = x_cf.float()
-    return images
 
 
 def _row_of(keys, key, path):

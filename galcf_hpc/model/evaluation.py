@@ -70,17 +70,30 @@ def padded_rows(rows, *tensors):
     return tuple(torch.cat([t, t[-1:].expand(rows - n, *t.shape[1:])]) for t in tensors)
 
 
-def decode_counterfactuals(model, z, h, pred, target, margin, placement, rows):
-    """x_cf and h_cf of latents z (hidden h, predicted class pred) towards ``target``,
-    computed in batches of exactly ``rows`` (the last one padded, see :func:`padded_rows`)."""
-    images, hidden = [], []
-    for s in range(0, len(z), rows):
-        n = len(z[s : s + rows])
-        batch = padded_rows(rows, z[s : s + rows], h[s : s + rows], pred[s : s + rows], target[s : s + rows])
-        x_cf, h_cf = model.counterfactual(*batch, margin, placement)
-        images.append(x_cf[:n])
-        hidden.append(h_cf[:n])
-    return torch.cat(images), torch.cat(hidden)
+def counterfactual_cells(model, z, h, pred, targets, margin, placement, chunk, pad=False):
+    """The counterfactuals of latents z (hidden h, predicted class pred) towards each of
+    ``targets`` (a 1-d tensor of class indices) other than the galaxy's own class, ``chunk``
+    at a time: yields (galaxy rows, target columns, x_cf as float, h_cf). With ``pad`` every
+    decode runs on exactly ``chunk`` latents (:func:`padded_rows`), so each image is
+    reproducible from its latent alone. The one place that decodes counterfactuals for
+    explaining, the catalog and ``catalog render``."""
+    rows, cols = (pred[:, None] != targets[None]).nonzero(as_tuple=True)
+    for s in range(0, len(rows), chunk):
+        r, c = rows[s : s + chunk], cols[s : s + chunk]
+        latents = (z[r], h[r], pred[r], targets[c])
+        x_cf, h_cf = model.counterfactual(*(padded_rows(chunk, *latents) if pad else latents), margin, placement)
+        yield r, c, x_cf[: len(r)].float(), h_cf[: len(r)]
+
+
+def counterfactual_images(model, z, h, pred, targets, margin, placement, rows):
+    """Float images ``[B, T, 3, R, R]`` of B galaxies towards each of ``targets``: x_cf, and
+    x~ where the target is the galaxy's own class, every decode on exactly ``rows`` latents
+    (what :func:`explain_batch` keeps with ``keep_images`` and ``pad``)."""
+    tgt = torch.as_tensor(list(targets), device=z.device, dtype=pred.dtype)
+    images = decode_reconstructions(model, z, rows).float()[:, None].repeat(1, len(tgt), 1, 1, 1)
+    for r, c, x_cf, _ in counterfactual_cells(model, z, h, pred, tgt, margin, placement, rows, pad=True):
+        images[r, c] = x_cf
+    return images
 
 
 def decode_reconstructions(model, z, rows):
@@ -151,13 +164,8 @@ def explain_batch(
     h_cf_all = h.float()[:, None].repeat(1, t_count, 1)
     cf_images = recon[:, None].repeat(1, t_count, 1, 1, 1) if keep_images else None
     border = border_mask(images.shape[-1], border_fraction, dev)
-    rows, cols = mask.nonzero(as_tuple=True)
-    for s in range(0, len(rows), step):
-        r, c = rows[s : s + step], cols[s : s + step]
+    for r, c, x_cf, h_cf in counterfactual_cells(model, z, h, pred, tgt, margin, placement, step, pad):
         target = tgt[c]
-        latents = (z[r], h[r], pred[r], target)
-        x_cf, h_cf = model.counterfactual(*(padded_rows(step, *latents) if pad else latents), margin, placement)
-        x_cf, h_cf = x_cf[: len(r)].float(), h_cf[: len(r)]
         h_cf_all[r, c] = h_cf.float()
         if keep_images:
             cf_images[r, c] = x_cf

@@ -76,6 +76,30 @@ def _frozen(module):
     return {k: v.detach() for k, v in module.named_parameters()} | dict(module.named_buffers())
 
 
+def attacked(critic, x, labels, radius):
+    """Images x moved by a one-step L2 attack on ``critic`` (a random start of half the
+    radius, then a step along the normalised gradient of its cross-entropy, projected back
+    into the ball). ``radius`` is per pixel (root mean square), so the ball grows with the
+    image. A critic that learns from these (``loss.cf_critic_robust``) cannot be convinced by a
+    small, unstructured change, so its gradient on a counterfactual asks for a visible one.
+    The critic's weights get no gradient from the attack; x comes back detached."""
+
+    def per_image(t):
+        return t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (t.dim() - 1))
+
+    x = x.detach()
+    ball = radius * x[0].numel() ** 0.5
+    start = torch.randn_like(x)
+    start = 0.5 * ball * start / per_image(start)
+    with torch.enable_grad():
+        delta = start.requires_grad_(True)
+        loss = F.cross_entropy(functional_call(critic, _frozen(critic), (x + delta,)), labels)
+        (grad,) = torch.autograd.grad(loss, delta)
+    delta = start.detach() + ball * grad / per_image(grad)
+    delta = delta * (ball / per_image(delta)).clamp(max=1.0)
+    return x + delta
+
+
 def batch_losses(model, vgg, images, labels, loss_cfg, cf_active):
     """Return (total loss, dict of detached 0-dim tensors) for one batch: the terms stay on
     the device, so nothing here waits for the GPU; the loop reads them when it logs."""
@@ -106,9 +130,10 @@ def batch_losses(model, vgg, images, labels, loss_cfg, cf_active):
         seen = images.detach()
         if name == "critic" and loss_cfg.cf_realism:  # ... and, for the realism class, reconstructions
             seen = torch.cat([seen, recon.detach()])
-        terms[f"{name}_real"] = F.cross_entropy(
-            critic(augment_for_reencoding(seen)), labels.repeat(len(seen) // len(labels))
-        )
+        seen, seen_labels = augment_for_reencoding(seen), labels.repeat(len(seen) // len(labels))
+        if loss_cfg.cf_critic_robust > 0:
+            seen = attacked(critic, seen, seen_labels, loss_cfg.cf_critic_robust)
+        terms[f"{name}_real"] = F.cross_entropy(critic(seen), seen_labels)
         total = total + terms[f"{name}_real"]
 
     if loss_cfg.z2_adversary > 0:
