@@ -15,7 +15,7 @@ from galcf_hpc.data.classes import CLASS_NAMES, NUM_CLASSES
 from galcf_hpc.errors import ConfigError
 from galcf_hpc.judges import DEFAULT_PANEL, load_judges, train_judges
 from galcf_hpc.judges.nets import PlainCNN, ResNet, build_judge, load_judge
-from galcf_hpc.metrics import luminance_share, ssim
+from galcf_hpc.metrics import confusion_matrix, luminance_share, ssim
 from galcf_hpc.model.evaluation import Accumulator, explain_batch
 from galcf_hpc.model.galcf import GalaxyCF
 from galcf_hpc.train.objective import batch_losses
@@ -86,6 +86,14 @@ def test_accumulator_means_and_panel_agreement():
     assert s["overall"]["validity_panel"] == pytest.approx(float(panel[mask].mean()))
     assert s["num_galaxies"] == 12
     assert s["judges"]["cnn"]["num_galaxies"] == 12
+    # the judges on the reconstructions x~ of the same galaxies, not on the inputs
+    for n, judge in judges.items():
+        on_recon = torch.cat([judge(o.recon).argmax(1) for o in outs])
+        assert torch.equal(torch.cat([o.judge_recon_pred[n] for o in outs]), on_recon)
+        expected = confusion_matrix(torch.cat(labels), on_recon, NUM_CLASSES)
+        assert s["judges_on_reconstructions"][n]["confusion_matrix"] == expected.tolist()
+        assert s["judges_on_reconstructions"][n]["accuracy"] == pytest.approx(float(expected.trace()) / 12)
+    assert not explain_batch(model, images, [0], 1.0, judges, judge_inputs=False).judge_recon_pred
 
 
 def test_luminance_judge_cannot_see_colour():
@@ -435,3 +443,41 @@ def test_robust_critics_learn_from_attacked_galaxies(monkeypatch):
         assert float(robust[key]) > float(plain[key])
     with pytest.raises(ConfigError, match="cf_critic_robust"):
         config_from_dict({"loss": {"cf_critic_robust": -0.1}})
+
+
+def test_reconstructions_must_keep_the_class_for_the_frozen_critics():
+    """loss.rec_critic: the critics (frozen for this term) must read each galaxy's own class in
+    its reconstruction x~; the term is each critic's cross-entropy on x~ times its weight, it
+    moves encoder and decoder, never the critics, and it is refused without critics."""
+    import torch.nn.functional as F
+
+    def run(weight):
+        cfg = config_from_dict(
+            {
+                "data": {"image_size": 16},
+                "model": {"channels": [8, 16]},
+                "loss": {"perceptual": 0.0, "cf_critic": 1.0, "cf_critic_colour": 0.5, "rec_critic": weight},
+            }
+        )
+        torch.manual_seed(1)
+        model = GalaxyCF.from_config(cfg).train()
+        torch.manual_seed(2)
+        total, terms = batch_losses(model, None, images, labels, cfg.loss, False)
+        total.backward()
+        return model, terms, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    images, labels = torch.rand(6, 3, 16, 16), torch.arange(6) % NUM_CLASSES
+    model, terms, grads = run(2.0)
+    _, plain, plain_grads = run(0.0)
+    assert "rec_critic" not in plain
+    with torch.no_grad():
+        recon = model.decoder(model.encoder(images))
+        expected = F.cross_entropy(model.critic(recon), labels)
+        expected = expected + 0.5 * F.cross_entropy(model.colour_critic(recon), labels)
+    assert abs(float(terms["rec_critic"]) - float(expected)) < 1e-5
+    assert abs(float(terms["loss"]) - float(plain["loss"]) - 2.0 * float(expected)) < 1e-4
+    for name, grad in grads.items():
+        same = torch.allclose(grad, plain_grads[name], atol=1e-7)
+        assert same == ("critic" in name or "flow" in name or "means" in name), name
+    with pytest.raises(ConfigError, match="rec_critic"):
+        config_from_dict({"loss": {"rec_critic": 1.0}})

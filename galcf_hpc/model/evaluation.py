@@ -54,6 +54,7 @@ class ExplainedBatch:
     valid: dict = field(default_factory=dict)
     change: dict = field(default_factory=dict)
     judge_pred: dict = field(default_factory=dict)
+    judge_recon_pred: dict = field(default_factory=dict)
     h_cf: torch.Tensor = None
     cf_images: torch.Tensor = None
 
@@ -143,8 +144,8 @@ def explain_batch(
     decode (reconstructions too) runs on exactly ``chunk`` latents, so that each image is
     reproducible from its latent alone (:func:`padded_rows`). ``metrics``: the change
     metrics to compute (a subset of ``CHANGE_METRICS``; the others stay NaN);
-    ``judge_inputs=False`` skips the judges' classes of the input images (``judge_pred``
-    stays empty). Returns an :class:`ExplainedBatch`."""
+    ``judge_inputs=False`` skips the judges' classes of the input images and of their
+    reconstructions (``judge_pred`` and ``judge_recon_pred`` stay empty). Returns an :class:`ExplainedBatch`."""
     judges = judges or {}
     unknown = set(metrics) - set(CHANGE_METRICS)
     if unknown:
@@ -175,6 +176,7 @@ def explain_batch(
         for name in metrics:
             change[name][r, c] = _change_metric(name, x_cf, recon[r], x[r], border).float().to(dev)
     judge_pred = {name: _judge_predict(judge, x) for name, judge in judges.items()} if judge_inputs else {}
+    judge_recon_pred = {name: _judge_predict(judge, recon) for name, judge in judges.items()} if judge_inputs else {}
     return ExplainedBatch(
         list(targets),
         pred,
@@ -188,6 +190,7 @@ def explain_batch(
         valid,
         change,
         judge_pred,
+        judge_recon_pred,
         h_cf_all,
         cf_images,
     )
@@ -210,6 +213,7 @@ class Accumulator:
         t = len(self.targets)
         self.cm = torch.zeros(num_classes, num_classes, dtype=torch.long)
         self.judge_cm = {n: torch.zeros_like(self.cm) for n in self.judges}
+        self.judge_recon_cm = {n: torch.zeros_like(self.cm) for n in self.judges}
         self.n_galaxies = 0
         self.recon = {"msd": 0.0, "ssim": 0.0}
         self.sums = {k: torch.zeros(t, dtype=torch.float64) for k in self._keys()}
@@ -230,6 +234,10 @@ class Accumulator:
         self.cm += confusion_matrix(labels[known], out.pred.cpu()[known], self.num_classes)
         for n in self.judges:
             self.judge_cm[n] += confusion_matrix(labels[known], out.judge_pred[n].cpu()[known], self.num_classes)
+            if n in out.judge_recon_pred:
+                self.judge_recon_cm[n] += confusion_matrix(
+                    labels[known], out.judge_recon_pred[n].cpu()[known], self.num_classes
+                )
         self.n_galaxies += len(labels)
         self.recon["msd"] += float(out.recon_msd.double().sum())
         self.recon["ssim"] += float(out.recon_ssim.double().sum())
@@ -264,6 +272,11 @@ class Accumulator:
             "num_galaxies": self.n_galaxies,
             **{k: v for k, v in classification_summary(self.cm, class_names).items() if k != "num_galaxies"},
             "judges": {name: classification_summary(cm, class_names) for name, cm in self.judge_cm.items()},
+            # the judges on the reconstructions x~ of the same galaxies: the ceiling of what
+            # the decoder can show them (docs/method.md, "What the decoder can draw")
+            "judges_on_reconstructions": {
+                name: classification_summary(cm, class_names) for name, cm in self.judge_recon_cm.items()
+            },
             "reconstruction": {"msd": self.recon["msd"] / n, "ssim": self.recon["ssim"] / n},
             "overall": self._means(),
             "per_target": {class_names[t]: self._means(i) for i, t in enumerate(self.targets)},

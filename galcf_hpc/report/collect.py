@@ -550,6 +550,7 @@ def report_numbers(
                 k: s[k] for k in ("num_galaxies", "accuracy", "macro_f1", "per_class_accuracy", "confusion_matrix")
             },
             "judges": s["judges"],
+            "judges_on_reconstructions": s["judges_on_reconstructions"],
         },
         "judges": panel,
         "counterfactuals": {"overall": s["overall"], "per_target": s["per_target"]},

@@ -67,6 +67,12 @@ def summary_lines(rep):
 
     accs = ", ".join(f"{judge(n)} {num(c['accuracy'])}" for n, c in rep["classification"]["judges"].items())
     lines = [f"{rep['split']}: model accuracy {num(m['accuracy'])}" + (f"; judges: {accs}" if accs else "")]
+    on_recon = rep["classification"].get("judges_on_reconstructions", {})
+    if on_recon:
+        lines.append(
+            "judges on the reconstructions x~ (what a counterfactual can show them at most): "
+            + ", ".join(f"{judge(n)} {num(c['accuracy'])}" for n, c in on_recon.items())
+        )
     line = f"counterfactual validity: by the model {num(o['validity_model'])} (trained against)"
     if j["names"]:
         line += (

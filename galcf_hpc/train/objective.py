@@ -136,6 +136,14 @@ def batch_losses(model, vgg, images, labels, loss_cfg, cf_active):
         terms[f"{name}_real"] = F.cross_entropy(critic(seen), seen_labels)
         total = total + terms[f"{name}_real"]
 
+    if loss_cfg.rec_critic > 0:  # the frozen critics must read the galaxy's own class in x~
+        classes = model.means.shape[0]  # a realism critic's extra output is not a class
+        terms["rec_critic"] = sum(
+            weight * F.cross_entropy(functional_call(critic, _frozen(critic), (recon,))[:, :classes], labels)
+            for _, critic, weight in model.critics(loss_cfg)
+        )
+        total = total + loss_cfg.rec_critic * terms["rec_critic"]
+
     if loss_cfg.z2_adversary > 0:
         terms["z2_critic"] = F.cross_entropy(model.z2_critic(_GradReverse.apply(lat.z2)), labels)
         total = total + loss_cfg.z2_adversary * terms["z2_critic"]
