@@ -394,6 +394,24 @@ def test_critic_families_learn_from_galaxies_and_are_frozen_on_counterfactuals(s
         build("resnet")
 
 
+def critics_batch(images, labels, **loss):
+    """One training batch (no counterfactuals) of a 16 px model with both critics and the
+    given loss keys, from fixed seeds: (model, terms, gradient of every parameter)."""
+    cfg = config_from_dict(
+        {
+            "data": {"image_size": 16},
+            "model": {"channels": [8, 16]},
+            "loss": {"perceptual": 0.0, "cf_critic": 1.0, "cf_critic_colour": 1.0, **loss},
+        }
+    )
+    torch.manual_seed(1)
+    model = GalaxyCF.from_config(cfg).train()
+    torch.manual_seed(2)
+    total, terms = batch_losses(model, None, images, labels, cfg.loss, False)
+    total.backward()
+    return model, terms, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
 def test_robust_critics_learn_from_attacked_galaxies(monkeypatch):
     """loss.cf_critic_robust: the critics learn from real galaxies moved by a one-step L2
     attack of that per-pixel radius: every image moves, by at most the ball's radius, in a
@@ -423,21 +441,8 @@ def test_robust_critics_learn_from_attacked_galaxies(monkeypatch):
     real_attack = objective.attacked
     monkeypatch.setattr(objective, "attacked", lambda c, im, lb, r: calls.append(r) or real_attack(c, im, lb, r))
 
-    def real_terms(robust):
-        cfg = config_from_dict(
-            {
-                "data": {"image_size": 16},
-                "model": {"channels": [8, 16]},
-                "loss": {"perceptual": 0.0, "cf_critic": 1.0, "cf_critic_colour": 1.0, "cf_critic_robust": robust},
-            }
-        )
-        torch.manual_seed(1)
-        model = GalaxyCF.from_config(cfg).train()
-        torch.manual_seed(2)
-        _, terms = batch_losses(model, None, x, labels, cfg.loss, False)
-        return terms
-
-    plain, robust = real_terms(0.0), real_terms(0.1)
+    _, plain, _ = critics_batch(x, labels, cf_critic_robust=0.0)
+    _, robust, _ = critics_batch(x, labels, cf_critic_robust=0.1)
     assert calls == [0.1, 0.1]  # one attack per critic, none without the key
     for key in ("critic_real", "colour_critic_real"):
         assert float(robust[key]) > float(plain[key])
@@ -451,24 +456,9 @@ def test_reconstructions_must_keep_the_class_for_the_frozen_critics():
     moves encoder and decoder, never the critics, and it is refused without critics."""
     import torch.nn.functional as F
 
-    def run(weight):
-        cfg = config_from_dict(
-            {
-                "data": {"image_size": 16},
-                "model": {"channels": [8, 16]},
-                "loss": {"perceptual": 0.0, "cf_critic": 1.0, "cf_critic_colour": 0.5, "rec_critic": weight},
-            }
-        )
-        torch.manual_seed(1)
-        model = GalaxyCF.from_config(cfg).train()
-        torch.manual_seed(2)
-        total, terms = batch_losses(model, None, images, labels, cfg.loss, False)
-        total.backward()
-        return model, terms, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
     images, labels = torch.rand(6, 3, 16, 16), torch.arange(6) % NUM_CLASSES
-    model, terms, grads = run(2.0)
-    _, plain, plain_grads = run(0.0)
+    model, terms, grads = critics_batch(images, labels, cf_critic_colour=0.5, rec_critic=2.0)
+    _, plain, plain_grads = critics_batch(images, labels, cf_critic_colour=0.5, rec_critic=0.0)
     assert "rec_critic" not in plain
     with torch.no_grad():
         recon = model.decoder(model.encoder(images))
