@@ -416,6 +416,12 @@ def _print_explain(summary):
         print(f"note: {summary['judge_note']}")
     rec = summary["reconstruction"]
     print(f"reconstruction x~ vs input x: MSD {_num(rec['msd'], 5)}  SSIM {_num(rec['ssim'])}")
+    on_recon = summary.get("judges_on_reconstructions") or {}
+    if on_recon:
+        print(
+            "judges' accuracy on x~ (what a counterfactual can show them at most): "
+            + ", ".join(f"{n} {_num(c['accuracy'])}" for n, c in on_recon.items())
+        )
     print(f"written: {Path(summary['run']) / 'counterfactuals.json'}, counterfactual_grid.png, saliency_grid.png")
 
 

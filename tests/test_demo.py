@@ -74,6 +74,11 @@ def test_demo_pipeline_end_to_end(tmp_path, capsys):
     assert cf["overall"]["validity_panel"] == pytest.approx(
         sum(cf["overall"][f"validity_{name}"] for name in panel) / len(panel)
     )
+    # and every judge on the reconstructions x~ of the same galaxies, printed by explain and report
+    on_recon = cf["judges_on_reconstructions"]
+    assert sorted(on_recon) == sorted(panel) and rep["classification"]["judges_on_reconstructions"] == on_recon
+    assert all(c["num_galaxies"] == counts["test"] and 0.0 <= c["accuracy"] <= 1.0 for c in on_recon.values())
+    assert "judges' accuracy on x~" in out and "judges on the reconstructions x~" in out
     html = run / "report" / "report.html"
     srcs = assert_images_ok(html)
     assert "counterfactual_grid.png" in srcs and "tsne.png" in srcs

@@ -53,3 +53,18 @@ def test_dir_lock_one_holder_and_takeover_of_dead_owners(tmp_path, monkeypatch, 
     again = DirLock(tmp_path)
     assert again.acquire() is None and json.loads(lock_file.read_text())["slurm_job_id"] == "77"
     again.release()
+
+
+def test_write_json_is_strict_json(tmp_path):
+    """NaN and infinities (a class without galaxies) are written as null, nested anywhere:
+    the file parses with a strict JSON reader."""
+    import math
+
+    path = tmp_path / "s.json"
+    write_json(path, {"acc": {"a": 0.5, "b": math.nan}, "rows": [1.0, math.inf, (-math.inf, 2)]})
+
+    def refuse(token):
+        raise ValueError(f"non-standard JSON token {token}")
+
+    loaded = json.loads(path.read_text(), parse_constant=refuse)
+    assert loaded == {"acc": {"a": 0.5, "b": None}, "rows": [1.0, None, [None, 2]]}

@@ -28,6 +28,8 @@ DEFINITIONS = {
     "optimised against) assigns to the target class",
     "validity_panel": "mean of the judges' validities; panel_all: every judge accepts; panel_majority: more than "
     "half accept",
+    "judges_on_reconstructions": "each judge's classification of the reconstructions x~ of the same galaxies: "
+    "what the decoder keeps of a class's structure, about the most a counterfactual towards it can show that judge",
     "luminance_share": "share of the energy of x_cf - x~ in its band-mean (luminance) part; 0 = pure recolouring",
     "msd_rec/ssim_rec": "counterfactual x_cf vs the reconstruction x~",
     "msd_input/ssim_input": "counterfactual x_cf vs the input x",

@@ -6,7 +6,6 @@ default, the folder of ``--out`` otherwise.
 """
 
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -17,23 +16,12 @@ from ..device import resolve_device
 from ..errors import DataError, UsageError
 from ..explain.figures import write_grids
 from ..explain.run import load_run
-from ..fileio import atomic_path, write_json, write_text
+from ..fileio import atomic_path, json_safe, write_json, write_text
 from ..judges import load_judges
 from . import collect, plots
 from .render import render_html
 
 log = logging.getLogger("galcf_hpc")
-
-
-def _json_safe(x):
-    """NaN and infinities (a class without galaxies) as null: report.json stays strict JSON."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    return x
 
 
 def _figures(fig_dir, model, cfg, collected, rep, embeddings, training, mislabels):
@@ -115,7 +103,7 @@ def build_report(run_dir, catalog=None, out=None, max_galaxies=1000, device="aut
     with atomic_path(rep["paths"]["npz"]) as tmp, open(tmp, "wb") as fh:
         np.savez_compressed(fh, **{k: v for k, v in collected.arrays.items() if k not in ("z1", "z2")})
     rep["seconds"] = time.monotonic() - t0
-    rep = _json_safe(rep)
+    rep = json_safe(rep)  # report.json and the page show a class without galaxies alike
     write_json(rep["paths"]["json"], rep)
     write_text(out, render_html(rep))
     return rep
