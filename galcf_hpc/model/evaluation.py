@@ -234,10 +234,9 @@ class Accumulator:
         self.cm += confusion_matrix(labels[known], out.pred.cpu()[known], self.num_classes)
         for n in self.judges:
             self.judge_cm[n] += confusion_matrix(labels[known], out.judge_pred[n].cpu()[known], self.num_classes)
-            if n in out.judge_recon_pred:
-                self.judge_recon_cm[n] += confusion_matrix(
-                    labels[known], out.judge_recon_pred[n].cpu()[known], self.num_classes
-                )
+            self.judge_recon_cm[n] += confusion_matrix(
+                labels[known], out.judge_recon_pred[n].cpu()[known], self.num_classes
+            )
         self.n_galaxies += len(labels)
         self.recon["msd"] += float(out.recon_msd.double().sum())
         self.recon["ssim"] += float(out.recon_ssim.double().sum())
