@@ -78,6 +78,8 @@ def row(name, placement, s, judges):
         **{f"validity_{j}": o[f"validity_{j}"] for j in judges},
         "validity_panel": o.get("validity_panel"),
         "ssim_rec": o["ssim_rec"],
+        # what the decoder can show at all: each judge's accuracy on the reconstructions x~
+        **{f"recon_{j}": s["judges_on_reconstructions"][j]["accuracy"] for j in judges},
         "luminance_share": o["luminance_share"],
         "luminance_share_shape": sum(shape) / len(shape) if shape else None,
         "per_target": {
@@ -133,6 +135,7 @@ def write_table(out, judges):
         *[f"validity ({j})" for j in judges],
         "panel",
         "SSIM(x_cf, x~)",
+        *[f"{j} on x~" for j in judges],
         "luminance share",
         "luminance share (shape targets)",
     ]
@@ -153,6 +156,7 @@ def write_table(out, judges):
                     *[f(r.get(f"validity_{j}")) for j in judges],
                     f(r["validity_panel"]),
                     f(r["ssim_rec"]),
+                    *[f(r.get(f"recon_{j}")) for j in judges],
                     f(r["luminance_share"]),
                     f(r["luminance_share_shape"]),
                 ]

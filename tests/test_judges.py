@@ -260,6 +260,35 @@ def test_ssim_proximity_is_one_minus_the_reported_ssim_and_moves_only_the_decode
     assert "cf_ssim" not in objective.consistency_loss(model, lat.z.detach(), lat.h.detach(), recon, off)
 
 
+def test_reconstruction_ssim_is_one_minus_the_ssim_of_x_tilde_and_x():
+    """loss.rec_ssim: 1 - SSIM(x~, x) joins L_R at its weight (the total grows by exactly
+    weight x term, from the same seeds, and so does the decoder's gradient); absent at weight 0."""
+    images, labels = torch.rand(6, 3, 16, 16), torch.arange(6) % NUM_CLASSES
+
+    def run(weight):
+        cfg = config_from_dict(
+            {"data": {"image_size": 16}, "model": {"channels": [8, 16]}, "loss": {"perceptual": 0.0, "rec_ssim": weight}}
+        )
+        torch.manual_seed(1)
+        model = GalaxyCF.from_config(cfg).train()
+        torch.manual_seed(2)
+        total, terms = batch_losses(model, None, images, labels, cfg.loss, False)
+        total.backward()
+        return model, float(total), terms, [p.grad.clone() for p in model.decoder.parameters()]
+
+    model, total, terms, grads = run(3.0)
+    _, total_off, terms_off, grads_off = run(0.0)
+    assert "rec_ssim" not in terms_off
+    model.zero_grad()
+    term = 1.0 - ssim(model(images).recon, images).mean()
+    (3.0 * term).backward()
+    assert 0.1 < float(terms["rec_ssim"]) < 2.0 and abs(float(terms["rec_ssim"]) - term.item()) < 1e-5
+    assert abs(total - total_off - 3.0 * term.item()) < 1e-4
+    for g, g_off, p in zip(grads, grads_off, model.decoder.parameters()):
+        assert torch.allclose(g - g_off, p.grad, atol=1e-5)
+    assert sum(float(p.grad.abs().sum()) for p in model.decoder.parameters()) > 0
+
+
 def test_critic_augment_shows_the_critics_other_images_than_the_encoder(monkeypatch):
     """loss.cf_critic_augment: each critic reads x_cf under its own random symmetry while the
     explained model's encoder reads x_cf as decoded; loss.cf_critic_margin switches the

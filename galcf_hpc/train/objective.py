@@ -116,6 +116,9 @@ def batch_losses(model, vgg, images, labels, loss_cfg, cf_active):
     if loss_cfg.pixel > 0:
         terms["pixel"] = F.mse_loss(recon, images)
         l_rec = l_rec + loss_cfg.pixel * terms["pixel"]
+    if loss_cfg.rec_ssim > 0:  # the pixel MSE is ruled by the bright core; SSIM weighs each window by its own contrast
+        terms["rec_ssim"] = 1.0 - ssim(recon.float(), images.float()).mean()
+        l_rec = l_rec + loss_cfg.rec_ssim * terms["rec_ssim"]
 
     bandwidth = loss_cfg.mmd_bandwidth or 2.0 * z.shape[1]
     h = lat.h
