@@ -88,7 +88,7 @@ class ModelConfig:
 class LossConfig:
     perceptual: float = 1.0  # L_R: VGG16 feature distance
     pixel: float = 300.0  # pixel MSE added to L_R (per-pixel mean: needs a large weight, docs/method.md)
-    rec_ssim: float = 0.0  # 1 - SSIM(x~, x) added to L_R: faint local structure (arms, bars) counts as much as the bright core
+    rec_ssim: float = 0.0  # 1 - SSIM(x~, x) added to L_R: faint arms and bars count as much as the core
     mmd: float = 1.0  # L_MMD(z, N(0, I))
     mmd_bandwidth: float | None = None  # RBF 2*sigma^2; None -> 2 * z_dim
     ib: float = 1.0  # L_IB weight

@@ -267,7 +267,11 @@ def test_reconstruction_ssim_is_one_minus_the_ssim_of_x_tilde_and_x():
 
     def run(weight):
         cfg = config_from_dict(
-            {"data": {"image_size": 16}, "model": {"channels": [8, 16]}, "loss": {"perceptual": 0.0, "rec_ssim": weight}}
+            {
+                "data": {"image_size": 16},
+                "model": {"channels": [8, 16]},
+                "loss": {"perceptual": 0.0, "rec_ssim": weight},
+            }
         )
         torch.manual_seed(1)
         model = GalaxyCF.from_config(cfg).train()
