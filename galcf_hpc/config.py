@@ -111,6 +111,7 @@ class LossConfig:
     cf_critic_margin: float = 0.0  # > 0: the critics' terms stop at this logit margin (hinge); 0: cross-entropy
     cf_critic_family: str = "plain"  # plain | residual | both: the critics' architecture family (both: two of each)
     rec_critic: float = 0.0  # the frozen critics must also put x~ into the galaxy's class (morphology survives D)
+    rec_features: float = 0.0  # x~ vs x in the frozen critics' stage features (perceptual, learnt on galaxies)
     cf_critic_robust: float = 0.0  # > 0: critics learn from galaxies under a one-step L2 attack of this RMS radius
 
 
@@ -184,10 +185,13 @@ class Config:
             ),
             (self.train.batch_size >= 2, "train.batch_size", "must be >= 2 (MMD needs pairs)"),
             (0.0 <= self.loss.cf_fraction <= 1.0, "loss.cf_fraction", "must be in [0, 1]"),
-            (
-                self.loss.rec_critic == 0 or self.loss.cf_critic > 0 or self.loss.cf_critic_colour > 0,
-                "loss.rec_critic",
-                "needs critics: set loss.cf_critic or loss.cf_critic_colour > 0",
+            *(
+                (
+                    getattr(self.loss, key) == 0 or self.loss.cf_critic > 0 or self.loss.cf_critic_colour > 0,
+                    f"loss.{key}",
+                    "needs critics: set loss.cf_critic or loss.cf_critic_colour > 0",
+                )
+                for key in ("rec_critic", "rec_features")
             ),
         ]
         for ok, key, msg in checks:
@@ -289,6 +293,7 @@ _RANGES = {
     "loss.cf_critic_margin": (0.0, 100.0),
     "loss.cf_critic_robust": (0.0, 1.0),
     "loss.rec_critic": (0.0, None),
+    "loss.rec_features": (0.0, None),
     "loss.rec_ssim": (0.0, None),
     "train.epochs": (1, None),
     "train.grad_accumulation": (1, None),

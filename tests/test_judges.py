@@ -507,3 +507,47 @@ def test_reconstructions_must_keep_the_class_for_the_frozen_critics():
         assert len(moved) > len([n for n in grads if n.startswith(part)]) // 2, part
     with pytest.raises(ConfigError, match="rec_critic"):
         config_from_dict({"loss": {"rec_critic": 1.0}})
+
+
+def test_reconstructions_must_match_the_galaxy_in_the_critics_features():
+    """loss.rec_features: a perceptual term in the frozen critics' stage features. The stages
+    are the network's own (the plain critic's head on its last stage gives its logits), the
+    distance of an image to itself is 0, a recolouring that keeps the band mean is invisible
+    to a luminance critic and not to a colour one, the term in the objective is each critic's
+    distance times its weight, it moves encoder and decoder, never the critics, and it is
+    refused without critics."""
+    from galcf_hpc.model.critic import LuminanceCritic, ResidualCritic
+    from galcf_hpc.train.objective import feature_distance
+
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 16, 16)
+    for family in (LuminanceCritic, ResidualCritic):
+        critic = family(16, NUM_CLASSES)
+        assert [tuple(f.shape[2:]) for f in critic(x, stages=True)] == [(8, 8), (4, 4)]
+        assert float(feature_distance(critic, x, x)) < 1e-9
+        assert 0.05 < float(feature_distance(critic, torch.rand_like(x), x)) <= 4.0
+    plain = LuminanceCritic(16, NUM_CLASSES)
+    assert torch.allclose(plain.head(plain(x, stages=True)[-1]), plain(x), atol=1e-6)
+    swapped = x[:, [2, 0, 1]]  # the bands permuted: another colour, the same band mean
+    assert float(feature_distance(plain, swapped, x)) < 1e-9
+    assert float(feature_distance(LuminanceCritic(16, NUM_CLASSES, colour=True), swapped, x)) > 1e-3
+
+    images, labels = torch.rand(6, 3, 16, 16), torch.arange(6) % NUM_CLASSES
+    model, terms, grads = critics_batch(images, labels, cf_critic_colour=0.5, rec_features=3.0)
+    _, base, base_grads = critics_batch(images, labels, cf_critic_colour=0.5)
+    assert "rec_features" not in base
+    with torch.no_grad():
+        recon = model.decoder(model.encoder(images))
+        expected = feature_distance(model.critic, recon, images) + 0.5 * feature_distance(
+            model.colour_critic, recon, images
+        )
+    assert float(expected) > 0.01 and abs(float(terms["rec_features"]) - float(expected)) < 1e-5
+    assert abs(float(terms["loss"]) - float(base["loss"]) - 3.0 * float(expected)) < 1e-4
+    for name, grad in grads.items():
+        if "critic" in name or "flow" in name or "means" in name:
+            assert torch.allclose(grad, base_grads[name], atol=1e-7), name
+    for part in ("encoder.", "decoder."):
+        moved = [n for n in grads if n.startswith(part) and not torch.allclose(grads[n], base_grads[n], atol=1e-6)]
+        assert len(moved) > len([n for n in grads if n.startswith(part)]) // 2, part
+    with pytest.raises(ConfigError, match="rec_features"):
+        config_from_dict({"loss": {"rec_features": 1.0}})

@@ -39,10 +39,19 @@ class _Critic(nn.Module):
         self.features = features
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_out, num_classes + realism))
 
-    def forward(self, x):
+    def forward(self, x, stages=False):
         """Class logits [B, C] for images [B, 3, H, W] in [0, 1] (colour is discarded unless
-        this is a colour critic)."""
-        return self.head(self.features((x if self.colour else x.mean(dim=1, keepdim=True)) - 0.5))
+        this is a colour critic); with ``stages`` instead the feature maps after each stage
+        that halves the resolution, finest first (``loss.rec_features``)."""
+        h = (x if self.colour else x.mean(dim=1, keepdim=True)) - 0.5
+        if not stages:
+            return self.head(self.features(h))
+        found = []
+        for layer in self.features:
+            h = layer(h)
+            if isinstance(layer, (nn.AvgPool2d, _ResidualStage)):
+                found.append(h)
+        return found
 
 
 class LuminanceCritic(_Critic):

@@ -72,6 +72,24 @@ def critic_loss(logits, target, margin=0.0):
     return F.relu(margin - (own - best_other)).mean()
 
 
+def feature_distance(critic, recon, images):
+    """Perceptual distance of x~ to x in a critic's features (``loss.rec_features``): at every
+    stage the feature vector of each position is scaled to unit length, and the squared
+    distance of the two, summed over channels, is averaged over positions, then over stages
+    (each in [0, 4]). The critic is frozen here: only the decoder and encoder learn from it.
+    The critics learn to classify galaxies, so their features respond to arms, bars, bulges
+    and second nuclei, which a pixel MSE ruled by the bright core lets the decoder blur away."""
+
+    def unit(f):
+        return f / f.norm(dim=1, keepdim=True).clamp_min(1e-6)
+
+    weights = _frozen(critic)
+    with torch.no_grad():
+        ref = functional_call(critic, weights, (images.float(),), {"stages": True})
+    out = functional_call(critic, weights, (recon.float(),), {"stages": True})
+    return sum(((unit(a) - unit(b)) ** 2).sum(1).mean() for a, b in zip(out, ref)) / len(out)
+
+
 def _frozen(module):
     return {k: v.detach() for k, v in module.named_parameters()} | dict(module.named_buffers())
 
@@ -146,6 +164,12 @@ def batch_losses(model, vgg, images, labels, loss_cfg, cf_active):
             for _, critic, weight in model.critics(loss_cfg)
         )
         total = total + loss_cfg.rec_critic * terms["rec_critic"]
+
+    if loss_cfg.rec_features > 0:  # x~ must look like x to networks that learnt what tells galaxies apart
+        terms["rec_features"] = sum(
+            weight * feature_distance(critic, recon, images) for _, critic, weight in model.critics(loss_cfg)
+        )
+        total = total + loss_cfg.rec_features * terms["rec_features"]
 
     if loss_cfg.z2_adversary > 0:
         terms["z2_critic"] = F.cross_entropy(model.z2_critic(_GradReverse.apply(lat.z2)), labels)
