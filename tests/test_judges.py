@@ -445,6 +445,17 @@ def critics_batch(images, labels, **loss):
     return model, terms, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def assert_term_moves_only_encoder_and_decoder(grads, base_grads):
+    """A term on x~ with frozen critics: the critics, flow and means get nothing from it,
+    most encoder and decoder parameters do (a bias before a norm may not)."""
+    for name, grad in grads.items():
+        if "critic" in name or "flow" in name or "means" in name:
+            assert torch.allclose(grad, base_grads[name], atol=1e-7), name
+    for part in ("encoder.", "decoder."):
+        moved = [n for n in grads if n.startswith(part) and not torch.allclose(grads[n], base_grads[n], atol=1e-6)]
+        assert len(moved) > len([n for n in grads if n.startswith(part)]) // 2, part
+
+
 def test_robust_critics_learn_from_attacked_galaxies(monkeypatch):
     """loss.cf_critic_robust: the critics learn from real galaxies moved by a one-step L2
     attack of that per-pixel radius: every image moves, by at most the ball's radius, in a
@@ -499,12 +510,7 @@ def test_reconstructions_must_keep_the_class_for_the_frozen_critics():
         expected = expected + 0.5 * F.cross_entropy(model.colour_critic(recon), labels)
     assert abs(float(terms["rec_critic"]) - float(expected)) < 1e-5
     assert abs(float(terms["loss"]) - float(plain["loss"]) - 2.0 * float(expected)) < 1e-4
-    for name, grad in grads.items():  # the critics, flow and means get nothing from the term
-        if "critic" in name or "flow" in name or "means" in name:
-            assert torch.allclose(grad, plain_grads[name], atol=1e-7), name
-    for part in ("encoder.", "decoder."):  # encoder and decoder do (a bias before a norm may not)
-        moved = [n for n in grads if n.startswith(part) and not torch.allclose(grads[n], plain_grads[n], atol=1e-6)]
-        assert len(moved) > len([n for n in grads if n.startswith(part)]) // 2, part
+    assert_term_moves_only_encoder_and_decoder(grads, plain_grads)
     with pytest.raises(ConfigError, match="rec_critic"):
         config_from_dict({"loss": {"rec_critic": 1.0}})
 
@@ -543,11 +549,6 @@ def test_reconstructions_must_match_the_galaxy_in_the_critics_features():
         )
     assert float(expected) > 0.01 and abs(float(terms["rec_features"]) - float(expected)) < 1e-5
     assert abs(float(terms["loss"]) - float(base["loss"]) - 3.0 * float(expected)) < 1e-4
-    for name, grad in grads.items():
-        if "critic" in name or "flow" in name or "means" in name:
-            assert torch.allclose(grad, base_grads[name], atol=1e-7), name
-    for part in ("encoder.", "decoder."):
-        moved = [n for n in grads if n.startswith(part) and not torch.allclose(grads[n], base_grads[n], atol=1e-6)]
-        assert len(moved) > len([n for n in grads if n.startswith(part)]) // 2, part
+    assert_term_moves_only_encoder_and_decoder(grads, base_grads)
     with pytest.raises(ConfigError, match="rec_features"):
         config_from_dict({"loss": {"rec_features": 1.0}})
