@@ -131,6 +131,7 @@ class TrainConfig:
     grad_clip: float = 5.0  # clip the global gradient norm to this (0 = no clipping)
     device: str = "auto"  # auto | cpu | cuda
     bf16: bool = True  # bf16 autocast on GPU (ignored on CPU)
+    cpu_bf16: bool = False  # bf16 autocast on a CPU with AMX-BF16 or AVX512-BF16, engine ddp (fp32 on other CPUs)
     threads: int = 0  # torch intra-op threads on CPU; 0 = leave torch's default
     log_every: int = 20  # optimiser steps between log lines (and stop-signal checks)
     checkpoint_every: int = 0  # steps; 0 = once per epoch

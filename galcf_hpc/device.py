@@ -7,9 +7,14 @@ is GPU 0 of that task. More local ranks than visible GPUs otherwise would put tw
 one GPU (NCCL refuses that), so it is an error that says what to change.
 """
 
+import contextlib
+import logging
+
 import torch
 
 from .errors import ConfigError
+
+log = logging.getLogger("galcf_hpc")
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -45,3 +50,30 @@ def use_device(device, benchmark=True):
         return
     torch.cuda.set_device(device)
     torch.backends.cudnn.benchmark = bool(benchmark)
+
+
+def cpu_has_native_bf16():
+    """Whether this CPU multiplies bf16 in hardware (AMX-BF16 or AVX512-BF16, as oneDNN uses
+    them): only there is bf16 autocast faster than fp32. Elsewhere bf16 is emulated and slower."""
+    capabilities = getattr(torch.cpu, "get_capabilities", None)
+    if capabilities is None:
+        return False
+    found = capabilities()
+    return bool(found.get("amx_bf16") or found.get("avx512_bf16"))
+
+
+def training_autocast(device, train_cfg):
+    """The autocast context of a training step: bf16 on a GPU (``train.bf16``), bf16 on a CPU
+    with native bf16 (``train.cpu_bf16``; on another CPU fp32, said once in the log), else
+    none. The model keeps its flow, class means and latent losses in fp32 either way."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16) if train_cfg.bf16 else contextlib.nullcontext()
+    if not train_cfg.cpu_bf16:
+        return contextlib.nullcontext()
+    if not cpu_has_native_bf16():
+        log.warning(
+            "train.cpu_bf16: this CPU has neither AMX-BF16 nor AVX512-BF16, where bf16 would be slower than "
+            "fp32; training in fp32"
+        )
+        return contextlib.nullcontext()
+    return torch.autocast("cpu", dtype=torch.bfloat16)

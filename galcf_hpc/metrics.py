@@ -81,8 +81,11 @@ def ssim(a, b, data_range=1.0, win_size=7, gaussian=False, sigma=1.5):
         raise ValueError(f"data_range must be positive, got {data_range}")
 
     dtype = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
-    x = a.to(dtype)
-    y = b.to(dtype)
+    with torch.autocast(a.device.type, enabled=False):  # under bf16 autocast too: the variances cancel
+        return _ssim(a.to(dtype), b.to(dtype), channels, win_size, gaussian, sigma, data_range).to(_out_dtype(a))
+
+
+def _ssim(x, y, channels, win_size, gaussian, sigma, data_range):
     # Five maps filtered at once: x, y, x^2, y^2, xy (each with C channels).
     stack = torch.cat([x, y, x * x, y * y, x * y], dim=1)
     groups = stack.shape[1]
@@ -102,7 +105,7 @@ def ssim(a, b, data_range=1.0, win_size=7, gaussian=False, sigma=1.5):
     den = (ux * ux + uy * uy + c1) * (vx + vy + c2)
     s = num / den
     # Equal-sized channels: the mean over all of them equals the mean of channel means.
-    return s.flatten(1).mean(dim=1).to(_out_dtype(a))
+    return s.flatten(1).mean(dim=1)
 
 
 def validity(pred, target):

@@ -424,3 +424,57 @@ def test_evaluation_and_reports_take_batches_on_the_device():
     assert pool.indices("far") == plain.indices("far") and len(pool.images("far")) == 3
     assert all((a == b).all() for a, b in zip(pool.images("between"), plain.images("between")))
     assert (_to_numpy(OnGPU(images)) == images.numpy()).all()
+
+
+def test_cpu_bf16_autocasts_only_where_asked_and_where_the_cpu_has_bf16(monkeypatch, caplog):
+    """``train.cpu_bf16`` turns bf16 autocast on for a CPU step, only on a CPU with AMX-BF16 or
+    AVX512-BF16 (elsewhere fp32 and a warning); without it a CPU step stays fp32."""
+    from galcf_hpc import device as devmod
+    from galcf_hpc.config import config_from_dict
+
+    def enabled(cfg):
+        with devmod.training_autocast(torch.device("cpu"), cfg.train):
+            return torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
+
+    on = config_from_dict({"train": {"cpu_bf16": True}})
+    assert not enabled(config_from_dict({}))[0]
+    for caps, expected in (({"amx_bf16": True}, True), ({"avx512_bf16": True}, True), ({"avx2": True}, False)):
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda caps=caps: caps)
+        caplog.clear()
+        assert enabled(on) == ((True, torch.bfloat16) if expected else (False, torch.get_autocast_dtype("cpu")))
+        assert ("neither AMX-BF16 nor AVX512-BF16" in caplog.text) is not expected
+    assert not torch.is_autocast_enabled("cpu")
+
+
+def test_ddp_engine_trains_a_cpu_step_in_bf16_with_train_cpu_bf16(monkeypatch):
+    """The DDP engine's step under ``train.cpu_bf16``: encoder and decoder run in bf16, the
+    loss terms stay finite and within bf16 rounding of the same step in fp32, and the weights
+    stay fp32."""
+    from galcf_hpc.config import config_from_dict
+    from galcf_hpc.model.galcf import GalaxyCF
+    from galcf_hpc.train.distributed import DistEnv
+    from galcf_hpc.train.engines import DDPEngine, Objective
+
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": True})
+    env = DistEnv(0, 0, 1, "127.0.0.1", 0, "single", torch.device("cpu"), "gloo")
+    loss = {"perceptual": 0.0, "cf_critic": 1.0, "cf_critic_colour": 1.0, "rec_ssim": 20.0, "rec_features": 1.0}
+    cfg = config_from_dict({"loss": loss})
+    x = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    y = torch.arange(8) % 10
+    found = {}
+    for cpu_bf16 in (False, True):
+        torch.manual_seed(0)
+        model = GalaxyCF(16, [8, 16], 16, 8, 2, 32, 2.0, 5.0, luminance_critic=True, colour_critic=True)
+        dtypes = []
+        model.decoder.register_forward_hook(lambda m, i, out, seen=dtypes: seen.append(out.dtype))
+        train = config_from_dict({"train": {"cpu_bf16": cpu_bf16}}).train
+        engine = DDPEngine(train, Objective(model, None, cfg.loss), env, lambda s: 1.0)
+        torch.manual_seed(1)
+        terms = engine.micro_step(x, y, cf_active=True, boundary=True)
+        found[cpu_bf16] = {k: float(v) for k, v in terms.items()}
+        assert set(dtypes) == {torch.bfloat16 if cpu_bf16 else torch.float32}
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert torch.isfinite(torch.tensor(list(found[True].values()))).all()
+    for key, value in found[False].items():
+        if key != "acc":
+            assert found[True][key] == pytest.approx(value, rel=0.03, abs=2e-3), key

@@ -190,3 +190,16 @@ def test_ssim_float32_matches_float64(gaussian):
     f32 = ssim(torch.tensor(a, dtype=torch.float32), torch.tensor(b, dtype=torch.float32), gaussian=gaussian)
     assert f32.dtype == torch.float32
     np.testing.assert_allclose(f32.numpy(), f64.numpy(), atol=2e-6)
+
+
+def test_ssim_is_float32_also_under_bf16_autocast():
+    # the training step runs under bf16 autocast on GPUs and with train.cpu_bf16: SSIM's
+    # filtering must not follow it, or E[x^2] - E[x]^2 cancels to nothing and the loss to -inf
+    rng = np.random.default_rng(4)
+    a = np.concatenate([_structured(32, rng), 0.3 + 0.01 * rng.random((3, 3, 32, 32))])
+    b = np.clip(a + rng.normal(0, 0.01, a.shape), 0, 1)
+    a, b = torch.tensor(a, dtype=torch.float32), torch.tensor(b, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = ssim(a, b)
+    assert under.dtype == torch.float32
+    np.testing.assert_allclose(under.numpy(), ssim(a, b).numpy(), atol=1e-7)

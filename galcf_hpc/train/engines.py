@@ -8,7 +8,8 @@ for the GPU), ``lr()``, ``grad_norm()`` (of the last step, a tensor on the devic
 read when logging), ``save(run_dir, step, extra)`` (collective) and ``load(state, path)``.
 
 - ``ddp``: PyTorch DistributedDataParallel (one process alone skips the wrapper), AdamW,
-  gradient sync skipped on non-boundary micro-batches (``no_sync``), bf16 autocast on GPU.
+  gradient sync skipped on non-boundary micro-batches (``no_sync``), bf16 autocast on GPU
+  (and with ``train.cpu_bf16`` on a CPU with native bf16).
   Checkpoint: rank 0 writes one file atomically, every rank loads it.
 - ``deepspeed``: ``deepspeed.initialize`` with the same AdamW and schedule, ZeRO stage
   ``train.zero_stage`` (0-2), accumulation, clipping and bf16 autocast (``torch_autocast``)
@@ -27,6 +28,7 @@ import shutil
 import torch
 from torch import nn
 
+from ..device import training_autocast
 from ..errors import CheckpointError, ConfigError
 from ..fileio import file_sha256
 from . import distributed
@@ -86,11 +88,7 @@ class DDPEngine:
                 self.objective, device_ids=[env.device.index] if env.device.type == "cuda" else None
             )
         self.optimizer, self.scheduler = _optimizer(train_cfg, self.model, lr_lambda)
-        self.autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16)
-            if env.device.type == "cuda" and train_cfg.bf16
-            else contextlib.nullcontext()
-        )
+        self.autocast = training_autocast(env.device, train_cfg)
         self._grad_norm = None
 
     def micro_step(self, images, labels, cf_active, boundary):
@@ -219,6 +217,8 @@ class DeepSpeedEngine:
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         self.objective, self.model, self.env, self.train_cfg = objective, objective.model, env, train_cfg
         config = deepspeed_config(train_cfg, micro, global_batch, env.device.type == "cuda" and train_cfg.bf16)
+        if env.device.type == "cpu" and train_cfg.cpu_bf16 and env.is_main:
+            log.warning("train.cpu_bf16 is for train.engine ddp: DeepSpeed on the CPU trains in fp32")
         for param in self.model.parameters():  # DeepSpeed broadcasts raw bytes: it needs dense parameters
             param.data = param.data.contiguous()
         optimizer, scheduler = _optimizer(train_cfg, self.model, lr_lambda)

@@ -87,7 +87,7 @@ def feature_distance(critic, recon, images):
     with torch.no_grad():
         ref = functional_call(critic, weights, (images.float(),), {"stages": True})
     out = functional_call(critic, weights, (recon.float(),), {"stages": True})
-    return sum(((unit(a) - unit(b)) ** 2).sum(1).mean() for a, b in zip(out, ref)) / len(out)
+    return sum(((unit(a.float()) - unit(b.float())) ** 2).sum(1).mean() for a, b in zip(out, ref)) / len(out)
 
 
 def _frozen(module):
@@ -223,7 +223,7 @@ def consistency_loss(model, z, h, recon, loss_cfg):
         logits = class_logits(h_re, means.float(), model.log_weights)
     terms = {
         "cf": F.cross_entropy(logits, target),
-        "cf_l1": (x_cf - recon).abs().mean(),
+        "cf_l1": (x_cf.float() - recon.float()).abs().mean(),
         "cf_z2": F.mse_loss(model.split(z_re)[1], z2),
     }
     if loss_cfg.cf_ssim > 0:

@@ -1,0 +1,105 @@
+"""Training-step time on the CPU in fp32 and under ``train.cpu_bf16`` (bf16 autocast), in one
+process, on the same model, batch and threads: the speed-up is a ratio against the fp32 run
+next to it, never an absolute time.
+
+    python3 benchmarks/cpu_bf16.py --config configs/synthetic64.yaml [--set key=value]
+        [--batch 32] [--threads 1] [--steps 6] [--repeats 3] [--out F.json]
+
+One step is the whole objective of the config (``batch_losses``: reconstruction, MMD, IB,
+critics, the counterfactual terms), its backward pass and the AdamW step. Both precisions
+start from the same weights; the modes alternate (fp32, bf16, fp32, ...) ``--repeats`` times
+so that a machine that slows down mid-run slows both; the first step of each block is a
+warm-up. Reported: median seconds per step of each mode, their ratio, and how far the loss
+terms of the first step under bf16 are from fp32 (relative), the numbers one would check
+before trusting bf16 training.
+"""
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+from galcf_hpc.config import load_config
+from galcf_hpc.device import cpu_has_native_bf16, training_autocast
+from galcf_hpc.model.galcf import GalaxyCF
+from galcf_hpc.train.objective import batch_losses
+
+
+def _steps(model, images, labels, loss_cfg, autocast, steps):
+    """Seconds of each of ``steps`` training steps after one warm-up, and the first step's terms."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    seconds, first = [], None
+    for i in range(steps + 1):
+        started = time.perf_counter()
+        with autocast:
+            loss, terms = batch_losses(model, None, images, labels, loss_cfg, True)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if i == 0:
+            first = {k: float(v) for k, v in terms.items()}
+        else:
+            seconds.append(time.perf_counter() - started)
+    return seconds, first
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True)
+    p.add_argument("--set", action="append", default=[], help="config override key=value (repeatable)")
+    p.add_argument("--batch", type=int, default=32, help="micro-batch of one rank")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--steps", type=int, default=6, help="timed steps per block")
+    p.add_argument("--repeats", type=int, default=3, help="blocks per mode, alternating")
+    p.add_argument("--out", help="also write the result as JSON here")
+    args = p.parse_args(argv)
+
+    if not cpu_has_native_bf16():
+        raise SystemExit("this CPU has neither AMX-BF16 nor AVX512-BF16: train.cpu_bf16 would train in fp32")
+    torch.set_num_threads(args.threads)
+    cfg = load_config(args.config, args.set)
+    size = cfg.data.image_size
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(args.batch, 3, size, size, generator=gen)
+    labels = torch.randint(0, 10, (args.batch,), generator=gen)
+    torch.manual_seed(cfg.run.seed)
+    initial = GalaxyCF.from_config(cfg)
+    modes = {
+        "fp32": contextlib.nullcontext(),
+        "bf16": training_autocast(torch.device("cpu"), dataclasses.replace(cfg.train, cpu_bf16=True)),
+    }
+    seconds, terms = {m: [] for m in modes}, {}
+    for _ in range(args.repeats):
+        for mode, autocast in modes.items():
+            torch.manual_seed(1)  # the same noise and targets in both modes' first step
+            got, first = _steps(copy.deepcopy(initial), images, labels, cfg.loss, autocast, args.steps)
+            seconds[mode] += got
+            terms.setdefault(mode, first)
+    median = {m: statistics.median(v) for m, v in seconds.items()}
+    rel = {k: abs(terms["bf16"][k] - v) / max(abs(v), 1e-8) for k, v in terms["fp32"].items() if k != "acc" and v == v}
+    result = {
+        "config": args.config,
+        "overrides": args.set,
+        "image_size": size,
+        "batch": args.batch,
+        "threads": args.threads,
+        "cpu": platform.processor() or platform.machine(),
+        "seconds_per_step": median,
+        "speedup_bf16": median["fp32"] / median["bf16"],
+        "max_rel_term_diff": max(rel.values()),
+        "term_rel_diff": rel,
+    }
+    print(json.dumps(result, indent=1))
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(result, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
