@@ -279,7 +279,7 @@ def test_reconstruction_ssim_is_one_minus_the_ssim_of_x_tilde_and_x():
         torch.manual_seed(2)
         total, terms = batch_losses(model, None, images, labels, cfg.loss, False)
         total.backward()
-        return model, float(total), terms, [p.grad.clone() for p in model.decoder.parameters()]
+        return model, float(total.detach()), terms, [p.grad.clone() for p in model.decoder.parameters()]
 
     model, total, terms, grads = run(3.0)
     _, total_off, terms_off, grads_off = run(0.0)
@@ -402,7 +402,7 @@ def test_critic_families_learn_from_galaxies_and_are_frozen_on_counterfactuals(s
 
     total, terms = batch_losses(model, None, images, torch.arange(6) % NUM_CLASSES, cfg.loss, False)
     for key in ("critic_real", "colour_critic_real", "critic_residual_real", "colour_critic_residual_real"):
-        assert key in terms and float(terms[key]) > 0
+        assert key in terms and terms[key].item() > 0
     total.backward()
     for _, critic, _ in critics:
         assert all(p.grad is not None for p in critic.parameters())
@@ -411,7 +411,7 @@ def test_critic_families_learn_from_galaxies_and_are_frozen_on_counterfactuals(s
     lat = model(images)
     terms = consistency_loss(model, lat.z.detach(), lat.h.detach(), lat.recon.detach(), cfg.loss)
     parts = [
-        float(terms[k]) for k in ("cf_critic", "cf_critic_colour", "cf_critic_residual", "cf_critic_colour_residual")
+        terms[k].item() for k in ("cf_critic", "cf_critic_colour", "cf_critic_residual", "cf_critic_colour_residual")
     ]
     assert all(p > 0 for p in parts)
     terms["cf"].backward()
