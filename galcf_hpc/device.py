@@ -64,7 +64,7 @@ def cpu_has_native_bf16():
 
 def training_autocast(device, train_cfg):
     """The autocast context of a training step: bf16 on a GPU (``train.bf16``), bf16 on a CPU
-    with native bf16 (``train.cpu_bf16``; on another CPU fp32, said once in the log), else
+    with native bf16 (``train.cpu_bf16``; on another CPU fp32, with a warning), else
     none. The model keeps its flow, class means and latent losses in fp32 either way."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16) if train_cfg.bf16 else contextlib.nullcontext()
