@@ -3,7 +3,11 @@ process, on the same model, batch and threads: the speed-up is a ratio against t
 next to it, never an absolute time.
 
     python3 benchmarks/cpu_bf16.py --config configs/synthetic64.yaml [--set key=value]
-        [--batch 32] [--threads 1] [--steps 6] [--repeats 3] [--out F.json]
+        [--part model|judges] [--batch 32] [--threads 1] [--steps 6] [--repeats 3] [--out F.json]
+
+``--part judges`` times one step of every judge of the panel instead (``judges.batch_size``
+unless ``--batch`` is given), as ``galcf-hpc judges train`` runs it beside the others, and
+compares the first step's losses.
 
 One step is the whole objective of the config (``batch_losses``: reconstruction, MMD, IB,
 critics, the counterfactual terms), its backward pass and the AdamW step. Both precisions
@@ -21,12 +25,14 @@ import dataclasses
 import json
 import platform
 import statistics
+import tempfile
 import time
 
 import torch
 
 from galcf_hpc.config import load_config
 from galcf_hpc.device import cpu_has_native_bf16, training_autocast
+from galcf_hpc.judges.train import DEFAULT_PANEL, _Trainee
 from galcf_hpc.model.galcf import GalaxyCF
 from galcf_hpc.train.objective import batch_losses
 
@@ -49,11 +55,32 @@ def _steps(model, images, labels, loss_cfg, autocast, steps):
     return seconds, first
 
 
+def _judge_steps(cfg, images, labels, autocast, steps):
+    """Seconds of each of ``steps`` steps of the whole panel (one step of every judge, as they
+    train side by side) after one warm-up, and each judge's first loss."""
+    with tempfile.TemporaryDirectory() as tmp:
+        run = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out_dir=tmp))
+        trainees = [_Trainee(run, spec, torch.device("cpu"), 1, steps + 1, None, autocast) for spec in DEFAULT_PANEL]
+        seconds, first = [], None
+        for i in range(steps + 1):
+            for t in trainees:
+                t.start_epoch()
+            started = time.perf_counter()
+            for t in trainees:
+                t.step(images, labels)
+            if i == 0:
+                first = {t.spec.name: float(t.loss_sum) / t.seen for t in trainees}
+            else:
+                seconds.append(time.perf_counter() - started)
+    return seconds, first
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True)
     p.add_argument("--set", action="append", default=[], help="config override key=value (repeatable)")
-    p.add_argument("--batch", type=int, default=32, help="micro-batch of one rank")
+    p.add_argument("--part", choices=("model", "judges"), default="model", help="the model's step or the panel's")
+    p.add_argument("--batch", type=int, default=0, help="micro-batch of one rank (default 32; judges.batch_size)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--steps", type=int, default=6, help="timed steps per block")
     p.add_argument("--repeats", type=int, default=3, help="blocks per mode, alternating")
@@ -65,11 +92,12 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config, args.set)
     size = cfg.data.image_size
+    batch = args.batch or (cfg.judges.batch_size if args.part == "judges" else 32)
     gen = torch.Generator().manual_seed(0)
-    images = torch.rand(args.batch, 3, size, size, generator=gen)
-    labels = torch.randint(0, 10, (args.batch,), generator=gen)
+    images = torch.rand(batch, 3, size, size, generator=gen)
+    labels = torch.randint(0, 10, (batch,), generator=gen)
     torch.manual_seed(cfg.run.seed)
-    initial = GalaxyCF.from_config(cfg)
+    initial = GalaxyCF.from_config(cfg) if args.part == "model" else None
     modes = {
         "fp32": contextlib.nullcontext(),
         "bf16": training_autocast(torch.device("cpu"), dataclasses.replace(cfg.train, cpu_bf16=True)),
@@ -78,7 +106,10 @@ def main(argv=None):
     for _ in range(args.repeats):
         for mode, autocast in modes.items():
             torch.manual_seed(1)  # the same noise and targets in both modes' first step
-            got, first = _steps(copy.deepcopy(initial), images, labels, cfg.loss, autocast, args.steps)
+            if args.part == "judges":
+                got, first = _judge_steps(cfg, images, labels, autocast, args.steps)
+            else:
+                got, first = _steps(copy.deepcopy(initial), images, labels, cfg.loss, autocast, args.steps)
             seconds[mode] += got
             terms.setdefault(mode, first)
     median = {m: statistics.median(v) for m, v in seconds.items()}
@@ -86,8 +117,9 @@ def main(argv=None):
     result = {
         "config": args.config,
         "overrides": args.set,
+        "part": args.part,
         "image_size": size,
-        "batch": args.batch,
+        "batch": batch,
         "threads": args.threads,
         "cpu": platform.processor() or platform.machine(),
         "seconds_per_step": median,

@@ -754,10 +754,10 @@ def build_parser():
     sp = _command(
         sub,
         "demo",
-        "the whole pipeline on this machine: data -> train -> judges -> explain -> catalog -> report",
+        "the whole pipeline on this machine: data -> train -> judges -> catalog -> explain and report",
         "Synthesise galaxies with GalSim, shard them, train on local ranks, train the judge panel, "
-        "explain a split (explain.split), run the catalog job (mpiexec) and write the HTML "
-        "report. Stages whose output exists are reused.",
+        "run the catalog job (mpiexec), then explain a split (explain.split) and write the HTML "
+        "report from one pass over it. Stages whose output exists are reused.",
     )
     _with_config(sp, required=False, default_help="configs/smoke.yaml")
     sp.add_argument(

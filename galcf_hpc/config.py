@@ -71,6 +71,7 @@ ENGINES = ("ddp", "deepspeed")
 @dataclass
 class ModelConfig:
     channels: list[int] = field(default_factory=lambda: [32, 64, 128, 256])  # one per 2x downsampling
+    decoder_depth: int = 1  # residual blocks per decoder stage (the first upsamples)
     z_dim: int = 64  # total latent size, z = [z1, z2]
     z1_dim: int = 32  # class-dependent part fed to the flow
     flow_blocks: int = 8  # FrEIA affine coupling blocks of the flow z1 -> h
@@ -130,7 +131,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.05  # cosine decay to lr * min_lr_ratio
     grad_clip: float = 5.0  # clip the global gradient norm to this (0 = no clipping)
     device: str = "auto"  # auto | cpu | cuda
-    bf16: bool = True  # bf16 autocast on GPU (ignored on CPU)
+    bf16: bool = True  # bf16 autocast on GPU (ignored on CPU); the judges train at the run's precision too
     cpu_bf16: bool = False  # bf16 autocast on a CPU with AMX-BF16 or AVX512-BF16, engine ddp (fp32 on other CPUs)
     threads: int = 0  # torch intra-op threads on CPU; 0 = leave torch's default
     log_every: int = 20  # optimiser steps between log lines (and stop-signal checks)
@@ -283,6 +284,7 @@ _RANGES = {
     "data.num_workers": (0, None),
     "model.channels": (1, 4096),
     "model.z_dim": (3, 4096),
+    "model.decoder_depth": (1, 8),
     "model.flow_blocks": (1, 64),
     "model.flow_hidden": (1, 16384),
     "model.flow_clamp": (0.1, 10.0),

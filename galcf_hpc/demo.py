@@ -1,6 +1,6 @@
 """``galcf-hpc demo``: the whole pipeline on one machine, as a list of stages.
 
-    data -> train -> judges -> explain -> catalog -> report
+    data -> train -> judges -> catalog -> explain and report (one pass)
 
 Each stage is a function of the :class:`Demo` state that returns its result and reuses
 what a previous run left (the synthetic source catalog, shards, a finished run, trained judges, the
@@ -133,13 +133,6 @@ def stage_judges(demo):
     return panel
 
 
-def stage_explain(demo):
-    """Counterfactuals and their metrics on ``explain.split`` (counterfactuals.json, grids)."""
-    from .explain.run import explain
-
-    return explain(demo.run_dir, split=demo.cfg.explain.split)
-
-
 def stage_catalog(demo):
     """The catalog job on ``explain.split`` -> RUN/catalog/catalog.h5."""
     out = demo.catalog_dir
@@ -151,17 +144,25 @@ def stage_catalog(demo):
 
 
 def stage_report(demo):
-    """RUN/report/report.html with the catalog summary."""
+    """Counterfactuals and their metrics on ``explain.split`` (RUN/counterfactuals.json and
+    the grids, as `galcf-hpc explain` writes them; kept as the ``explain`` result) and
+    RUN/report/report.html with the catalog summary, from one pass over the split."""
+    from .loaders.split import open_split
     from .report import build_report
 
-    return build_report(demo.run_dir, catalog=demo.catalog_dir)
+    cfg = demo.cfg
+    size = open_split(Path(cfg.data.shards) / cfg.explain.split)[0]["num_samples"]
+    rep = build_report(
+        demo.run_dir, catalog=demo.catalog_dir, max_galaxies=max(10, cfg.explain.max_galaxies or size), explain=True
+    )
+    demo.results["explain"] = json.loads((demo.run_dir / "counterfactuals.json").read_text())
+    return rep
 
 
 STAGES = (
     ("data", stage_data),
     ("train", stage_train),
     ("judges", stage_judges),
-    ("explain", stage_explain),
     ("catalog", stage_catalog),
     ("report", stage_report),
 )

@@ -210,6 +210,46 @@ def test_judges_trained_side_by_side_equal_judges_trained_alone(sharded, tmp_pat
     assert other["cnn"]["history"] != alone["cnn"]["history"]
 
 
+def test_judges_train_at_the_runs_precision(sharded, tmp_path, monkeypatch):
+    """With train.cpu_bf16 (on a CPU that computes bf16 natively) the judges' convolutions run
+    in bf16 while their weights, loss and saved model stay fp32; the numbers stay close to
+    the fp32 judge's of the same seed. Without the key nothing runs in bf16."""
+    import galcf_hpc.device as device
+
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
+    seen = []
+
+    def record(module, inputs, output):
+        if isinstance(module, torch.nn.Conv2d) and module.training:
+            seen.append(output.dtype)
+
+    def cfg(out, bf16):
+        return config_from_dict(
+            {
+                "run": {"out_dir": str(tmp_path / out), "seed": 3},
+                "data": {"shards": str(sharded.out), "image_size": 16, "crop_fraction": 0.7, "loader": "torch"},
+                "model": {"channels": [8, 16]},
+                "train": {"threads": 1, "cpu_bf16": bf16},
+                "judges": {"batch_size": 32},
+            }
+        )
+
+    hook = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        fp32 = train_judges(cfg("fp32", False), names=["cnn"], epochs=2)["cnn"]
+        assert seen and set(seen) == {torch.float32}
+        seen.clear()
+        bf16 = train_judges(cfg("bf16", True), names=["cnn"], epochs=2)["cnn"]
+        assert seen and set(seen) == {torch.bfloat16}
+    finally:
+        hook.remove()
+    assert (fp32["settings"]["precision"], bf16["settings"]["precision"]) == ("fp32", "bf16")
+    state = torch.load(tmp_path / "bf16" / "judges" / "cnn" / "model.pt", weights_only=True)["model"]
+    assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
+    first = fp32["history"][0]["loss"], bf16["history"][0]["loss"]
+    assert first[0] != first[1] and abs(first[0] - first[1]) < 0.03 * first[0]
+
+
 def test_damaged_judge_file_is_named(tmp_path):
     bad = tmp_path / "judges" / "cnn" / "model.pt"
     bad.parent.mkdir(parents=True)

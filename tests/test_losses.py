@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from galcf_hpc.model.gmm import class_logits, initial_means
@@ -89,3 +90,37 @@ def test_critic_hinge_stops_at_its_margin_and_cross_entropy_does_not():
     assert logits.grad[0].abs().sum() == 0 and logits.grad[1].tolist() == [0.0, -0.5, 0.5]
     assert torch.equal(critic_loss(logits, target, 0.0), F.cross_entropy(logits, target))
     assert critic_loss(logits.detach(), torch.tensor([0, 2]), 1.0).item() == 0.0
+
+
+def test_decoder_depth_refines_at_every_resolution_and_refuses_other_checkpoints():
+    """model.decoder_depth: each decoder stage upsamples once and then refines at that
+    resolution; the image comes out the same size, and a checkpoint of another depth is
+    refused with the configuration named."""
+    from galcf_hpc.config import config_from_dict
+    from galcf_hpc.errors import CheckpointError
+    from galcf_hpc.model.galcf import GalaxyCF
+    from galcf_hpc.train.checkpoint import check_compatible
+
+    def model(depth):
+        torch.manual_seed(0)
+        cfg = config_from_dict(
+            {
+                "data": {"image_size": 16},
+                "model": {"channels": [8, 16], "z_dim": 12, "z1_dim": 6, "decoder_depth": depth},
+            }
+        )
+        return GalaxyCF.from_config(cfg)
+
+    shallow, deep = model(1), model(3)
+    sizes = []
+    hooks = [b.register_forward_hook(lambda m, i, o: sizes.append(o.shape[-1])) for b in deep.decoder.blocks]
+    out = deep.decoder(torch.randn(2, 12))
+    for h in hooks:
+        h.remove()
+    assert out.shape == shallow.decoder(torch.randn(2, 12)).shape == (2, 3, 16, 16)
+    assert sizes == [8, 8, 8, 16, 16, 16] and len(shallow.decoder.blocks) == 2
+    assert [b.resample for b in deep.decoder.blocks] == ["up", None, None, "up", None, None]
+    with pytest.raises(CheckpointError, match="another model configuration"):
+        check_compatible(deep, shallow.state_dict(), "ckpt.pt")
+    with pytest.raises(Exception, match="decoder_depth"):
+        config_from_dict({"model": {"decoder_depth": 0}})

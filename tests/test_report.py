@@ -199,6 +199,32 @@ def test_report_numbers_and_images(run_with_judges, tmp_path):
     assert all(n in lines for n in PANEL) and f"{o['luminance_share']:.3f}" in lines
 
 
+def test_report_writes_what_explain_writes_from_its_own_pass(run_with_judges, tmp_path):
+    """``build_report(explain=True)`` (the demo's last stage) writes counterfactuals.json and
+    the grids from the report's pass: the same JSON as `galcf-hpc explain`; a pass cut short of
+    the galaxies explain covers refuses, leaving what explain wrote."""
+    from galcf_hpc.errors import UsageError
+    from galcf_hpc.explain.run import explain
+
+    cfg, out, _ = run_with_judges
+    explained = explain(out, device="cpu")
+    path = out / "counterfactuals.json"
+    assert json.loads(path.read_text()) == json.loads(json.dumps(explained))
+    before = path.read_bytes()
+    n_test = json.loads((Path(cfg.data.shards) / "test" / "manifest.json").read_text())["num_samples"]
+    with pytest.raises(UsageError, match="explain.max_galaxies"):
+        build_report(out, out=tmp_path / "cut" / "r.html", max_galaxies=n_test - 1, explain=True, tsne=False)
+    assert path.read_bytes() == before
+    path.unlink()
+    grids = sorted(GRIDS)
+    for name in grids:
+        (out / name).unlink()
+    rep = build_report(out, out=tmp_path / "r" / "r.html", max_galaxies=n_test + 5, explain=True, tsne=False)
+    assert json.loads(path.read_text()) == json.loads(json.dumps(explained))
+    assert all((out / name).is_file() and (tmp_path / "r" / name).is_file() for name in grids)
+    assert rep["counterfactuals"]["overall"] == explained["overall"]
+
+
 def test_report_out_elsewhere_writes_next_to_it(run_with_judges, tmp_path, capsys):
     cfg, out, _ = run_with_judges
     default = out / "report" / "report.json"

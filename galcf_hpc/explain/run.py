@@ -90,19 +90,31 @@ def explain(run_dir, split=None, targets=None, max_galaxies=None, device="auto",
                 break
     finally:
         loader.close()
-    summary = {
+    summary = explanation_summary(run_dir, ckpt, split, cfg, acc.summary(CLASS_NAMES), judges, judge_note)
+    write_explanation(run_dir, summary, pool.rows(model, margin, cfg.explain.placement) if pool else None)
+    return summary
+
+
+def explanation_summary(run_dir, ckpt, split, cfg, numbers, judge_names, judge_note):
+    """counterfactuals.json's dict: ``numbers`` is the pass's
+    :meth:`~galcf_hpc.model.evaluation.Accumulator.summary` over ``split``."""
+    return {
         "run": str(run_dir),
         "checkpoint": str(ckpt),
         "split": split,
-        "margin": margin,
+        "margin": cfg.explain.margin,
         "placement": cfg.explain.placement,
-        **acc.summary(CLASS_NAMES),
-        "judge_names": list(judges),
+        **numbers,
+        "judge_names": list(judge_names),
         "judge_note": judge_note,
         "definitions": DEFINITIONS,
     }
-    write_json(run_dir / "counterfactuals.json", summary)
-    if pool:
-        x, overlays, change, classes = pool.rows(model, margin, cfg.explain.placement)
+
+
+def write_explanation(run_dir, summary, rows=None):
+    """RUN/counterfactuals.json and, given the Figure-3 ``rows`` of
+    :meth:`~galcf_hpc.model.evaluation.FigurePool.rows`, the grid PNGs next to it."""
+    write_json(Path(run_dir) / "counterfactuals.json", summary)
+    if rows is not None:
+        x, overlays, change, classes = rows
         write_grids(run_dir, x.cpu(), overlays.cpu(), change.cpu(), classes)
-    return summary

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.classes import CLASS_NAMES, NUM_CLASSES
-from ..device import resolve_device
+from ..device import resolve_device, training_autocast
 from ..errors import UsageError
 from ..fileio import write_json
 from ..loaders import build_loader
@@ -143,8 +143,12 @@ class _Trainee:
     its own stream of the global random numbers (dropout), so that judges trained side by
     side draw what each would draw alone."""
 
-    def __init__(self, cfg, spec, device, epochs, steps, weights):
+    def __init__(self, cfg, spec, device, epochs, steps, weights, autocast=None):
         self.spec, self.epochs = spec, epochs
+        # the forward pass in bf16 where the run trains in bf16 (train.bf16 on a GPU,
+        # train.cpu_bf16 on a CPU with native bf16); augmentation, loss and weights stay fp32
+        self.autocast = autocast if autocast is not None else contextlib.nullcontext()
+        self.precision = "bf16" if isinstance(self.autocast, torch.autocast) else "fp32"
         self.out = judges_dir(cfg.run.out_dir) / spec.name
         self.out.mkdir(parents=True, exist_ok=True)
         self.device = device
@@ -187,7 +191,8 @@ class _Trainee:
         started = time.monotonic()
         with self.own_random_numbers():
             x = augment(images, self.spec, self.gen)
-            logits = self.model(x)
+            with self.autocast:
+                logits = self.model(x).float()
             loss = F.cross_entropy(logits, labels, weight=self.weights)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -224,6 +229,7 @@ class _Trainee:
             "run_seed": cfg.run.seed,
             "batch_size": cfg.judges.batch_size,
             "steps_per_epoch": self.steps,
+            "precision": self.precision,
         }
         save_judge(
             self.out / "model.pt",
@@ -266,12 +272,13 @@ def train_panel(cfg, specs, device, epochs=None):
     steps = loader.steps_per_epoch
     counts = open_split(Path(cfg.data.shards) / "train")[0]["class_counts_by_index"]
     weights = class_weights(counts, device)
+    autocast = training_autocast(device, cfg.train)  # the run's precision (one warning where it cannot be had)
     trainees = []
     for spec in specs:
         n = epochs if epochs is not None else (cfg.judges.epochs or spec.epochs)
         if n < 1:
             raise UsageError(f"--epochs must be >= 1, got {n}")
-        trainees.append(_Trainee(cfg, spec, device, n, steps, weights))
+        trainees.append(_Trainee(cfg, spec, device, n, steps, weights, autocast))
     names = ", ".join(t.spec.name for t in trainees)
     loader_seconds = 0.0
     try:

@@ -53,7 +53,10 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, image_size, channels, z_dim):
+    """``depth`` residual blocks per stage: the first doubles the resolution, the others
+    refine at it (more capacity for fine structure: arms, bars, a second nucleus)."""
+
+    def __init__(self, image_size, channels, z_dim, depth=1):
         super().__init__()
         rev = list(reversed(channels))
         self.final = image_size // 2 ** len(channels)
@@ -62,6 +65,7 @@ class Decoder(nn.Module):
         blocks, c_prev = [], rev[0]
         for c in rev:
             blocks.append(ResBlock(c_prev, c, "up"))
+            blocks += [ResBlock(c, c) for _ in range(depth - 1)]
             c_prev = c
         self.blocks = nn.Sequential(*blocks)
         self.out = nn.Sequential(_norm(c_prev), nn.SiLU(), nn.Conv2d(c_prev, 3, 3, padding=1))

@@ -56,11 +56,12 @@ class GalaxyCF(nn.Module):
         realism=False,
         colour_critic=False,
         critic_family="plain",
+        decoder_depth=1,
     ):
         super().__init__()
         self.z1_dim = z1_dim
         self.encoder = Encoder(image_size, channels, z_dim)
-        self.decoder = Decoder(image_size, channels, z_dim)
+        self.decoder = Decoder(image_size, channels, z_dim, decoder_depth)
         self.flow = build_flow(z1_dim, flow_blocks, flow_hidden, flow_clamp, seed=seed)
         self.means = nn.Parameter(initial_means(num_classes, z1_dim, mean_distance, seed=seed))
         # equal class weights w_c: the classifier is not biased towards frequent classes
@@ -108,6 +109,7 @@ class GalaxyCF(nn.Module):
             realism=cfg.loss.cf_realism,
             colour_critic=cfg.loss.cf_critic_colour > 0,
             critic_family=cfg.loss.cf_critic_family,
+            decoder_depth=m.decoder_depth,
         )
 
     def critics(self, loss_cfg):

@@ -15,7 +15,7 @@ import torch
 from ..device import resolve_device
 from ..errors import DataError, UsageError
 from ..explain.figures import write_grids
-from ..explain.run import load_run
+from ..explain.run import explanation_summary, load_run, write_explanation
 from ..fileio import atomic_path, json_safe, write_json, write_text
 from ..judges import load_judges
 from . import collect, plots
@@ -24,12 +24,12 @@ from .render import render_html
 log = logging.getLogger("galcf_hpc")
 
 
-def _figures(fig_dir, model, cfg, collected, rep, embeddings, training, mislabels):
+def _figures(fig_dir, grid_rows, collected, rep, embeddings, training, mislabels):
     """Every PNG of the page into ``fig_dir``; returns {figure: file name} (a list of names
     for the mislabel candidates' thumbnails, in rank order)."""
     figures = {}
-    if collected.pool:
-        figures |= write_grids(fig_dir, *collected.pool.rows(model, cfg.explain.margin, cfg.explain.placement))
+    if grid_rows is not None:
+        figures |= write_grids(fig_dir, *grid_rows)
     if embeddings:
         plots.embedding_figure(fig_dir / "tsne.png", embeddings, collected.arrays["labels"], rep["silhouette"])
         figures["tsne"] = "tsne.png"
@@ -59,9 +59,12 @@ def _figures(fig_dir, model, cfg, collected, rep, embeddings, training, mislabel
     return figures
 
 
-def build_report(run_dir, catalog=None, out=None, max_galaxies=1000, device="auto", tsne=True):
+def build_report(run_dir, catalog=None, out=None, max_galaxies=1000, device="auto", tsne=True, explain=False):
     """Write the report of ``run_dir`` (HTML, PNGs, report.json, galaxies.npz, all next to
-    ``out``, default RUN/report/report.html); returns the report dict."""
+    ``out``, default RUN/report/report.html); returns the report dict. ``explain``: also
+    write what `galcf-hpc explain` writes (RUN/counterfactuals.json and the grids) from the
+    same pass, which must then cover the galaxies explain covers (``max_galaxies`` equal to
+    ``explain.max_galaxies``, or above the split's size when that is 0)."""
     t0 = time.monotonic()
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -81,6 +84,23 @@ def build_report(run_dir, catalog=None, out=None, max_galaxies=1000, device="aut
         log.warning("%s", note)
 
     collected = collect.collect(model, judges, cfg, max_galaxies, dev)
+    rows = None
+    if collected.pool:
+        with torch.no_grad():
+            rows = tuple(
+                v.cpu() if torch.is_tensor(v) else v
+                for v in collected.pool.rows(model, cfg.explain.margin, cfg.explain.placement)
+            )
+    if explain:
+        # explain stops at explain.max_galaxies (0: never), in the same order of galaxies
+        if not collected.complete and max_galaxies != cfg.explain.max_galaxies:
+            raise UsageError(
+                f"the report's pass stopped at {max_galaxies} galaxies of split {cfg.explain.split!r}, where "
+                f"`galcf-hpc explain` stops at explain.max_galaxies ({cfg.explain.max_galaxies or 'the whole split'}): "
+                "give max_galaxies equal to it (above the split's size for a whole split), or run `galcf-hpc explain`"
+            )
+        summary = explanation_summary(run_dir, ckpt, cfg.explain.split, cfg, collected.summary, judges, note)
+        write_explanation(run_dir, summary, rows)
     scores, embeddings = collect.silhouettes(collected.arrays, tsne)
     training = collect.training_records(run_dir)
     mislabels = collect.mislabel_pass(model, cfg, dev)
@@ -98,7 +118,7 @@ def build_report(run_dir, catalog=None, out=None, max_galaxies=1000, device="aut
         collect.mislabel_table(mislabels, *collect.true_labels(cfg)),
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    rep["figures"] = _figures(out.parent, model, cfg, collected, rep, embeddings, training, mislabels)
+    rep["figures"] = _figures(out.parent, rows, collected, rep, embeddings, training, mislabels)
     rep["paths"] = {"html": str(out), "json": str(out.parent / "report.json"), "npz": str(out.parent / "galaxies.npz")}
     with atomic_path(rep["paths"]["npz"]) as tmp, open(tmp, "wb") as fh:
         np.savez_compressed(fh, **{k: v for k, v in collected.arrays.items() if k not in ("z1", "z2")})

@@ -38,20 +38,25 @@ CATALOG_FILE = "catalog.h5"
 PRED_FILL = -32768  # the catalog's fill value of 'pred': a galaxy no part file provides
 
 
-def iterate(cfg, split, limit, progress=None):
+def iterate(cfg, split, limit, progress=None, cut=None):
     """(keys, images, labels on the CPU) batches of the valid galaxies of ``split``, at most
     ``limit`` in all; images stay on the loader's device (DALI on GPU, synthetic loader).
-    ``progress(batches done, batches in all)`` is called after each batch."""
+    ``progress(batches done, batches in all)`` is called after each batch; ``cut`` (a list)
+    gets an entry when galaxies of the split were left out because of ``limit``."""
     loader = build_loader(cfg, split, 0, 1, train=False)
     n = 0
     try:
         for b, batch in enumerate(loader):
             if progress is not None:
                 progress(b + 1, loader.steps_per_epoch)
-            if n >= limit:
-                break
             keep = batch["valid"].cpu()
+            if n >= limit:
+                if cut is not None and bool(keep.any()):
+                    cut.append(split)
+                break
             take = min(int(keep.sum()), limit - n)
+            if cut is not None and take < int(keep.sum()):
+                cut.append(split)
             if take == 0:
                 continue  # an all-padding batch; later ones may still hold galaxies
             images = batch["images"][keep.to(batch["images"].device)][:take]
@@ -115,6 +120,7 @@ class Collected:
     arrays: dict
     pool: FigurePool
     outliers: OutlierPool
+    complete: bool = True  # every galaxy of the split (not cut at the report's limit)
 
 
 @torch.no_grad()
@@ -128,9 +134,9 @@ def collect(model, judges, cfg, limit, device):
     rows = {
         k: [] for k in ("labels", "pred", "h", "z1", "z2", "distance", "validity_model", "luminance_share", *per_judge)
     }
-    keys = []
+    keys, cut = [], []
     bar = Progress(max(1, math.ceil(limit / cfg.explain.batch_size)), f"report {split}")
-    for b, (bkeys, images, labels) in enumerate(iterate(cfg, split, limit)):
+    for b, (bkeys, images, labels) in enumerate(iterate(cfg, split, limit, cut=cut)):
         images = images.to(device)
         out = explain_batch(
             model,
@@ -167,7 +173,7 @@ def collect(model, judges, cfg, limit, device):
         raise DataError(f"split {split!r} of {cfg.data.shards} holds no galaxies to report on")
     arrays = {k: torch.cat(v).numpy() for k, v in rows.items()}
     arrays["keys"] = np.array(keys)
-    return Collected(acc.summary(CLASS_NAMES), arrays, pool, outliers)
+    return Collected(acc.summary(CLASS_NAMES), arrays, pool, outliers, complete=not cut)
 
 
 @dataclass
