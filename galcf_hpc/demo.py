@@ -147,14 +147,19 @@ def stage_report(demo):
     """Counterfactuals and their metrics on ``explain.split`` (RUN/counterfactuals.json and
     the grids, as `galcf-hpc explain` writes them; kept as the ``explain`` result) and
     RUN/report/report.html with the catalog summary, from one pass over the split."""
+    from .explain.run import explain, load_run
     from .loaders.split import open_split
     from .report import build_report
+    from .report.build import MIN_GALAXIES
 
-    cfg = demo.cfg
+    # explain and report follow the run's own explain.* (its checkpoint's config), as before
+    _, cfg, _ = load_run(demo.run_dir)
     size = open_split(Path(cfg.data.shards) / cfg.explain.split)[0]["num_samples"]
-    rep = build_report(
-        demo.run_dir, catalog=demo.catalog_dir, max_galaxies=max(10, cfg.explain.max_galaxies or size), explain=True
-    )
+    limit = cfg.explain.max_galaxies or max(MIN_GALAXIES, size)
+    if limit < MIN_GALAXIES:  # fewer galaxies explained than a report needs: two passes, as before
+        demo.results["explain"] = explain(demo.run_dir)
+        return build_report(demo.run_dir, catalog=demo.catalog_dir)
+    rep = build_report(demo.run_dir, catalog=demo.catalog_dir, max_galaxies=limit, explain=True)
     demo.results["explain"] = json.loads((demo.run_dir / "counterfactuals.json").read_text())
     return rep
 

@@ -242,6 +242,35 @@ def test_report_writes_what_explain_writes_from_its_own_pass(run_with_judges, tm
     _assert_same_json(json.loads(json.dumps(rep["counterfactuals"]["overall"])), want["overall"])
 
 
+@pytest.mark.parametrize("explained", [5, 12])
+def test_demo_report_stage_explains_what_explain_max_galaxies_asks(run_with_judges, explained, monkeypatch):
+    """The demo's last stage explains the run's explain.max_galaxies galaxies: in the report's
+    own pass when a report can be made of them (>= 10), else in an explain pass of its own
+    beside a report of the split."""
+    from types import SimpleNamespace
+
+    import galcf_hpc.explain.run as explain_run
+    import galcf_hpc.report.build as report_build
+    from galcf_hpc import demo
+    from galcf_hpc.report.build import MIN_GALAXIES
+
+    cfg, out, _ = run_with_judges
+    n_test = json.loads((Path(cfg.data.shards) / "test" / "manifest.json").read_text())["num_samples"]
+    assert explained < n_test
+    original = explain_run.load_run
+
+    def limited(run_dir, checkpoint=None, device="cpu", overrides=()):  # the run as trained with the limit
+        return original(run_dir, checkpoint, device, [*overrides, f"explain.max_galaxies={explained}"])
+
+    monkeypatch.setattr(explain_run, "load_run", limited)
+    monkeypatch.setattr(report_build, "load_run", limited)
+    state = SimpleNamespace(cfg=cfg, run_dir=out, catalog_dir=None, results={})
+    rep = demo.stage_report(state)
+    written = json.loads((out / "counterfactuals.json").read_text())
+    assert state.results["explain"]["num_galaxies"] == written["num_galaxies"] == explained
+    assert rep["num_galaxies"] == (explained if explained >= MIN_GALAXIES else n_test)
+
+
 def test_report_out_elsewhere_writes_next_to_it(run_with_judges, tmp_path, capsys):
     cfg, out, _ = run_with_judges
     default = out / "report" / "report.json"

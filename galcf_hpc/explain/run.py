@@ -116,5 +116,4 @@ def write_explanation(run_dir, summary, rows=None):
     :meth:`~galcf_hpc.model.evaluation.FigurePool.rows`, the grid PNGs next to it."""
     write_json(Path(run_dir) / "counterfactuals.json", summary)
     if rows is not None:
-        x, overlays, change, classes = rows
-        write_grids(run_dir, x.cpu(), overlays.cpu(), change.cpu(), classes)
+        write_grids(run_dir, *rows)  # on any device: the grids copy what they draw to the CPU

@@ -23,6 +23,8 @@ from .render import render_html
 
 log = logging.getLogger("galcf_hpc")
 
+MIN_GALAXIES = 10  # the fewest galaxies a report is made of (silhouettes, t-SNE, outliers)
+
 
 def _figures(fig_dir, grid_rows, collected, rep, embeddings, training, mislabels):
     """Every PNG of the page into ``fig_dir``; returns {figure: file name} (a list of names
@@ -69,8 +71,8 @@ def build_report(run_dir, catalog=None, out=None, max_galaxies=1000, device="aut
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise DataError(f"--run {run_dir}: no such run directory")
-    if max_galaxies < 10:
-        raise UsageError(f"--max-galaxies must be >= 10, got {max_galaxies}")
+    if max_galaxies < MIN_GALAXIES:
+        raise UsageError(f"--max-galaxies must be >= {MIN_GALAXIES}, got {max_galaxies}")
     out = Path(out) if out else run_dir / "report" / "report.html"
     if out.suffix.lower() not in (".html", ".htm"):
         raise UsageError(f"--out {out}: the report is an .html file")
@@ -84,13 +86,8 @@ def build_report(run_dir, catalog=None, out=None, max_galaxies=1000, device="aut
         log.warning("%s", note)
 
     collected = collect.collect(model, judges, cfg, max_galaxies, dev)
-    rows = None
-    if collected.pool:
-        with torch.no_grad():
-            rows = tuple(
-                v.cpu() if torch.is_tensor(v) else v
-                for v in collected.pool.rows(model, cfg.explain.margin, cfg.explain.placement)
-            )
+    # the Figure-3 galaxies decoded once, for the report's grids and (explain) the run's
+    rows = collected.pool.rows(model, cfg.explain.margin, cfg.explain.placement) if collected.pool else None
     if explain:
         # explain stops at explain.max_galaxies (0: never), in the same order of galaxies
         if not collected.complete and max_galaxies != cfg.explain.max_galaxies:
