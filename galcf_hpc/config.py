@@ -114,6 +114,8 @@ class LossConfig:
     rec_critic: float = 0.0  # the frozen critics must also put x~ into the galaxy's class (morphology survives D)
     rec_features: float = 0.0  # x~ vs x in the frozen critics' stage features (perceptual, learnt on galaxies)
     cf_critic_robust: float = 0.0  # > 0: critics learn from galaxies under a one-step L2 attack of this RMS radius
+    rec_adversarial: float = 0.0  # a patch discriminator (real galaxies vs decoded) must take x~ for a galaxy
+    cf_adversarial: float = 0.0  # ... and x_cf (the same discriminator; it then also learns from x_cf)
 
 
 @dataclass
@@ -298,6 +300,8 @@ _RANGES = {
     "loss.rec_critic": (0.0, None),
     "loss.rec_features": (0.0, None),
     "loss.rec_ssim": (0.0, None),
+    "loss.rec_adversarial": (0.0, None),
+    "loss.cf_adversarial": (0.0, None),
     "train.epochs": (1, None),
     "train.grad_accumulation": (1, None),
     "train.global_batch": (0, None),  # 0 = batch_size x ranks x grad_accumulation

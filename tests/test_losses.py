@@ -124,3 +124,85 @@ def test_decoder_depth_refines_at_every_resolution_and_refuses_other_checkpoints
         check_compatible(deep, shallow.state_dict(), "ckpt.pt")
     with pytest.raises(Exception, match="decoder_depth"):
         config_from_dict({"model": {"decoder_depth": 0}})
+
+
+def _adversarial_model(**loss):
+    from galcf_hpc.config import config_from_dict
+    from galcf_hpc.model.galcf import GalaxyCF
+
+    torch.manual_seed(0)
+    model = {"channels": [8, 16], "z_dim": 12, "z1_dim": 6}
+    cfg = config_from_dict({"data": {"image_size": 16}, "model": model, "loss": {"perceptual": 0.0, **loss}})
+    return GalaxyCF.from_config(cfg).train(), cfg
+
+
+def _grad_sum(module):
+    return sum(float(p.grad.abs().sum()) for p in module.parameters() if p.grad is not None)
+
+
+def test_patch_discriminator_scores_8x8_patches_at_every_size_and_exists_only_when_weighted():
+    """One logit per patch, 8x8 patches from 16 to 256 px; the model builds the discriminator
+    only when an adversarial weight is set, and a negative weight is refused."""
+    from galcf_hpc.config import config_from_dict
+    from galcf_hpc.model.discriminator import PatchDiscriminator
+
+    for size in (16, 32, 64, 256):
+        assert PatchDiscriminator(size)(torch.rand(2, 3, size, size)).shape == (2, 1, 8, 8)
+    assert _adversarial_model()[0].discriminator is None
+    assert _adversarial_model(cf_adversarial=0.5)[0].discriminator is not None
+    with pytest.raises(Exception, match="rec_adversarial"):
+        config_from_dict({"loss": {"rec_adversarial": -1.0}})
+
+
+def test_discriminator_learns_from_its_hinge_only_and_the_decoder_from_its_frozen_scores():
+    """loss.rec_adversarial: the discriminator's hinge (real galaxies > 1, detached x~ < -1)
+    trains it and nothing else; -mean D(x~) with frozen D trains encoder and decoder and not D;
+    before the counterfactual warm-up ends only the discriminator learns."""
+    from galcf_hpc.train import objective
+
+    model, cfg = _adversarial_model(rec_adversarial=0.5)
+    images, labels = torch.rand(6, 3, 16, 16), torch.randint(0, 10, (6,))
+    _, terms = objective.batch_losses(model, None, images, labels, cfg.loss, cf_active=False)
+    assert "disc" in terms and "rec_adversarial" not in terms
+
+    lat = model(images)
+    parts = {}
+    total = objective.adversarial_terms(model.discriminator, images, lat.recon, None, cfg.loss, True, parts)
+    with torch.no_grad():
+        real, fake = model.discriminator(images), model.discriminator(lat.recon)
+    hinge = torch.relu(1 - real).mean() + torch.relu(1 + fake).mean()
+    assert abs(float(parts["disc"].detach()) - float(hinge)) < 1e-5
+    assert abs(float(parts["rec_adversarial"].detach()) + float(fake.mean())) < 1e-5
+    assert abs(float(total.detach()) - float((parts["disc"] + 0.5 * parts["rec_adversarial"]).detach())) < 1e-5
+
+    parts["disc"].backward(retain_graph=True)
+    assert _grad_sum(model.discriminator) > 0 and _grad_sum(model.decoder) == 0 and _grad_sum(model.encoder) == 0
+    model.zero_grad()
+    parts["rec_adversarial"].backward()
+    assert _grad_sum(model.discriminator) == 0 and _grad_sum(model.decoder) > 0 and _grad_sum(model.encoder) > 0
+
+
+def test_counterfactual_adversarial_term_scores_the_decoded_counterfactual_and_moves_only_the_decoder(monkeypatch):
+    """loss.cf_adversarial: -mean of the frozen discriminator's patch scores of x_cf as decoded;
+    its gradient reaches the decoder only, and the discriminator then also learns from x_cf."""
+    from galcf_hpc.train import objective
+
+    model, cfg = _adversarial_model(cf_adversarial=0.5, cf_fraction=1.0)
+    decoded = []
+    real_decoder = model.decoder.forward
+    monkeypatch.setattr(model.decoder, "forward", lambda z: decoded.append(out := real_decoder(z)) or out)
+    lat = model(torch.rand(6, 3, 16, 16))
+    terms = objective.consistency_loss(model, lat.z.detach(), lat.h.detach(), lat.recon.detach(), cfg.loss)
+    expected = -model.discriminator(decoded[-1].detach()).mean()
+    assert abs(float(terms["cf_adversarial"].detach()) - float(expected.detach())) < 1e-5
+    model.zero_grad()
+    terms["cf_adversarial"].backward()
+    assert _grad_sum(model.discriminator) == 0 and _grad_sum(model.encoder) == 0 and _grad_sum(model.decoder) > 0
+
+    seen = []
+    real_disc = model.discriminator.forward
+    monkeypatch.setattr(model.discriminator, "forward", lambda x: seen.append(x.shape[0]) or real_disc(x))
+    objective.batch_losses(model, None, torch.rand(6, 3, 16, 16), torch.randint(0, 10, (6,)), cfg.loss, True)
+    # the frozen scores of x_cf, then the hinge: real galaxies, then detached x_cf (no x~:
+    # rec_adversarial is 0)
+    assert seen == [6, 6, 6]

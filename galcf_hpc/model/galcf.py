@@ -12,6 +12,7 @@ from ..data.classes import NUM_CLASSES
 from .autoencoder import Decoder, Encoder
 from .counterfactual import counterfactual_h
 from .critic import LuminanceCritic, ResidualCritic
+from .discriminator import PatchDiscriminator
 from .flow import build_flow, flow_forward, flow_inverse
 from .gmm import class_logits, initial_means
 
@@ -57,6 +58,7 @@ class GalaxyCF(nn.Module):
         colour_critic=False,
         critic_family="plain",
         decoder_depth=1,
+        discriminator=False,
     ):
         super().__init__()
         self.z1_dim = z1_dim
@@ -90,6 +92,9 @@ class GalaxyCF(nn.Module):
         self.colour_critic_residual = (
             ResidualCritic(image_size, num_classes, width=24, colour=True) if colour_critic and both else None
         )
+        # patch discriminator, real galaxies against decoded images (loss.rec_adversarial,
+        # loss.cf_adversarial): trained against, like the critics, never a judge
+        self.discriminator = PatchDiscriminator(image_size) if discriminator else None
 
     @classmethod
     def from_config(cls, cfg):
@@ -110,6 +115,7 @@ class GalaxyCF(nn.Module):
             colour_critic=cfg.loss.cf_critic_colour > 0,
             critic_family=cfg.loss.cf_critic_family,
             decoder_depth=m.decoder_depth,
+            discriminator=cfg.loss.rec_adversarial > 0 or cfg.loss.cf_adversarial > 0,
         )
 
     def critics(self, loss_cfg):

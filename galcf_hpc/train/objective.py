@@ -15,8 +15,10 @@ trained here on real galaxies and frozen on x_cf (``loss.cf_critic``: luminance 
 ``loss.cf_critic_colour``; of one or two architecture families, ``loss.cf_critic_family``),
 a "decoded counterfactual" class for the critic (``loss.cf_realism``), re-encoding under
 symmetries of the sky (``loss.cf_augment``; for the critics only, ``loss.cf_critic_augment``),
-a gradient-reversed class critic on z2 (``loss.z2_adversary``) and other placements of h_cf
-(``loss.cf_placement``). All of them are *trained against*; none is a judge.
+a gradient-reversed class critic on z2 (``loss.z2_adversary``), other placements of h_cf
+(``loss.cf_placement``) and a patch discriminator of real galaxies against x~ and x_cf
+(``loss.rec_adversarial``, ``loss.cf_adversarial``). All of them are *trained against*; none
+is a judge.
 """
 
 import torch
@@ -178,10 +180,11 @@ def batch_losses(model, vgg, images, labels, loss_cfg, cf_active):
     k = int(round(loss_cfg.cf_fraction * images.shape[0]))
     if cf_active and loss_cfg.cf_consistency > 0 and k > 0:
         cf_terms = consistency_loss(model, z[:k], h[:k], recon[:k].detach(), loss_cfg)
-        fake = cf_terms.pop("x_cf", None)
+        x_cf = cf_terms.pop("x_cf")
         terms.update(cf_terms)
-        if fake is not None:  # the critic learns what a decoded counterfactual looks like
-            logits = model.critic(augment_for_reencoding(fake.detach()))
+        if loss_cfg.cf_realism and model.critic is not None and loss_cfg.cf_critic > 0:
+            # the critic learns what a decoded counterfactual looks like
+            logits = model.critic(augment_for_reencoding(x_cf.detach()))
             terms["critic_fake"] = F.cross_entropy(logits, torch.full_like(labels[:k], logits.shape[1] - 1))
             total = total + terms["critic_fake"]
         total = total + (
@@ -189,7 +192,13 @@ def batch_losses(model, vgg, images, labels, loss_cfg, cf_active):
             + loss_cfg.cf_proximity * cf_terms["cf_l1"]
             + loss_cfg.cf_z2 * cf_terms["cf_z2"]
             + loss_cfg.cf_ssim * cf_terms.get("cf_ssim", 0.0)
+            + loss_cfg.cf_adversarial * cf_terms.get("cf_adversarial", 0.0)
         )
+    else:
+        x_cf = None
+
+    if model.discriminator is not None:
+        total = total + adversarial_terms(model.discriminator, images, recon, x_cf, loss_cfg, cf_active, terms)
 
     with torch.no_grad():
         terms["acc"] = (class_logits(h, model.means, model.log_weights).argmax(1) == labels).float().mean()
@@ -240,6 +249,29 @@ def consistency_loss(model, z, h, recon, loss_cfg):
         key = "cf_" + name.replace("colour_critic", "critic_colour")  # cf_critic, cf_critic_colour, ...
         terms[key] = critic_loss(logits, target, loss_cfg.cf_critic_margin)
         terms["cf"] = terms["cf"] + weight * terms[key]
-        if name == "critic" and loss_cfg.cf_realism:
-            terms["x_cf"] = x_cf
+    if model.discriminator is not None and loss_cfg.cf_adversarial > 0:  # x_cf must pass for a galaxy, patch by patch
+        scores = functional_call(model.discriminator, _frozen(model.discriminator), (x_cf,))
+        terms["cf_adversarial"] = -scores.float().mean()
+    terms["x_cf"] = x_cf
     return terms
+
+
+def adversarial_terms(disc, images, recon, x_cf, loss_cfg, cf_active, terms):
+    """The patch discriminator's terms, added to ``terms``; returns their weighted sum. It
+    learns real galaxies against detached x~ (``loss.rec_adversarial``) and x_cf
+    (``loss.cf_adversarial``) with a hinge on every patch (``disc``); once the counterfactual
+    terms are on (``cf_active``), its frozen scores of x~ train encoder and decoder
+    (``rec_adversarial``; the one for x_cf is a term of :func:`consistency_loss`)."""
+    fakes = [recon.detach()] if loss_cfg.rec_adversarial > 0 else []
+    if x_cf is not None and loss_cfg.cf_adversarial > 0:
+        fakes.append(x_cf.detach())
+    if not fakes:
+        return images.new_zeros(())
+    real = disc(images.detach()).float()
+    fake = disc(torch.cat(fakes)).float()
+    terms["disc"] = F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean()
+    total = terms["disc"]
+    if cf_active and loss_cfg.rec_adversarial > 0:
+        terms["rec_adversarial"] = -functional_call(disc, _frozen(disc), (recon,)).float().mean()
+        total = total + loss_cfg.rec_adversarial * terms["rec_adversarial"]
+    return total
