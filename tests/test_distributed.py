@@ -32,10 +32,11 @@ LAUNCH_ENV = (
 )
 
 
-def _config(sharded, out, engine="ddp", exact=False, **train):
+def _config(sharded, out, engine="ddp", exact=False, extra_loss=None, **train):
     loss = {"cf_warmup_epochs": 1, "cf_fraction": 0.5}
     if exact:  # only per-sample terms: the gradient of the global batch is the mean over ranks
         loss = {"mmd": 0.0, "cf_consistency": 0.0, "cf_proximity": 0.0, "cf_z2": 0.0, "z1_noise": 0.0}
+    loss.update(extra_loss or {})
     cfg = config_from_dict(
         {
             "run": {"out_dir": str(out), "seed": 3, "deterministic": True},
@@ -252,6 +253,18 @@ def test_two_ranks_match_one_process(sharded, tmp_path, engine, zero):
     tail = [s for s in fa if s > last - 5]
     mean_a, mean_b = (sum(f[s] for s in tail) / len(tail) for f in (fa, fb))
     assert abs(mean_a - mean_b) <= 0.10 * abs(mean_a), (mean_a, mean_b)
+
+
+def test_two_ranks_train_the_discriminator_during_and_after_the_warm_up(sharded, tmp_path):
+    """loss.cf_adversarial alone: the patch discriminator learns in every step (real galaxies
+    against x~ during the counterfactual warm-up, and x_cf after it), so DDP finds all of its
+    parameters used on both ranks and every step of both epochs trains."""
+    config = _config(sharded, tmp_path / "adv", extra_loss={"cf_adversarial": 0.5})
+    _run(config, 2)
+    losses = _train_losses(tmp_path / "adv")
+    steps_per_epoch = max(losses) // 2
+    assert sorted(losses) == list(range(1, 2 * steps_per_epoch + 1)) and steps_per_epoch >= 2
+    assert any(k.startswith("discriminator.") for k in _weights(tmp_path / "adv"))
 
 
 @pytest.mark.parametrize("engine", ["ddp", "deepspeed"])

@@ -203,6 +203,5 @@ def test_counterfactual_adversarial_term_scores_the_decoded_counterfactual_and_m
     real_disc = model.discriminator.forward
     monkeypatch.setattr(model.discriminator, "forward", lambda x: seen.append(x.shape[0]) or real_disc(x))
     objective.batch_losses(model, None, torch.rand(6, 3, 16, 16), torch.randint(0, 10, (6,)), cfg.loss, True)
-    # the frozen scores of x_cf, then the hinge: real galaxies, then detached x_cf (no x~:
-    # rec_adversarial is 0)
-    assert seen == [6, 6, 6]
+    # the frozen scores of x_cf, then the hinge: real galaxies, then the detached x~ and x_cf
+    assert seen == [6, 6, 12]

@@ -258,15 +258,14 @@ def consistency_loss(model, z, h, recon, loss_cfg):
 
 def adversarial_terms(disc, images, recon, x_cf, loss_cfg, cf_active, terms):
     """The patch discriminator's terms, added to ``terms``; returns their weighted sum. It
-    learns real galaxies against detached x~ (``loss.rec_adversarial``) and x_cf
-    (``loss.cf_adversarial``) with a hinge on every patch (``disc``); once the counterfactual
-    terms are on (``cf_active``), its frozen scores of x~ train encoder and decoder
-    (``rec_adversarial``; the one for x_cf is a term of :func:`consistency_loss`)."""
-    fakes = [recon.detach()] if loss_cfg.rec_adversarial > 0 else []
+    learns real galaxies against detached x~ and, with ``loss.cf_adversarial``, x_cf, with a
+    hinge on every patch (``disc``; every step, so that DDP sees all its parameters used);
+    once the counterfactual terms are on (``cf_active``), its frozen scores of x~ train
+    encoder and decoder (``loss.rec_adversarial``; the term on x_cf is one of
+    :func:`consistency_loss`)."""
+    fakes = [recon.detach()]
     if x_cf is not None and loss_cfg.cf_adversarial > 0:
         fakes.append(x_cf.detach())
-    if not fakes:
-        return images.new_zeros(())
     real = disc(images.detach()).float()
     fake = disc(torch.cat(fakes)).float()
     terms["disc"] = F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean()
