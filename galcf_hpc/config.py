@@ -78,6 +78,8 @@ class ModelConfig:
     flow_hidden: int = 256  # hidden width of each coupling block's subnetwork
     flow_clamp: float = 2.0  # soft clamp of the coupling blocks' log-scales (stability)
     mean_distance: float = 5.0  # initial pairwise distance of the class means in h
+    # 8 = a class that no rotation by 90 degrees or reflection of the image can change
+    classify_views: int = 1  # views averaged when classifying: 1 as given, 2 + mirror, 4 rot90s, 8 rot90s and mirrors
     vgg_weights: str | None = None  # torchvision's vgg16-397923af.pth (galcf-hpc weights fetch)
     vgg_random: bool = False  # allow fixed-seed random VGG16 features (smoke/tests only)
     vgg_layers: list[str] = field(  # VGG16 layers compared by the perceptual loss
@@ -104,6 +106,7 @@ class LossConfig:
     cf_z2: float = 0.0  # re-encoded z2 of x_cf must stay the galaxy's z2 (class-free content kept)
     cf_placement: str = "boundary"  # boundary | translate | interpolate (random fraction between them)
     cf_augment: bool = False  # re-encode x_cf under random rot90/flip, shift and noise (no pixel codes)
+    cf_symmetry: bool = False  # re-encode x_cf under a random rot90/flip only (exact; model.classify_views > 1)
     z2_adversary: float = 0.0  # gradient-reversed class critic on z2: class information must live in z1
     cf_critic: float = 0.0  # a luminance-only critic (trained on real galaxies) must also put x_cf into t
     cf_realism: bool = False  # the critic also learns to tell decoded counterfactuals from galaxies
@@ -229,6 +232,7 @@ _CHOICES = {
     "explain.split": ("train", "val", "test"),
     "loss.cf_placement": (*PLACEMENTS, "interpolate"),  # interpolate: a random alpha per counterfactual
     "loss.cf_critic_family": CRITIC_FAMILIES,
+    "model.classify_views": (1, 2, 4, 8),  # model/galcf.py dihedral_views
 }
 
 

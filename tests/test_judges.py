@@ -38,7 +38,7 @@ def test_pass_equals_recomputation_by_hand():
     model, judges = tiny_model(), tiny_judges()
     images = torch.rand(7, 3, 16, 16)
     targets = [0, 3, 9]
-    out = explain_batch(model, images, targets, margin=1.0, judges=judges, keep_images=True)
+    out = explain_batch(model, images, targets, margin=1.0, judges=judges, keep_images=True, overlay=True)
     cls = model.classify(images)
     assert torch.equal(out.pred, cls.pred)
     recon = model.decoder(cls.z)
@@ -52,12 +52,16 @@ def test_pass_equals_recomputation_by_hand():
         x_cf, _ = model.counterfactual(cls.z[sel], cls.h[sel], cls.pred[sel], target, 1.0)
         assert torch.allclose(out.cf_images[sel, j], x_cf, atol=1e-6)
         assert torch.equal(out.valid["model"][sel, j], (model.classify(x_cf).pred == t).to(torch.int8))
+        shown = (images[sel] + x_cf - recon[sel]).clamp(0, 1)  # what the grid shows
         for name, judge in judges.items():
             assert torch.equal(out.valid[name][sel, j], (judge(x_cf).argmax(1) == t).to(torch.int8))
+            assert torch.equal(out.valid_overlay[name][sel, j], (judge(shown).argmax(1) == t).to(torch.int8))
+            assert (out.valid_overlay[name][~sel, j] == -1).all()
         assert torch.allclose(out.change["ssim_rec"][sel, j], ssim(x_cf, recon[sel]), atol=1e-5)
         assert torch.allclose(out.change["luminance_share"][sel, j], luminance_share(x_cf - recon[sel]), atol=1e-5)
     # chunked decoding gives the same numbers
     chunked = explain_batch(model, images, targets, margin=1.0, judges=judges, chunk=4)
+    assert chunked.valid_overlay == {}  # only when asked for
     for name in out.valid:
         assert torch.equal(chunked.valid[name], out.valid[name])
     assert torch.allclose(chunked.change["msd_rec"], out.change["msd_rec"], equal_nan=True)
@@ -70,7 +74,7 @@ def test_accumulator_means_and_panel_agreement():
     for seed in range(2):
         torch.manual_seed(seed)
         images, lab = torch.rand(6, 3, 16, 16), torch.randint(0, NUM_CLASSES, (6,))
-        out = explain_batch(model, images, range(NUM_CLASSES), 1.0, judges)
+        out = explain_batch(model, images, range(NUM_CLASSES), 1.0, judges, overlay=True)
         acc.add(out, lab)
         outs.append(out)
         labels.append(lab)
@@ -84,6 +88,10 @@ def test_accumulator_means_and_panel_agreement():
     assert s["overall"]["panel_all"] == pytest.approx(float(both[mask].double().mean()))
     panel = (votes["cnn"] + votes["grey"]) / 2
     assert s["overall"]["validity_panel"] == pytest.approx(float(panel[mask].mean()))
+    shown = {n: torch.cat([o.valid_overlay[n] for o in outs]).double() for n in ("cnn", "grey")}
+    assert s["overall"]["overlay_validity_cnn"] == pytest.approx(float(shown["cnn"][mask].mean()))
+    shown_panel = (shown["cnn"] + shown["grey"]) / 2
+    assert s["overall"]["overlay_validity_panel"] == pytest.approx(float(shown_panel[mask].mean()))
     assert s["num_galaxies"] == 12
     assert s["judges"]["cnn"]["num_galaxies"] == 12
     # the judges on the reconstructions x~ of the same galaxies, not on the inputs

@@ -88,7 +88,7 @@ def _recompute(cfg, out):
     model, _, _ = load_run(out)
     judges = {n: load_judge(out / "judges" / n / "model.pt")[0] for n in PANEL}
     loader = build_loader(cfg, cfg.explain.split, 0, 1, train=False)
-    valid = {n: [] for n in ["model", *PANEL]}
+    valid = {n: [] for n in ["model", *PANEL, *(f"overlay_{n}" for n in PANEL)]}
     lum, labels, preds = [], [], {n: [] for n in ["model", *PANEL]}
     for batch in loader:
         keep = batch["valid"]
@@ -112,6 +112,8 @@ def _recompute(cfg, out):
                 rows["model"].append(int(model.classify(x_cf).pred.item() == t))
                 for n, j in judges.items():
                     rows[n].append(int(predict(j, x_cf).item() == t))
+                    shown = (x + x_cf - recon).clamp(0, 1)  # the grid's image
+                    rows[f"overlay_{n}"].append(int(predict(j, shown).item() == t))
                 lrow.append(float(luminance_share(x_cf - recon)[0]))
             for n in rows:
                 valid[n].append(rows[n])
@@ -136,6 +138,8 @@ def _expected(valid, lum, cols=slice(None)):
     out["validity_panel"] = votes.mean(0)[defined].mean()
     out["panel_all"] = (votes == 1).all(0)[defined].mean()
     out["panel_majority"] = ((votes == 1).mean(0) > 0.5)[defined].mean()
+    shown = np.stack([valid[f"overlay_{n}"][:, cols] for n in PANEL])
+    out["overlay_validity_panel"] = shown.mean(0)[defined].mean()
     out["luminance_share"] = np.nanmean(lum[:, cols][defined])
     return out
 

@@ -23,13 +23,16 @@ log = logging.getLogger("galcf_hpc")
 
 DEFINITIONS = {
     "validity_model": "fraction of counterfactuals whose re-encoding the model assigns to the target class "
-    "(necessary, never sufficient: the decoder was trained against this encoder)",
+    "(necessary, never sufficient: the decoder was trained against this encoder); with model.classify_views > 1 "
+    "the model classifies galaxies and counterfactuals alike by the mean over that many symmetric views",
     "validity_<judge>": "fraction of counterfactuals that judge (an independent classifier nothing in training "
     "optimised against) assigns to the target class",
     "validity_panel": "mean of the judges' validities; panel_all: every judge accepts; panel_majority: more than "
     "half accept",
     "judges_on_reconstructions": "each judge's classification of the reconstructions x~ of the same galaxies: "
     "what the decoder keeps of a class's structure, about the most a counterfactual towards it can show that judge",
+    "overlay_validity_<judge>": "that judge's verdict on the image the counterfactual grid shows, x + (x_cf - x~) "
+    "(the input with the change applied) rather than x_cf itself; overlay_validity_panel: their mean",
     "luminance_share": "share of the energy of x_cf - x~ in its band-mean (luminance) part; 0 = pure recolouring",
     "msd_rec/ssim_rec": "counterfactual x_cf vs the reconstruction x~",
     "msd_input/ssim_input": "counterfactual x_cf vs the input x",
@@ -81,7 +84,14 @@ def explain(run_dir, split=None, targets=None, max_galaxies=None, device="auto",
             if len(labels) == 0:
                 break
             out = explain_batch(
-                model, images, targets, margin, judges, cfg.explain.background_fraction, placement=cfg.explain.placement
+                model,
+                images,
+                targets,
+                margin,
+                judges,
+                cfg.explain.background_fraction,
+                placement=cfg.explain.placement,
+                overlay=True,
             )
             acc.add(out, labels)
             pool.add(images, labels, out)

@@ -40,7 +40,8 @@ class ExplainedBatch:
     the galaxy's own predicted class (no counterfactual). ``change[name]`` float [B, T] with
     NaN there. ``judge_pred[name]`` [B]: each judge's class for the input images.
     ``cf_images`` [B, T, 3, R, R] (x_cf, or x~ where target == pred) only with
-    ``keep_images``."""
+    ``keep_images``. ``valid_overlay[name]`` (only with ``overlay``): each judge's verdict on
+    the image the Figure-3 grid shows, x + (x_cf - x~), coded as ``valid``."""
 
     targets: list
     pred: torch.Tensor
@@ -57,6 +58,7 @@ class ExplainedBatch:
     judge_recon_pred: dict = field(default_factory=dict)
     h_cf: torch.Tensor = None
     cf_images: torch.Tensor = None
+    valid_overlay: dict = field(default_factory=dict)
 
 
 def padded_rows(rows, *tensors):
@@ -135,6 +137,8 @@ def explain_batch(
     metrics=CHANGE_METRICS,
     pad=False,
     judge_inputs=True,
+    views=None,
+    overlay=False,
 ):
     """Classify ``images`` [B, 3, R, R], reconstruct them and explain them towards each of
     ``targets`` (class indices), each counterfactual ``margin`` past the decision boundary
@@ -145,12 +149,16 @@ def explain_batch(
     reproducible from its latent alone (:func:`padded_rows`). ``metrics``: the change
     metrics to compute (a subset of ``CHANGE_METRICS``; the others stay NaN);
     ``judge_inputs=False`` skips the judges' classes of the input images and of their
-    reconstructions (``judge_pred`` and ``judge_recon_pred`` stay empty). Returns an :class:`ExplainedBatch`."""
+    reconstructions (``judge_pred`` and ``judge_recon_pred`` stay empty). ``views``: how many
+    symmetric views the model classifies the galaxies and its re-encoded counterfactuals by
+    (default ``model.classify_views``). ``overlay``: the judges also classify the image the
+    grids show, x + (x_cf - x~) clipped to [0, 1] (``valid_overlay``). Returns an
+    :class:`ExplainedBatch`."""
     judges = judges or {}
     unknown = set(metrics) - set(CHANGE_METRICS)
     if unknown:
         raise ValueError(f"unknown change metrics {sorted(unknown)}; known: {CHANGE_METRICS}")
-    cls = model.classify(images)
+    cls = model.classify(images, views)
     pred, h, z = cls.pred, cls.h, cls.z
     step = chunk or max(len(pred), 1)
     recon = (decode_reconstructions(model, z, step) if pad else model.decoder(z)).float()
@@ -161,6 +169,7 @@ def explain_batch(
     mask = pred[:, None] != tgt[None]
     names = ["model", *judges]
     valid = {n: torch.full((b, t_count), -1, dtype=torch.int8, device=dev) for n in names}
+    shown = {n: torch.full((b, t_count), -1, dtype=torch.int8, device=dev) for n in judges} if overlay else {}
     change = {n: torch.full((b, t_count), float("nan"), device=dev) for n in CHANGE_METRICS}
     h_cf_all = h.float()[:, None].repeat(1, t_count, 1)
     cf_images = recon[:, None].repeat(1, t_count, 1, 1, 1) if keep_images else None
@@ -170,9 +179,13 @@ def explain_batch(
         h_cf_all[r, c] = h_cf.float()
         if keep_images:
             cf_images[r, c] = x_cf
-        valid["model"][r, c] = (model.classify(x_cf).pred == target).to(torch.int8)
+        valid["model"][r, c] = (model.classify(x_cf, views).pred == target).to(torch.int8)
         for name, judge in judges.items():
             valid[name][r, c] = (_judge_predict(judge, x_cf) == target).to(torch.int8)
+        if shown:
+            overlaid = (x[r] + x_cf.float() - recon[r]).clamp(0, 1)
+            for name, judge in judges.items():
+                shown[name][r, c] = (_judge_predict(judge, overlaid) == target).to(torch.int8)
         for name in metrics:
             change[name][r, c] = _change_metric(name, x_cf, recon[r], x[r], border).float().to(dev)
     judge_pred = {name: _judge_predict(judge, x) for name, judge in judges.items()} if judge_inputs else {}
@@ -193,6 +206,7 @@ def explain_batch(
         judge_recon_pred,
         h_cf_all,
         cf_images,
+        shown,
     )
 
 
@@ -225,6 +239,8 @@ class Accumulator:
         keys = ["validity_model", *CHANGE_METRICS]
         if self.judges:
             keys += [f"validity_{n}" for n in self.judges] + ["validity_panel", "panel_all", "panel_majority"]
+            # the judges on the overlay x + (x_cf - x~) the grids show (None where not measured)
+            keys += [f"overlay_validity_{n}" for n in self.judges] + ["overlay_validity_panel"]
         return keys
 
     def add(self, out, labels):
@@ -250,6 +266,11 @@ class Accumulator:
             per["validity_panel"] = votes.mean(0)
             per["panel_all"] = (votes == 1).all(0).double()
             per["panel_majority"] = ((votes == 1).double().mean(0) > 0.5).double()
+            if out.valid_overlay:
+                shown = torch.stack([out.valid_overlay[n].cpu().double() for n in self.judges])
+                for n, v in zip(self.judges, shown):
+                    per[f"overlay_validity_{n}"] = v
+                per["overlay_validity_panel"] = shown.mean(0)
         for k, v in per.items():
             defined = m & v.isfinite()
             self.sums[k] += torch.where(defined, v, torch.zeros_like(v)).sum(0)

@@ -39,6 +39,28 @@ class Classification(NamedTuple):
     z: torch.Tensor
 
 
+# model.classify_views: the identity, its mirror image, the four 90-degree rotations, all eight
+VIEW_COUNTS = (1, 2, 4, 8)
+
+
+def dihedral_views(x, n):
+    """The first ``n`` (1, 2, 4 or 8) of the eight symmetries of the square applied to images
+    x [..., H, W] (square), starting with x itself: n = 2 adds its left-right mirror image,
+    n = 4 gives the rotations by 0, 90, 180 and 270 degrees, n = 8 those and their mirror
+    images. A generator: one view at a time."""
+    if n not in VIEW_COUNTS:
+        raise ValueError(f"number of views must be one of {VIEW_COUNTS}, got {n!r}")
+    if n == 2:
+        yield x
+        yield x.flip(-1)
+        return
+    for k in range(min(n, 4)):
+        r = torch.rot90(x, k, (-2, -1)) if k else x
+        yield r
+        if n == 8:
+            yield r.flip(-1)
+
+
 class GalaxyCF(nn.Module):
     def __init__(
         self,
@@ -59,9 +81,13 @@ class GalaxyCF(nn.Module):
         critic_family="plain",
         decoder_depth=1,
         discriminator=False,
+        classify_views=1,
     ):
         super().__init__()
         self.z1_dim = z1_dim
+        if classify_views not in VIEW_COUNTS:
+            raise ValueError(f"classify_views must be one of {VIEW_COUNTS}, got {classify_views!r}")
+        self.classify_views = classify_views
         self.encoder = Encoder(image_size, channels, z_dim)
         self.decoder = Decoder(image_size, channels, z_dim, decoder_depth)
         self.flow = build_flow(z1_dim, flow_blocks, flow_hidden, flow_clamp, seed=seed)
@@ -116,6 +142,7 @@ class GalaxyCF(nn.Module):
             critic_family=cfg.loss.cf_critic_family,
             decoder_depth=m.decoder_depth,
             discriminator=cfg.loss.rec_adversarial > 0 or cfg.loss.cf_adversarial > 0,
+            classify_views=m.classify_views,
         )
 
     def critics(self, loss_cfg):
@@ -153,13 +180,30 @@ class GalaxyCF(nn.Module):
         return class_logits(h, self.means, self.log_weights)
 
     @torch.no_grad()
-    def classify(self, x):
+    def classify(self, x, views=None):
         """Nearest class mean in h for images x (no decoding): :class:`Classification`.
-        The flow and the class means always run in fp32, also under bf16 autocast."""
-        z = self.encoder(x)
-        with torch.autocast(x.device.type, enabled=False):
-            h, _ = self.hidden(self.split(z)[0].float())
-            logits = self.logits(h)
+
+        ``views`` (default ``self.classify_views``, from ``model.classify_views``): with more
+        than one, the class probabilities of that many symmetric views of each image
+        (:func:`dihedral_views`) are averaged, and ``logits`` are the log of the mean; pred
+        is their argmax. ``h`` and ``z`` are always those of the image as given: a
+        counterfactual is built from them. The views are encoded one after the other, so
+        the memory is that of one view. The flow and the class means always run in fp32,
+        also under bf16 autocast."""
+        views = self.classify_views if views is None else views
+        z = h = probs = None
+        for i, view in enumerate(dihedral_views(x, views)):
+            zv = self.encoder(view)
+            with torch.autocast(x.device.type, enabled=False):
+                hv, _ = self.hidden(self.split(zv)[0].float())
+                logits = self.logits(hv)
+            if i == 0:
+                z, h = zv, hv
+            if views == 1:
+                return Classification(logits.argmax(1), logits, h, z)
+            p = logits.softmax(1)
+            probs = p if probs is None else probs + p
+        logits = (probs / views).clamp_min(1e-30).log()
         return Classification(logits.argmax(1), logits, h, z)
 
     @torch.no_grad()

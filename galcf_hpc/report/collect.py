@@ -146,6 +146,7 @@ def collect(model, judges, cfg, limit, device):
             judges,
             cfg.explain.background_fraction,
             placement=cfg.explain.placement,
+            overlay=True,
         )
         acc.add(out, labels)
         pool.add(images, labels, out)

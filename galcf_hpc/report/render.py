@@ -35,6 +35,8 @@ def validity_columns(rep):
             ("validity_panel", "panel mean", "judged by"),
             ("panel_all", "all judges", "judged by"),
             ("panel_majority", "majority", "judged by"),
+            # the judges on what the counterfactual grid shows, the input with the change applied
+            ("overlay_validity_panel", "panel on x + (x_cf - x~)", "judged by"),
         ]
     return cols
 
@@ -81,6 +83,8 @@ def summary_lines(rep):
             + f"; panel mean {num(o['validity_panel'])}, all {num(o['panel_all'])}, majority "
             f"{num(o['panel_majority'])}"
         )
+        if o.get("overlay_validity_panel") is not None:
+            line += f"; on the grid's overlays x + (x_cf - x~) panel mean {num(o['overlay_validity_panel'])}"
     else:
         line += "; judged by: no judges"
     lines.append(line)

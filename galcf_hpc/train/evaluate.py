@@ -60,10 +60,11 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, margin, cf_limit=256):
+def evaluate(model, loader, device, margin, cf_limit=256, views=None):
     """Confusion matrix and reconstruction error over every galaxy the loader yields once
     (padding excluded), and about ``cf_limit`` counterfactuals: the first galaxies towards
-    every class other than their own."""
+    every class other than their own. ``views``: symmetric views per galaxy the model
+    classifies by (default ``model.classify_views``)."""
     model.eval()
     cm = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.long)
     acc = Accumulator(range(NUM_CLASSES), NUM_CLASSES)
@@ -77,9 +78,9 @@ def evaluate(model, loader, device, margin, cf_limit=256):
             continue
         take = min(len(labels), cf_galaxies - acc.n_galaxies)
         if take > 0:
-            out = explain_batch(model, images[:take], range(NUM_CLASSES), margin)
+            out = explain_batch(model, images[:take], range(NUM_CLASSES), margin, views=views)
             acc.add(out, labels[:take])
-        cls = model.classify(images)
+        cls = model.classify(images, views)
         cm += confusion_matrix(labels, cls.pred, NUM_CLASSES)
         recon = model.decoder(cls.z).float()
         sq_err += float((recon - images.float()).pow(2).sum())

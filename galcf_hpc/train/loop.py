@@ -289,10 +289,12 @@ def _save(r, run_dir, step):
     )
 
 
-def _validate(cfg, model, device):
+def _validate(cfg, model, device, views=None):
+    """Validation on ``train.eval_split``; ``views`` as :func:`evaluate` (default
+    ``model.classify_views``)."""
     eval_loader = build_loader(cfg, cfg.train.eval_split, 0, 1, train=False)
     try:
-        return evaluate(model, eval_loader, device, margin=cfg.explain.margin, cf_limit=256)
+        return evaluate(model, eval_loader, device, margin=cfg.explain.margin, cf_limit=256, views=views)
     finally:
         eval_loader.close()
 
@@ -404,7 +406,8 @@ def _epochs(r, run_dir, step, start_epoch, metrics, signals):
             log.warning("stopping at step %d (mid-epoch %d) on %s; continue with --resume", step, epoch + 1, reason)
             break
         if env.is_main:
-            result = _validate(cfg, model, device)
+            # every epoch reads each galaxy once; eval.json, at the end, all of model.classify_views
+            result = _validate(cfg, model, device, views=1)
             metrics.write(
                 {
                     "kind": "eval",
@@ -439,7 +442,9 @@ def _epochs(r, run_dir, step, start_epoch, metrics, signals):
         return None
     if not env.is_main:
         return None
-    if result is None:  # resumed a finished run, or stopped before the first evaluation
+    if result is None or cfg.model.classify_views > 1:
+        # resumed a finished run, stopped before the first evaluation, or the model classifies
+        # by several views of each galaxy (the epochs' validations read one)
         result = _validate(cfg, model, device)
     final = {"split": t.eval_split, "step": step, "train_seconds": time.monotonic() - started, **result.to_json()}
     write_json(run_dir / "eval.json", final)

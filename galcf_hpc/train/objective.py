@@ -14,7 +14,8 @@ counterfactual convince more than one network (docs/method.md, "second level"): 
 trained here on real galaxies and frozen on x_cf (``loss.cf_critic``: luminance only,
 ``loss.cf_critic_colour``; of one or two architecture families, ``loss.cf_critic_family``),
 a "decoded counterfactual" class for the critic (``loss.cf_realism``), re-encoding under
-symmetries of the sky (``loss.cf_augment``; for the critics only, ``loss.cf_critic_augment``),
+symmetries of the sky (``loss.cf_augment``; the exact ones of the pixel grid alone,
+``loss.cf_symmetry``; for the critics only, ``loss.cf_critic_augment``),
 a gradient-reversed class critic on z2 (``loss.z2_adversary``), other placements of h_cf
 (``loss.cf_placement``) and a patch discriminator of real galaxies against x~ and x_cf
 (``loss.rec_adversarial``, ``loss.cf_adversarial``). All of them are *trained against*; none
@@ -48,14 +49,19 @@ class _GradReverse(torch.autograd.Function):
         return -grad
 
 
-def augment_for_reencoding(x):
-    """A random symmetry of the sky (rot90 and flip, one per batch), a shift of up to 2
-    pixels and Gaussian noise of up to 0.03: what a galaxy's class does not depend on. A
-    counterfactual must keep its class through them, so pixel-exact codes stop working.
-    The geometry is drawn on the host (no device sync), the noise on the images' device."""
+def random_symmetry(x):
+    """One of the eight symmetries of the square (rot90 and flip), drawn on the host (no
+    device sync), applied to the whole batch: exact, no pixel is resampled."""
     x = torch.rot90(x, int(torch.randint(0, 4, ())), dims=(-2, -1))
-    if int(torch.randint(0, 2, ())):
-        x = x.flip(-1)
+    return x.flip(-1) if int(torch.randint(0, 2, ())) else x
+
+
+def augment_for_reencoding(x):
+    """A random symmetry of the sky (:func:`random_symmetry`), a shift of up to 2 pixels and
+    Gaussian noise of up to 0.03: what a galaxy's class does not depend on. A counterfactual
+    must keep its class through them, so pixel-exact codes stop working. The geometry is
+    drawn on the host (no device sync), the noise on the images' device."""
+    x = random_symmetry(x)
     dy, dx = (int(v) for v in torch.randint(-2, 3, (2,)))
     x = torch.roll(x, (dy, dx), dims=(-2, -1))
     sigma = 0.03 * torch.rand(x.shape[0], 1, 1, 1, device=x.device, dtype=x.dtype)
@@ -224,9 +230,13 @@ def consistency_loss(model, z, h, recon, loss_cfg):
     encoder = _frozen(model.encoder)
     z_re = functional_call(model.encoder, encoder, (x_cf,))
     # the class must survive what a galaxy's class does not depend on; z2 (orientation,
-    # position...) is compared on the image as decoded
-    seen = augment_for_reencoding(x_cf) if loss_cfg.cf_augment else x_cf
-    z_seen = functional_call(model.encoder, encoder, (seen,)) if loss_cfg.cf_augment else z_re
+    # position...) is compared on the image as decoded. cf_symmetry: only the symmetries of
+    # the pixel grid, the views a model with classify_views > 1 averages over
+    if loss_cfg.cf_augment:
+        seen = augment_for_reencoding(x_cf)
+    else:
+        seen = random_symmetry(x_cf) if loss_cfg.cf_symmetry else x_cf
+    z_seen = functional_call(model.encoder, encoder, (seen,)) if seen is not x_cf else z_re
     with torch.autocast(x_cf.device.type, enabled=False):  # the flow in fp32, as in GalaxyCF.forward
         h_re, _ = functional_call(model.flow, _frozen(model.flow), (model.split(z_seen)[0].float(),))
         logits = class_logits(h_re, means.float(), model.log_weights)
