@@ -21,7 +21,8 @@ def test_smoke_config_meets_goals(tmp_path):
     # judges nothing trained against (docs/method.md): well above the 0.29 of the objective
     # without the luminance critic, and the luminance-only judge convinced as often
     assert cf["judge_names"] == ["cnn", "resnet", "resnet_grey"]
-    assert o["validity_panel"] >= 0.55 and o["validity_resnet_grey"] >= 0.45
+    # (0.753 / 0.669 in the demo with cf_symmetry, 0.674 / 0.584 before it)
+    assert o["validity_panel"] >= 0.65 and o["validity_resnet_grey"] >= 0.55
     # the change is mostly structure, not colour: 0.82 in the demo of the shipped objective
     # (its SSIM term trades some luminance share for similarity, docs/method.md), 0.90 before
     assert o["luminance_share"] >= 0.7
