@@ -399,7 +399,7 @@ def test_evaluation_and_reports_take_batches_on_the_device():
     images = torch.rand(32, 3, 8, 8, generator=g)
 
     class Model(torch.nn.Module):  # nearest-mean classifier stand-in: pred fixed per image
-        def classify(self, x):
+        def classify(self, x, views=None):
             pred = OnGPU(preds[: len(x)]) if isinstance(x, OnGPU) else preds[: len(x)]
             return Classification(pred, None, None, x.mean((2, 3)))
 
