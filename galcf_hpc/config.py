@@ -220,6 +220,10 @@ PLACEMENTS = ("boundary", "translate")
 # stages against strided residual ones) cannot rely on one family's blind spots
 CRITIC_FAMILIES = ("plain", "residual", "both")
 
+# model.classify_views (model/galcf.py dihedral_views): the image as given, with its mirror
+# image, its four rotations by 90 degrees, or those and their mirror images
+VIEW_COUNTS = (1, 2, 4, 8)
+
 # Keys that take one of a few values.
 _CHOICES = {
     "data.loader": LOADERS,
@@ -232,7 +236,7 @@ _CHOICES = {
     "explain.split": ("train", "val", "test"),
     "loss.cf_placement": (*PLACEMENTS, "interpolate"),  # interpolate: a random alpha per counterfactual
     "loss.cf_critic_family": CRITIC_FAMILIES,
-    "model.classify_views": (1, 2, 4, 8),  # model/galcf.py dihedral_views
+    "model.classify_views": VIEW_COUNTS,
 }
 
 

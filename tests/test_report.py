@@ -110,9 +110,9 @@ def _recompute(cfg, out):
                     continue
                 x_cf, _ = model.counterfactual(z, h, pred, torch.tensor([t]), cfg.explain.margin, cfg.explain.placement)
                 rows["model"].append(int(model.classify(x_cf).pred.item() == t))
+                shown = (x + x_cf - recon).clamp(0, 1)  # the grid's image
                 for n, j in judges.items():
                     rows[n].append(int(predict(j, x_cf).item() == t))
-                    shown = (x + x_cf - recon).clamp(0, 1)  # the grid's image
                     rows[f"overlay_{n}"].append(int(predict(j, shown).item() == t))
                 lrow.append(float(luminance_share(x_cf - recon)[0]))
             for n in rows:

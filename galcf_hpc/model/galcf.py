@@ -2,12 +2,13 @@
 Gaussian mixture in h with one trainable mean per class."""
 
 import math
+from itertools import islice
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from ..config import CRITIC_FAMILIES
+from ..config import CRITIC_FAMILIES, VIEW_COUNTS
 from ..data.classes import NUM_CLASSES
 from .autoencoder import Decoder, Encoder
 from .counterfactual import counterfactual_h
@@ -39,26 +40,26 @@ class Classification(NamedTuple):
     z: torch.Tensor
 
 
-# model.classify_views: the identity, its mirror image, the four 90-degree rotations, all eight
-VIEW_COUNTS = (1, 2, 4, 8)
+# which of the eight symmetries of the square (numbered as in dihedral_view) each view count takes
+_VIEW_INDICES = {1: (0,), 2: (0, 1), 4: (0, 2, 4, 6), 8: tuple(range(8))}
+
+
+def dihedral_view(x, i):
+    """Symmetry ``i`` (0-7) of the square applied to images x [..., H, W] (square): a rotation
+    by (i // 2) x 90 degrees, then a left-right mirror image if i is odd. Exact: pixels are
+    permuted, none is resampled. 0 is x itself."""
+    k, mirror = divmod(i, 2)
+    r = torch.rot90(x, k, (-2, -1)) if k else x
+    return r.flip(-1) if mirror else r
 
 
 def dihedral_views(x, n):
-    """The first ``n`` (1, 2, 4 or 8) of the eight symmetries of the square applied to images
-    x [..., H, W] (square), starting with x itself: n = 2 adds its left-right mirror image,
-    n = 4 gives the rotations by 0, 90, 180 and 270 degrees, n = 8 those and their mirror
-    images. A generator: one view at a time."""
+    """The first ``n`` (one of ``VIEW_COUNTS``) symmetric views of images x, starting with x
+    itself: n = 2 adds its mirror image, n = 4 gives the rotations by 0, 90, 180 and 270
+    degrees, n = 8 those and their mirror images. A generator: one view at a time."""
     if n not in VIEW_COUNTS:
         raise ValueError(f"number of views must be one of {VIEW_COUNTS}, got {n!r}")
-    if n == 2:
-        yield x
-        yield x.flip(-1)
-        return
-    for k in range(min(n, 4)):
-        r = torch.rot90(x, k, (-2, -1)) if k else x
-        yield r
-        if n == 8:
-            yield r.flip(-1)
+    return (dihedral_view(x, i) for i in _VIEW_INDICES[n])
 
 
 class GalaxyCF(nn.Module):
@@ -191,20 +192,20 @@ class GalaxyCF(nn.Module):
         the memory is that of one view. The flow and the class means always run in fp32,
         also under bf16 autocast."""
         views = self.classify_views if views is None else views
-        z = h = probs = None
-        for i, view in enumerate(dihedral_views(x, views)):
-            zv = self.encoder(view)
-            with torch.autocast(x.device.type, enabled=False):
-                hv, _ = self.hidden(self.split(zv)[0].float())
-                logits = self.logits(hv)
-            if i == 0:
-                z, h = zv, hv
-            if views == 1:
-                return Classification(logits.argmax(1), logits, h, z)
-            p = logits.softmax(1)
-            probs = p if probs is None else probs + p
-        logits = (probs / views).clamp_min(1e-30).log()
+        z, h, logits = self._read(x)
+        if views > 1:
+            probs = logits.softmax(1)
+            for view in islice(dihedral_views(x, views), 1, None):
+                probs = probs + self._read(view)[2].softmax(1)
+            logits = (probs / views).clamp_min(1e-30).log()
         return Classification(logits.argmax(1), logits, h, z)
+
+    def _read(self, x):
+        """z, h and class logits of images x as given (flow and means in fp32)."""
+        z = self.encoder(x)
+        with torch.autocast(x.device.type, enabled=False):
+            h, _ = self.hidden(self.split(z)[0].float())
+            return z, h, self.logits(h)
 
     @torch.no_grad()
     def counterfactual_latent(self, z, h, pred, target, margin, placement="boundary"):

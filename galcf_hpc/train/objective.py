@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from ..metrics import ssim
+from ..model.galcf import dihedral_view
 from ..model.gmm import class_logits
 from ..model.losses import ib_loss, mmd_unbiased, perceptual_loss
 
@@ -52,8 +53,8 @@ class _GradReverse(torch.autograd.Function):
 def random_symmetry(x):
     """One of the eight symmetries of the square (rot90 and flip), drawn on the host (no
     device sync), applied to the whole batch: exact, no pixel is resampled."""
-    x = torch.rot90(x, int(torch.randint(0, 4, ())), dims=(-2, -1))
-    return x.flip(-1) if int(torch.randint(0, 2, ())) else x
+    rotation = int(torch.randint(0, 4, ()))
+    return dihedral_view(x, 2 * rotation + int(torch.randint(0, 2, ())))
 
 
 def augment_for_reencoding(x):
