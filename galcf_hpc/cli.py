@@ -231,7 +231,7 @@ def cmd_judges_train(args):
 
 
 def cmd_judges_check(args):
-    from .device import resolve_device
+    from .device import inference_autocast, resolve_device
     from .judges.check import Classifier, check_panel, summary_lines
     from .train.checkpoint import latest_checkpoint
 
@@ -242,10 +242,15 @@ def cmd_judges_check(args):
         from .explain.run import load_run
 
         model, mcfg, ckpt = load_run(cfg.run.out_dir, device=dev)
+
+        def model_class(x):
+            with inference_autocast(dev, mcfg.train):  # as explain, report and catalog classify
+                return model.classify(x).pred
+
         extra.append(
             Classifier(
                 "model",
-                lambda x: model.classify(x).pred,
+                model_class,
                 mcfg.data.image_size,
                 mcfg.data.crop_fraction,
                 "model",

@@ -77,3 +77,11 @@ def training_autocast(device, train_cfg):
         )
         return contextlib.nullcontext()
     return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def inference_autocast(device, train_cfg):
+    """The autocast of the model's inference passes (validation, explain, report, catalog,
+    ``judges check``): the precision it trained at (:func:`training_autocast`), so that its
+    accuracy, its counterfactuals and their validity are those of one function wherever they
+    are computed. The judges are not under it: they classify in fp32 inside it."""
+    return training_autocast(device, train_cfg)

@@ -469,3 +469,56 @@ def test_report_renders_in_headless_chromium(run_with_judges, tmp_path):
     with Image.open(shot) as im:
         assert im.format == "PNG" and im.size == (1400, 3000)
     assert not png_is_blank(shot)
+
+
+def test_the_model_is_evaluated_at_the_precision_it_trained_at(run_with_judges, sharded, tmp_path, monkeypatch):
+    """With train.cpu_bf16 (on a CPU that computes bf16 natively) the model's encoder and
+    decoder run in bf16 wherever the model is evaluated: the epochs' validation, explain,
+    report, the catalog's inference context. The judges classify in fp32 all the same (the
+    yardstick does not move with the model's precision). Without the key nothing runs in bf16."""
+    import galcf_hpc.device as device
+    from galcf_hpc.catalog.render import inference_context
+    from galcf_hpc.explain.run import explain
+    from galcf_hpc.judges.nets import PlainCNN, ResNet
+    from galcf_hpc.model.autoencoder import Decoder, Encoder
+
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
+    seen = {}
+
+    def record(module, inputs, output):
+        kind = "judge" if isinstance(module, (PlainCNN, ResNet)) else type(module).__name__
+        if isinstance(module, (Encoder, Decoder, PlainCNN, ResNet)) and not module.training:
+            seen.setdefault(kind, set()).add(output.dtype)
+
+    def dtypes(call):
+        seen.clear()
+        call()
+        return seen.copy()
+
+    bf16_cfg = tiny_config(sharded.out, tmp_path / "bf16", cpu_bf16=True, threads=1)
+    bf16 = {torch.bfloat16}
+    hook = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        # validation after every epoch (and the final one)
+        assert dtypes(lambda: train(bf16_cfg)) == {"Encoder": bf16, "Decoder": bf16}
+        shutil.copytree(run_with_judges[1] / "judges", tmp_path / "bf16" / "judges")
+        want = {"Encoder": bf16, "Decoder": bf16, "judge": {torch.float32}}
+        assert dtypes(lambda: explain(tmp_path / "bf16", max_galaxies=8, device="cpu")) == want
+        out = tmp_path / "rep" / "report.html"
+        assert dtypes(lambda: build_report(tmp_path / "bf16", out=out, max_galaxies=10, device="cpu")) == want
+        model, cfg, _ = load_run(tmp_path / "bf16")
+        x = torch.rand(4, 3, 16, 16)
+        with inference_context(torch.device("cpu"), cfg.train):
+            assert model.classify(x).z.dtype == torch.bfloat16
+        # the fp32 run of the same kind: nothing in bf16
+        fp32 = {torch.float32}
+        assert dtypes(lambda: explain(run_with_judges[1], max_galaxies=8, device="cpu")) == {
+            "Encoder": fp32,
+            "Decoder": fp32,
+            "judge": fp32,
+        }
+        model, cfg, _ = load_run(run_with_judges[1])
+        with inference_context(torch.device("cpu"), cfg.train):
+            assert model.classify(x).z.dtype == torch.float32
+    finally:
+        hook.remove()

@@ -397,7 +397,7 @@ def _run_unit(ctx, unit, start, stop):
             x = x.contiguous(memory_format=torch.channels_last)
             # every galaxy's counterfactuals towards all targets in one pass: batched decodes
             # and re-encodes of exactly decode_batch latents (padded), judges in fp32
-            with inference_context(dev):
+            with inference_context(dev, cfg.train):
                 out = explain_batch(
                     ctx["model"],
                     x,

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.classes import CLASS_NAMES
+from ..device import inference_autocast
 from ..errors import DataError, UsageError
 from ..fileio import file_sha256
 from ..model.evaluation import counterfactual_images
@@ -29,12 +30,14 @@ def inference_model(module, device):
     return module.to(device).eval().to(memory_format=torch.channels_last)
 
 
-def inference_context(device):
-    """Inference mode, and bf16 autocast for the convolutions on a GPU (the model keeps
-    flow, class means and the counterfactual geometry in fp32 itself)."""
+def inference_context(device, train_cfg):
+    """Inference mode, and the autocast of the precision the model trained at
+    (:func:`galcf_hpc.device.inference_autocast`: bf16 for the convolutions on a GPU with
+    ``train.bf16`` and on a CPU with native bf16 and ``train.cpu_bf16``); the model keeps
+    flow, class means and the counterfactual geometry in fp32 itself, the judges run in fp32."""
     stack = contextlib.ExitStack()
     stack.enter_context(torch.inference_mode())
-    stack.enter_context(torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"))
+    stack.enter_context(inference_autocast(device, train_cfg))
     return stack
 
 
@@ -95,9 +98,9 @@ def render(catalog_dir, key=None, index=None, targets=None, device="cpu", checkp
             "another model's: pass the catalog's own checkpoint with --checkpoint"
         )
     dev = torch.device(device)
-    model, _, _ = load_run(None, ckpt, "cpu")
+    model, cfg, _ = load_run(None, ckpt, "cpu")
     model = inference_model(model, dev)
-    with inference_context(dev):
+    with inference_context(dev, cfg.train):
         images = counterfactual_images(
             model,
             torch.as_tensor(z, device=dev)[None],

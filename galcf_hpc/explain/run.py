@@ -8,7 +8,7 @@ import torch
 
 from ..config import config_from_dict
 from ..data.classes import CLASS_NAMES, NUM_CLASSES
-from ..device import resolve_device, use_device
+from ..device import inference_autocast, resolve_device, use_device
 from ..errors import CheckpointError
 from ..fileio import write_json
 from ..judges import load_judges
@@ -74,34 +74,36 @@ def explain(run_dir, split=None, targets=None, max_galaxies=None, device="auto",
     acc = Accumulator(targets, NUM_CLASSES, judges)
     pool = FigurePool()
     bar = Progress(len(loader), f"explain {split}")
-    try:
-        for i, batch in enumerate(loader):
-            keep = batch["valid"]
-            images = batch["images"][keep.to(batch["images"].device)].to(dev)
-            labels = batch["labels"][keep.to(batch["labels"].device)].cpu()
-            if limit:
-                images, labels = images[: limit - acc.n_galaxies], labels[: limit - acc.n_galaxies]
-            if len(labels) == 0:
-                break
-            out = explain_batch(
-                model,
-                images,
-                targets,
-                margin,
-                judges,
-                cfg.explain.background_fraction,
-                placement=cfg.explain.placement,
-                overlay=True,
-            )
-            acc.add(out, labels)
-            pool.add(images, labels, out)
-            bar(i + 1)
-            if limit and acc.n_galaxies >= limit:
-                break
-    finally:
-        loader.close()
+    with inference_autocast(dev, cfg.train):  # the model at the precision it trained at
+        try:
+            for i, batch in enumerate(loader):
+                keep = batch["valid"]
+                images = batch["images"][keep.to(batch["images"].device)].to(dev)
+                labels = batch["labels"][keep.to(batch["labels"].device)].cpu()
+                if limit:
+                    images, labels = images[: limit - acc.n_galaxies], labels[: limit - acc.n_galaxies]
+                if len(labels) == 0:
+                    break
+                out = explain_batch(
+                    model,
+                    images,
+                    targets,
+                    margin,
+                    judges,
+                    cfg.explain.background_fraction,
+                    placement=cfg.explain.placement,
+                    overlay=True,
+                )
+                acc.add(out, labels)
+                pool.add(images, labels, out)
+                bar(i + 1)
+                if limit and acc.n_galaxies >= limit:
+                    break
+        finally:
+            loader.close()
+        rows = pool.rows(model, margin, cfg.explain.placement) if pool else None
     summary = explanation_summary(run_dir, ckpt, split, cfg, acc.summary(CLASS_NAMES), judges, judge_note)
-    write_explanation(run_dir, summary, pool.rows(model, margin, cfg.explain.placement) if pool else None)
+    write_explanation(run_dir, summary, rows)
     return summary
 
 

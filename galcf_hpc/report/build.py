@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..device import resolve_device
+from ..device import inference_autocast, resolve_device
 from ..errors import DataError, UsageError
 from ..explain.figures import write_grids
 from ..explain.run import explanation_summary, load_run, write_explanation
@@ -85,9 +85,11 @@ def build_report(run_dir, catalog=None, out=None, max_galaxies=1000, device="aut
     if note:
         log.warning("%s", note)
 
-    collected = collect.collect(model, judges, cfg, max_galaxies, dev)
-    # the Figure-3 galaxies decoded once, for the report's grids and (explain) the run's
-    rows = collected.pool.rows(model, cfg.explain.margin, cfg.explain.placement) if collected.pool else None
+    with inference_autocast(dev, cfg.train):  # the model at the precision it trained at
+        collected = collect.collect(model, judges, cfg, max_galaxies, dev)
+        # the Figure-3 galaxies decoded once, for the report's grids and (explain) the run's
+        rows = collected.pool.rows(model, cfg.explain.margin, cfg.explain.placement) if collected.pool else None
+        mislabels = collect.mislabel_pass(model, cfg, dev)
     if explain:
         # explain stops at explain.max_galaxies (0: never), in the same order of galaxies
         if not collected.complete and max_galaxies != cfg.explain.max_galaxies:
@@ -100,7 +102,6 @@ def build_report(run_dir, catalog=None, out=None, max_galaxies=1000, device="aut
         write_explanation(run_dir, summary, rows)
     scores, embeddings = collect.silhouettes(collected.arrays, tsne)
     training = collect.training_records(run_dir)
-    mislabels = collect.mislabel_pass(model, cfg, dev)
     rep = collect.report_numbers(
         run_dir,
         ckpt,

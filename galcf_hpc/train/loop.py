@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from ..config import write_resolved_config
+from ..device import inference_autocast
 from ..errors import CheckpointError, ConfigError, PeerLostError
 from ..fileio import DirLock, move_aside, write_json
 from ..loaders import build_loader, check_labels
@@ -294,7 +295,8 @@ def _validate(cfg, model, device, views=None):
     ``model.classify_views``)."""
     eval_loader = build_loader(cfg, cfg.train.eval_split, 0, 1, train=False)
     try:
-        return evaluate(model, eval_loader, device, margin=cfg.explain.margin, cf_limit=256, views=views)
+        with inference_autocast(device, cfg.train):  # as explain, report and catalog classify
+            return evaluate(model, eval_loader, device, margin=cfg.explain.margin, cf_limit=256, views=views)
     finally:
         eval_loader.close()
 
