@@ -3,11 +3,19 @@ process, on the same model, batch and threads: the speed-up is a ratio against t
 next to it, never an absolute time.
 
     python3 benchmarks/cpu_bf16.py --config configs/synthetic64.yaml [--set key=value]
-        [--part model|judges] [--batch 32] [--threads 1] [--steps 6] [--repeats 3] [--out F.json]
+        [--part model|judges|explain] [--run RUN] [--batch 32] [--threads 1] [--steps 6]
+        [--repeats 3] [--out F.json]
 
 ``--part judges`` times one step of every judge of the panel instead (``judges.batch_size``
 unless ``--batch`` is given), as ``galcf-hpc judges train`` runs it beside the others, and
 compares the first step's losses.
+
+``--part explain`` times the model's inference pass as explain, report and catalog run it
+(``explain_batch``: classify by ``model.classify_views`` views, decode, counterfactuals
+towards every class, re-encode them; no judges) under ``inference_autocast`` against fp32,
+and reports how many galaxies and counterfactuals the two precisions classify alike. With
+``--run RUN`` the model is that run's trained one (its config; ``--config`` is then
+ignored), which is what agreement means something for; otherwise freshly initialised.
 
 One step is the whole objective of the config (``batch_losses``: reconstruction, MMD, IB,
 critics, the counterfactual terms), its backward pass and the AdamW step. Both precisions
@@ -31,8 +39,11 @@ import time
 import torch
 
 from galcf_hpc.config import load_config
-from galcf_hpc.device import cpu_has_native_bf16, training_autocast
+from galcf_hpc.data.classes import NUM_CLASSES
+from galcf_hpc.device import cpu_has_native_bf16, inference_autocast, training_autocast
+from galcf_hpc.explain.run import load_run
 from galcf_hpc.judges.train import DEFAULT_PANEL, _Trainee
+from galcf_hpc.model.evaluation import explain_batch
 from galcf_hpc.model.galcf import GalaxyCF
 from galcf_hpc.train.objective import batch_losses
 
@@ -75,44 +86,77 @@ def _judge_steps(cfg, images, labels, autocast, steps):
     return seconds, first
 
 
+@torch.no_grad()
+def _explain_passes(model, images, margin, autocast, steps):
+    """Seconds of each of ``steps`` explain passes after one warm-up, and the first pass's
+    classes of the galaxies and the model's verdicts on their counterfactuals."""
+    seconds, first = [], None
+    for i in range(steps + 1):
+        started = time.perf_counter()
+        with autocast:
+            out = explain_batch(model, images, range(NUM_CLASSES), margin, metrics=())
+        if i == 0:
+            first = {"pred": out.pred.clone(), "valid": out.valid["model"].clone()}
+        else:
+            seconds.append(time.perf_counter() - started)
+    return seconds, first
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", required=True)
+    p.add_argument("--config", help="the configuration (not with --run)")
     p.add_argument("--set", action="append", default=[], help="config override key=value (repeatable)")
-    p.add_argument("--part", choices=("model", "judges"), default="model", help="the model's step or the panel's")
+    p.add_argument(
+        "--part", choices=("model", "judges", "explain"), default="model", help="training step, panel, inference"
+    )
+    p.add_argument("--run", help="--part explain: a trained run directory whose model to time")
     p.add_argument("--batch", type=int, default=0, help="micro-batch of one rank (default 32; judges.batch_size)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--steps", type=int, default=6, help="timed steps per block")
     p.add_argument("--repeats", type=int, default=3, help="blocks per mode, alternating")
     p.add_argument("--out", help="also write the result as JSON here")
     args = p.parse_args(argv)
+    if bool(args.config) == bool(args.run) or (args.run and args.part != "explain"):
+        p.error("give --config, or --run with --part explain")
 
     if not cpu_has_native_bf16():
         raise SystemExit("this CPU has neither AMX-BF16 nor AVX512-BF16: train.cpu_bf16 would train in fp32")
     torch.set_num_threads(args.threads)
-    cfg = load_config(args.config, args.set)
+    if args.run:
+        trained, cfg, _ = load_run(args.run, overrides=args.set)
+    else:
+        cfg = load_config(args.config, args.set)
     size = cfg.data.image_size
     batch = args.batch or (cfg.judges.batch_size if args.part == "judges" else 32)
     gen = torch.Generator().manual_seed(0)
     images = torch.rand(batch, 3, size, size, generator=gen)
     labels = torch.randint(0, 10, (batch,), generator=gen)
     torch.manual_seed(cfg.run.seed)
-    initial = GalaxyCF.from_config(cfg) if args.part == "model" else None
-    modes = {
-        "fp32": contextlib.nullcontext(),
-        "bf16": training_autocast(torch.device("cpu"), dataclasses.replace(cfg.train, cpu_bf16=True)),
-    }
+    initial = (trained if args.run else GalaxyCF.from_config(cfg).eval()) if args.part != "judges" else None
+    bf16_train = dataclasses.replace(cfg.train, cpu_bf16=True)
+    bf16 = (inference_autocast if args.part == "explain" else training_autocast)(torch.device("cpu"), bf16_train)
+    modes = {"fp32": contextlib.nullcontext(), "bf16": bf16}
     seconds, terms = {m: [] for m in modes}, {}
     for _ in range(args.repeats):
         for mode, autocast in modes.items():
             torch.manual_seed(1)  # the same noise and targets in both modes' first step
             if args.part == "judges":
                 got, first = _judge_steps(cfg, images, labels, autocast, args.steps)
+            elif args.part == "explain":
+                got, first = _explain_passes(initial, images, cfg.explain.margin, autocast, args.steps)
             else:
                 got, first = _steps(copy.deepcopy(initial), images, labels, cfg.loss, autocast, args.steps)
             seconds[mode] += got
             terms.setdefault(mode, first)
     median = {m: statistics.median(v) for m, v in seconds.items()}
+    if args.part == "explain":
+        shown = terms["fp32"]["valid"] >= 0  # counterfactuals towards classes other than the galaxy's own
+        agreement = {
+            "same_class": float((terms["fp32"]["pred"] == terms["bf16"]["pred"]).float().mean()),
+            "same_verdict": float((terms["fp32"]["valid"] == terms["bf16"]["valid"])[shown].float().mean()),
+            "validity": {m: float(t["valid"][t["valid"] >= 0].float().mean()) for m, t in terms.items()},
+        }
+        terms = {m: {} for m in modes}
     rel = {k: abs(terms["bf16"][k] - v) / max(abs(v), 1e-8) for k, v in terms["fp32"].items() if k != "acc" and v == v}
     result = {
         "config": args.config,
@@ -124,9 +168,11 @@ def main(argv=None):
         "cpu": platform.processor() or platform.machine(),
         "seconds_per_step": median,
         "speedup_bf16": median["fp32"] / median["bf16"],
-        "max_rel_term_diff": max(rel.values()),
+        "max_rel_term_diff": max(rel.values(), default=None),
         "term_rel_diff": rel,
     }
+    if args.part == "explain":
+        result |= {"run": args.run, "views": cfg.model.classify_views, "agreement": agreement}
     print(json.dumps(result, indent=1))
     if args.out:
         with open(args.out, "w") as fh:

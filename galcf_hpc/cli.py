@@ -427,7 +427,10 @@ def _print_explain(summary):
             "judges' accuracy on x~ (what a counterfactual can show them at most): "
             + ", ".join(f"{n} {_num(c['accuracy'])}" for n, c in on_recon.items())
         )
-    print(f"written: {Path(summary['run']) / 'counterfactuals.json'}, counterfactual_grid.png, saliency_grid.png")
+    print(
+        f"written: {Path(summary['run']) / 'counterfactuals.json'}, "
+        "counterfactual_grid.png, decoded_grid.png, saliency_grid.png, colour_grid.png"
+    )
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

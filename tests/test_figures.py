@@ -158,10 +158,28 @@ def test_colour_grid_shows_what_the_luminance_grid_cannot(tmp_path):
 
 
 def test_write_grids_draws_all_three(tmp_path):
+    """Without reconstructions: the overlay grid and the two grids of the change."""
     originals, overlays, _, _ = _constant_images(3)
     overlays[0, 0] = 0.0
     names = write_grids(tmp_path / "figs", originals, overlays, _recolour_and_brighten(), [0, 4, 9])
-    assert names == GRIDS
-    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == sorted(GRIDS.values())
-    for name in GRIDS.values():
+    assert names == {k: v for k, v in GRIDS.items() if k != "decoded_grid"}
+    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == sorted(names.values())
+    for name in names.values():
         assert imread(tmp_path / "figs" / name).shape[0] > 300
+
+
+def test_decoded_grid_shows_the_counterfactuals_the_judges_classify(tmp_path):
+    """Given x~, the decoded grid shows x_cf = x~ + (x_cf - x~) off the diagonal and x~ on it
+    (not the original, not the diagonal's change)."""
+    originals, overlays, _, _ = _constant_images(3, size=10)
+    change = _recolour_and_brighten()
+    recon_colours = np.array([[0.5, 0.4, 0.6], [0.2, 0.3, 0.4], [0.6, 0.6, 0.2]])
+    recon = np.broadcast_to(recon_colours[:, :, None, None], (3, 3, 10, 10)).copy()
+    names = write_grids(tmp_path, originals, overlays, change, [0, 4, 9], recon=torch.tensor(recon))
+    assert names == GRIDS
+    img, layout = imread(tmp_path / GRIDS["decoded_grid"]), grid_layout(3)
+    for i in range(3):
+        np.testing.assert_allclose(_pixel(img, layout, i, i), recon_colours[i], atol=TOL)
+    np.testing.assert_allclose(_pixel(img, layout, 0, 1), recon_colours[0] + [0.3, 0.0, -0.3], atol=TOL)
+    np.testing.assert_allclose(_pixel(img, layout, 1, 0), recon_colours[1] + 0.3, atol=TOL)
+    np.testing.assert_allclose(_pixel(img, layout, 2, 0), recon_colours[2], atol=TOL)

@@ -31,7 +31,7 @@ from test_train import tiny_config
 
 CHROMIUM = "/usr/bin/chromium"
 PANEL = ["cnn", "resnet", "resnet_grey"]
-GRIDS = {"counterfactual_grid.png", "saliency_grid.png", "colour_grid.png"}
+GRIDS = {"counterfactual_grid.png", "decoded_grid.png", "saliency_grid.png", "colour_grid.png"}
 
 
 class _Imgs(HTMLParser):

@@ -163,7 +163,7 @@ def test_explain_writes_metrics_and_grid(trained, sharded):
             assert p["luminance_share"] is None or 0.0 <= p["luminance_share"] <= 1.0
     # no judges next to this run: the summary says so and names the command that trains them
     assert saved["judge_names"] == [] and "galcf-hpc judges train" in saved["judge_note"]
-    for name in ("counterfactual_grid.png", "saliency_grid.png", "colour_grid.png"):
+    for name in ("counterfactual_grid.png", "decoded_grid.png", "saliency_grid.png", "colour_grid.png"):
         with Image.open(out / name) as im:
             assert im.size[0] > 300 and im.size[1] > 300
 

@@ -3,7 +3,8 @@
 An n x n grid for n selected classes: row i holds one galaxy of class i, column j the
 counterfactual towards class j. The diagonal cell (i, i) shows the original galaxy.
 
-Three grids of the same galaxies (:func:`write_grids`): the counterfactuals themselves, the
+The grids of the same galaxies (:func:`write_grids`): the counterfactuals as the paper shows
+them (x + (x_cf - x~)), the decoded counterfactuals x_cf that the judges classify, the
 *luminance* change (band mean of x_cf - x~: structure such as a bar or an arm) and the
 *colour* change (what is left of x_cf - x~: flux moved between bands). A counterfactual
 that only recolours its galaxy is blank in the luminance grid; docs/method.md explains why
@@ -308,21 +309,29 @@ def colour_grid(path, change, class_names, vmax=None, shares=None):
 
 GRIDS = {
     "counterfactual_grid": "counterfactual_grid.png",
+    "decoded_grid": "decoded_grid.png",
     "saliency_grid": "saliency_grid.png",
     "colour_grid": "colour_grid.png",
 }
 
 
-def write_grids(out_dir, originals, overlays, change, classes):
-    """The three grids of the same galaxies into ``out_dir`` (names in :data:`GRIDS`):
+def write_grids(out_dir, originals, overlays, change, classes, recon=None):
+    """The grids of the same galaxies into ``out_dir`` (names in :data:`GRIDS`):
     counterfactuals (``overlays`` x + (x_cf - x~)), luminance change and colour change of
-    ``change`` = x_cf - x~ [n, n, 3, H, W], every cell captioned with its luminance share.
-    ``classes``: class indices of the rows; returns {figure: file name}."""
+    ``change`` = x_cf - x~ [n, n, 3, H, W], every cell captioned with its luminance share,
+    and, given the reconstructions ``recon`` [n, 3, H, W], the decoded counterfactuals
+    x_cf = x~ + change themselves (x~ on the diagonal): the images the judges classify.
+    ``classes``: class indices of the rows; returns {figure: file name} of those written."""
     change = _change_input("change", change, bands_only=True)
     n = change.shape[0]
     shares = luminance_share(change.reshape(n * n, *change.shape[2:])).numpy().reshape(n, n)
     out_dir = Path(out_dir)
+    written = ["counterfactual_grid", "saliency_grid", "colour_grid"]
     counterfactual_grid(out_dir / GRIDS["counterfactual_grid"], originals, overlays, classes)
+    if recon is not None:
+        recon = _to_numpy(recon)
+        counterfactual_grid(out_dir / GRIDS["decoded_grid"], recon, recon[:, None] + change, classes)
+        written.append("decoded_grid")
     saliency_grid(out_dir / GRIDS["saliency_grid"], change, classes, shares=shares)
     colour_grid(out_dir / GRIDS["colour_grid"], change, classes, shares=shares)
-    return dict(GRIDS)
+    return {k: v for k, v in GRIDS.items() if k in written}

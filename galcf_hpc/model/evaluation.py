@@ -327,7 +327,8 @@ class FigurePool:
     @torch.no_grad()
     def rows(self, model, margin, placement="boundary"):
         """(originals [K, 3, R, R], overlays x + (x_cf - x~) [K, K, 3, R, R], saliency x_cf - x~
-        [K, K, 3, R, R], classes) for the K pooled galaxies towards each pooled class."""
+        [K, K, 3, R, R], classes, reconstructions x~ [K, 3, R, R]) for the K pooled galaxies
+        towards each pooled class: the arguments of :func:`galcf_hpc.explain.figures.write_grids`."""
         classes = sorted(self.pool)
         x, z, h, pred = (torch.stack([self.pool[c][k] for c in classes]) for k in ("images", "z", "h", "pred"))
         recon = model.decoder(z.to(next(model.parameters()).dtype)).float()
@@ -336,4 +337,4 @@ class FigurePool:
             x_cf, _ = model.counterfactual(z, h, pred, torch.full_like(pred, t), margin, placement)
             overlays.append((x.float() + (x_cf.float() - recon)).clamp(0, 1))
             saliency.append(x_cf.float() - recon)
-        return x, torch.stack(overlays, 1), torch.stack(saliency, 1), classes
+        return x, torch.stack(overlays, 1), torch.stack(saliency, 1), classes, recon
