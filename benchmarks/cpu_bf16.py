@@ -14,8 +14,9 @@ compares the first step's losses.
 (``explain_batch``: classify by ``model.classify_views`` views, decode, counterfactuals
 towards every class, re-encode them; no judges) under ``inference_autocast`` against fp32,
 and reports how many galaxies and counterfactuals the two precisions classify alike. With
-``--run RUN`` the model is that run's trained one (its config; ``--config`` is then
-ignored), which is what agreement means something for; otherwise freshly initialised.
+``--run RUN`` the model is that run's trained one (its config) and the batch the first
+galaxies of its ``explain.split``, which is what agreement means something for; otherwise a
+freshly initialised model on random images.
 
 One step is the whole objective of the config (``batch_losses``: reconstruction, MMD, IB,
 critics, the counterfactual terms), its backward pass and the AdamW step. Both precisions
@@ -43,6 +44,7 @@ from galcf_hpc.data.classes import NUM_CLASSES
 from galcf_hpc.device import cpu_has_native_bf16, inference_autocast, training_autocast
 from galcf_hpc.explain.run import load_run
 from galcf_hpc.judges.train import DEFAULT_PANEL, _Trainee
+from galcf_hpc.loaders import build_loader
 from galcf_hpc.model.evaluation import explain_batch
 from galcf_hpc.model.galcf import GalaxyCF
 from galcf_hpc.train.objective import batch_losses
@@ -84,6 +86,20 @@ def _judge_steps(cfg, images, labels, autocast, steps):
             else:
                 seconds.append(time.perf_counter() - started)
     return seconds, first
+
+
+def _galaxies(cfg, count):
+    """The first ``count`` galaxies of ``explain.split`` as the loader gives them."""
+    loader = build_loader(cfg, cfg.explain.split, 0, 1, train=False)
+    try:
+        found = []
+        for batch in loader:
+            found.append(batch["images"][batch["valid"]])
+            if sum(len(x) for x in found) >= count:
+                break
+    finally:
+        loader.close()
+    return torch.cat(found)[:count].float()
 
 
 @torch.no_grad()
@@ -131,6 +147,8 @@ def main(argv=None):
     gen = torch.Generator().manual_seed(0)
     images = torch.rand(batch, 3, size, size, generator=gen)
     labels = torch.randint(0, 10, (batch,), generator=gen)
+    if args.run:  # galaxies of the run's own explain split: agreement on what the model is for
+        images = _galaxies(cfg, batch)
     torch.manual_seed(cfg.run.seed)
     initial = (trained if args.run else GalaxyCF.from_config(cfg).eval()) if args.part != "judges" else None
     bf16_train = dataclasses.replace(cfg.train, cpu_bf16=True)

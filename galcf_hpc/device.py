@@ -17,6 +17,7 @@ from .errors import ConfigError
 log = logging.getLogger("galcf_hpc")
 
 DEVICES = ("auto", "cpu", "cuda")
+_warned = []  # the fp32 fallback of train.cpu_bf16 has been reported in this process
 
 
 def resolve_device(name="auto", local_rank=0, option="--device"):
@@ -71,10 +72,12 @@ def training_autocast(device, train_cfg):
     if not train_cfg.cpu_bf16:
         return contextlib.nullcontext()
     if not cpu_has_native_bf16():
-        log.warning(
-            "train.cpu_bf16: this CPU has neither AMX-BF16 nor AVX512-BF16, where bf16 would be slower than "
-            "fp32; training in fp32"
-        )
+        if not _warned:  # once per process: the catalog job asks for every unit
+            _warned.append(True)
+            log.warning(
+                "train.cpu_bf16: this CPU has neither AMX-BF16 nor AVX512-BF16, where bf16 would be slower than "
+                "fp32; training and evaluating in fp32"
+            )
         return contextlib.nullcontext()
     return torch.autocast("cpu", dtype=torch.bfloat16)
 

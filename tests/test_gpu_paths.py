@@ -438,11 +438,17 @@ def test_cpu_bf16_autocasts_only_where_asked_and_where_the_cpu_has_bf16(monkeypa
 
     on = config_from_dict({"train": {"cpu_bf16": True}})
     assert not enabled(config_from_dict({}))[0]
+    monkeypatch.setattr(devmod, "_warned", [])  # as in a fresh process
     for caps, expected in (({"amx_bf16": True}, True), ({"avx512_bf16": True}, True), ({"avx2": True}, False)):
         monkeypatch.setattr(torch.cpu, "get_capabilities", lambda caps=caps: caps)
         caplog.clear()
         assert enabled(on) == ((True, torch.bfloat16) if expected else (False, torch.get_autocast_dtype("cpu")))
         assert ("neither AMX-BF16 nor AVX512-BF16" in caplog.text) is not expected
+    # once per process: the catalog job asks for every unit it runs
+    caplog.clear()
+    with devmod.inference_autocast(torch.device("cpu"), on.train):
+        assert not torch.is_autocast_enabled("cpu")
+    assert "neither AMX-BF16" not in caplog.text
     assert not torch.is_autocast_enabled("cpu")
 
 
