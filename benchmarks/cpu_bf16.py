@@ -44,9 +44,9 @@ from galcf_hpc.data.classes import NUM_CLASSES
 from galcf_hpc.device import cpu_has_native_bf16, inference_autocast, training_autocast
 from galcf_hpc.explain.run import load_run
 from galcf_hpc.judges.train import DEFAULT_PANEL, _Trainee
-from galcf_hpc.loaders import build_loader
 from galcf_hpc.model.evaluation import explain_batch
 from galcf_hpc.model.galcf import GalaxyCF
+from galcf_hpc.report.collect import iterate
 from galcf_hpc.train.objective import batch_losses
 
 
@@ -86,20 +86,6 @@ def _judge_steps(cfg, images, labels, autocast, steps):
             else:
                 seconds.append(time.perf_counter() - started)
     return seconds, first
-
-
-def _galaxies(cfg, count):
-    """The first ``count`` galaxies of ``explain.split`` as the loader gives them."""
-    loader = build_loader(cfg, cfg.explain.split, 0, 1, train=False)
-    try:
-        found = []
-        for batch in loader:
-            found.append(batch["images"][batch["valid"]])
-            if sum(len(x) for x in found) >= count:
-                break
-    finally:
-        loader.close()
-    return torch.cat(found)[:count].float()
 
 
 @torch.no_grad()
@@ -148,9 +134,13 @@ def main(argv=None):
     images = torch.rand(batch, 3, size, size, generator=gen)
     labels = torch.randint(0, 10, (batch,), generator=gen)
     if args.run:  # galaxies of the run's own explain split: agreement on what the model is for
-        images = _galaxies(cfg, batch)
+        images = torch.cat([x for _, x, _ in iterate(cfg, cfg.explain.split, batch)]).float()
     torch.manual_seed(cfg.run.seed)
-    initial = (trained if args.run else GalaxyCF.from_config(cfg).eval()) if args.part != "judges" else None
+    initial = None  # the judges build their own
+    if args.part == "explain":
+        initial = trained if args.run else GalaxyCF.from_config(cfg).eval()
+    elif args.part == "model":
+        initial = GalaxyCF.from_config(cfg)  # training steps: train mode
     bf16_train = dataclasses.replace(cfg.train, cpu_bf16=True)
     bf16 = (inference_autocast if args.part == "explain" else training_autocast)(torch.device("cpu"), bf16_train)
     modes = {"fp32": contextlib.nullcontext(), "bf16": bf16}
