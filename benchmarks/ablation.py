@@ -22,49 +22,27 @@ from pathlib import Path
 import torch
 
 from galcf_hpc.config import load_config
-from galcf_hpc.data.classes import CLASS_NAMES, NUM_CLASSES
+from galcf_hpc.data.classes import CLASS_NAMES
+from galcf_hpc.explain.passes import explanation_pass
 from galcf_hpc.explain.run import load_run
 from galcf_hpc.judges import load_judges
-from galcf_hpc.loaders import build_loader
-from galcf_hpc.model.evaluation import Accumulator, FigurePool, explain_batch
 from galcf_hpc.train.loop import train
 
 SHAPE_TARGETS = ("Round Smooth", "Cigar Shaped Smooth", "Edge-on without Bulge", "Edge-on with Bulge")
 
 
-@torch.no_grad()
 def judge_run(run_dir, judges, placement, limit=0, figure=None):
+    """The variant's test split explained at ``placement`` (the same pass as `galcf-hpc
+    explain`, at the precision the variant trained at); its summary, and ``figure`` drawn."""
     model, cfg, _ = load_run(run_dir)
-    acc = Accumulator(range(NUM_CLASSES), NUM_CLASSES, judges)
-    pool = FigurePool()
-    loader = build_loader(cfg, cfg.explain.split, 0, 1, train=False)
-    try:
-        for batch in loader:
-            keep = batch["valid"]
-            images, labels = batch["images"][keep], batch["labels"][keep]
-            if limit:
-                images, labels = images[: limit - acc.n_galaxies], labels[: limit - acc.n_galaxies]
-            if len(labels) == 0:
-                break
-            out = explain_batch(
-                model,
-                images,
-                range(NUM_CLASSES),
-                cfg.explain.margin,
-                judges,
-                cfg.explain.background_fraction,
-                placement=placement,
-            )
-            acc.add(out, labels)
-            pool.add(images, labels, out)
-    finally:
-        loader.close()
-    if figure:
+    cpu = torch.device("cpu")
+    done = explanation_pass(model, cfg, judges, cpu, limit=limit, placement=placement, figures=bool(figure))
+    if figure and done.rows:
         from galcf_hpc.explain.figures import counterfactual_grid
 
-        x, overlays, _, classes = pool.rows(model, cfg.explain.margin, placement)
+        x, overlays, _, classes, _ = done.rows
         counterfactual_grid(figure, x, overlays, [CLASS_NAMES[c] for c in classes], title=figure.stem)
-    return acc.summary(CLASS_NAMES)
+    return done.accumulator.summary(CLASS_NAMES)
 
 
 def row(name, placement, s, judges):

@@ -42,11 +42,11 @@ import torch
 from galcf_hpc.config import load_config
 from galcf_hpc.data.classes import NUM_CLASSES
 from galcf_hpc.device import cpu_has_native_bf16, inference_autocast, training_autocast
+from galcf_hpc.explain.passes import valid_batches
 from galcf_hpc.explain.run import load_run
 from galcf_hpc.judges.train import DEFAULT_PANEL, _Trainee
 from galcf_hpc.model.evaluation import explain_batch
 from galcf_hpc.model.galcf import GalaxyCF
-from galcf_hpc.report.collect import iterate
 from galcf_hpc.train.objective import batch_losses
 
 
@@ -134,7 +134,7 @@ def main(argv=None):
     images = torch.rand(batch, 3, size, size, generator=gen)
     labels = torch.randint(0, 10, (batch,), generator=gen)
     if args.run:  # galaxies of the run's own explain split: agreement on what the model is for
-        images = torch.cat([x for _, x, _ in iterate(cfg, cfg.explain.split, batch)]).float()
+        images = torch.cat([x for _, x, _ in valid_batches(cfg, cfg.explain.split, batch)]).float()
     torch.manual_seed(cfg.run.seed)
     initial = None  # the judges build their own
     if args.part == "explain":

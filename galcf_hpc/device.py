@@ -82,6 +82,12 @@ def training_autocast(device, train_cfg):
     return torch.autocast("cpu", dtype=torch.bfloat16)
 
 
+def autocast_precision(context):
+    """ "bf16" or "fp32": what an autocast context of :func:`training_autocast` or
+    :func:`inference_autocast` runs the model's convolutions in."""
+    return "bf16" if isinstance(context, torch.autocast) and context.fast_dtype == torch.bfloat16 else "fp32"
+
+
 def inference_autocast(device, train_cfg):
     """The autocast of the model's inference passes (validation, explain, report, catalog,
     ``judges check``): the precision it trained at (:func:`training_autocast`), so that its

@@ -437,6 +437,63 @@ def _other_checkpoint(ckpt, tmp_path):
     return path
 
 
+def test_a_resume_at_another_precision_recomputes_every_part(run_dir, make_catalog, tmp_path, monkeypatch, caplog):
+    """Every part records the precision of its model pass, catalog.h5 the catalog's. Resumed
+    where the model runs at another precision (the same checkpoint on a CPU with native bf16
+    and train.cpu_bf16, or on a GPU), every finished part of the other precision is moved
+    aside and computed again: a catalog is one function, never a mix of fp32 and bf16 units."""
+    import dataclasses
+
+    from galcf_hpc import device
+    from galcf_hpc.catalog import job
+
+    ckpt = latest_checkpoint(run_dir)
+    cat = make_catalog(n=6, size=32, seed=0)
+    out = tmp_path / "out"
+
+    def precisions():
+        with h5py.File(out / "catalog.h5", "r") as f:
+            whole = str(f.attrs["precision"])
+        parts = {}
+        for part in sorted((out / "parts").glob("unit-*.h5")):
+            with h5py.File(part, "r") as f:
+                parts[part.name] = str(f.attrs["precision"])
+        return whole, parts
+
+    first, fp32 = _catalog_run(ckpt, cat.path, out)
+    assert first["computed_units"] == 3 and precisions() == ("fp32", dict.fromkeys(_unit_names(3), "fp32"))
+
+    original = job.load_run
+
+    def in_bf16(*args, **kwargs):  # the same checkpoint where it trains (and runs) in bf16
+        model, cfg, path = original(*args, **kwargs)
+        return model, dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, cpu_bf16=True)), path
+
+    monkeypatch.setattr(job, "load_run", in_bf16)
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
+    with caplog.at_level(logging.WARNING, logger="galcf_hpc"):
+        again, bf16 = _catalog_run(ckpt, cat.path, out)
+    assert again["computed_units"] == 3 and again["skipped_units"] == 0
+    assert again["rejected_parts"] == [f"{n}.rejected-precision" for n in _unit_names(3)]
+    assert "was computed in fp32, this catalog computes in bf16" in caplog.text
+    assert precisions() == ("bf16", dict.fromkeys(_unit_names(3), "bf16"))
+    assert verify_catalog(out)["num_galaxies"] == 6
+    # really computed again in bf16: the latents differ from the fp32 ones, slightly
+    diff = np.abs(bf16["h"] - fp32["h"]).max()
+    assert 0 < diff < 0.5 * np.abs(fp32["h"]).max()
+
+    # a bf16 part planted among fp32 ones fails verify, naming the part and both precisions
+    monkeypatch.setattr(job, "load_run", original)
+    _catalog_run(ckpt, cat.path, out)
+    shutil.copy(out / "parts" / "unit-000001.h5.rejected-precision-2", out / "parts" / "unit-000001.h5")  # the bf16 one
+    with pytest.raises(DataError, match="unit-000001.h5.*was computed in bf16, this catalog computes in fp32"):
+        verify_catalog(out)
+
+
+def _unit_names(n):
+    return [f"unit-{u:06d}.h5" for u in range(n)]
+
+
 def test_damaged_and_foreign_parts_are_moved_aside_and_recomputed(run_dir, make_catalog, tmp_path, caplog):
     """A part file counts as done only if it is a whole part of this very run; anything else
     under its name is renamed to unit-NNNNNN.h5.rejected-<reason> (never deleted), logged,

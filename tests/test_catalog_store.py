@@ -50,7 +50,13 @@ def tiny_rows(fields, start, stop):
     }
 
 
-RUN = {"checkpoint_sha256": "0" * 64, "judges": {"cnn": "1" * 64}, "targets": TARGETS, "input_fingerprint": "test"}
+RUN = {
+    "checkpoint_sha256": "0" * 64,
+    "judges": {"cnn": "1" * 64},
+    "targets": TARGETS,
+    "input_fingerprint": "test",
+    "precision": "fp32",
+}
 
 
 def make_catalog(out, n=100, unit_size=16, plant=None):

@@ -33,7 +33,7 @@ import torch
 from .. import __version__
 from ..config import dump_config
 from ..data.classes import CLASS_NAMES, NUM_CLASSES, parse_class_list
-from ..device import resolve_device
+from ..device import autocast_precision, inference_autocast, resolve_device
 from ..errors import DataError, GalcfError, UsageError
 from ..explain.run import load_run
 from ..fileio import DirLock, file_sha256, write_json
@@ -149,7 +149,7 @@ def _schema(plan, model, cfg):
 
 
 def _prepare(checkpoint, input_path, out_dir, targets, unit_size, image_dtype, images, device, ranks):
-    resolve_device(device, 0, option="--device")
+    first = resolve_device(device, 0, option="--device")
     if unit_size is not None and unit_size < 1:
         raise UsageError(f"--unit-size must be at least 1, got {unit_size}")
     if image_dtype not in IMAGE_DTYPES:
@@ -213,9 +213,13 @@ def _prepare(checkpoint, input_path, out_dir, targets, unit_size, image_dtype, i
     for stale in parts.glob(".unit-*.tmp"):  # left by a killed run; its unit is recomputed
         stale.unlink(missing_ok=True)
     units = store.work_units(source.n, run["unit_size"])
-    todo, rejected = _check_done(parts, units, _schema(run, model, cfg), run)
+    # the precision every unit is computed at (not part of run.json: a resumed run may change
+    # it, and then recomputes every part of the other precision, so the catalog is one function)
+    precision = autocast_precision(inference_autocast(first, cfg.train))
+    todo, rejected = _check_done(parts, units, _schema(run, model, cfg), {**run, "precision": precision})
     plan = {
         **run,
+        "precision": precision,
         "out_dir": str(out_dir),
         "checkpoint_path": str(ckpt),
         "todo": todo,
@@ -444,6 +448,7 @@ def _catalog_attrs(plan, cfg, fields):
                 "images",
                 "image_dtype",
                 "decode_batch",
+                "precision",
             )
         },
         "num_units": len(store.work_units(plan["num_galaxies"], plan["unit_size"])),
@@ -534,6 +539,13 @@ def _run_catalog(
             model, cfg, _ = load_run(None, plan["checkpoint_path"], "cpu")
             judges = _load_judges_again(plan, "cpu")
             source = open_source(plan["input"])
+        mine = autocast_precision(inference_autocast(dev, cfg.train))
+        if mine != plan["precision"]:
+            raise DataError(
+                f"rank {rank} would compute in {mine} on {dev}, rank 0 planned every unit in {plan['precision']}: "
+                "a catalog holds one precision; run every rank on the same kind of device (GPUs everywhere, or "
+                "CPUs that all have, or all lack, native bf16)"
+            )
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
             torch.backends.cudnn.benchmark = True  # batches are padded to one shape (see _run_unit)
@@ -695,6 +707,8 @@ def verify_catalog(out_dir, progress=None):
         "targets": targets,
         "input_fingerprint": str(attrs["input_fingerprint"]),
     }
+    if "precision" in attrs:  # catalogs made before the precision was recorded have none
+        expected["precision"] = str(attrs["precision"])
     source, bad_parts = None, []
     if Path(attrs["input"]).exists():
         try:

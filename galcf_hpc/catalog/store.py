@@ -64,6 +64,7 @@ PART_RECORD = (
     "targets",
     "input_fingerprint",
     "input_sha256",
+    "precision",
 )
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -74,8 +75,9 @@ def part_name(unit):
 
 def part_attrs(unit, start, stop, run, input_sha256, **extra):
     """The attributes of a part file: its unit and rows, what it was computed with (``run``:
-    checkpoint_sha256, judges {name: sha256}, targets, input_fingerprint, as in run.json)
-    and the sha256 of its rows of the input (see ``source.unit_sha256``)."""
+    checkpoint_sha256, judges {name: sha256}, targets, input_fingerprint, as in run.json, and
+    the precision of its model pass: bf16 or fp32), and the sha256 of its rows of the input (see
+    ``source.unit_sha256``)."""
     return {
         "unit": unit,
         "start": start,
@@ -85,6 +87,7 @@ def part_attrs(unit, start, stop, run, input_sha256, **extra):
         "targets": np.asarray(run["targets"], np.int16),
         "input_fingerprint": run["input_fingerprint"],
         "input_sha256": input_sha256,
+        "precision": run["precision"],
         **extra,
     }
 
@@ -404,6 +407,11 @@ def part_problem(path, unit, start, stop, fields, run):
                 return "input", (
                     f"was computed from input {a['input_fingerprint']!r}, this catalog's input is "
                     f"{run['input_fingerprint']!r}"
+                )
+            if "precision" in run and a["precision"] != run["precision"]:
+                return "precision", (
+                    f"was computed in {a['precision']}, this catalog computes in {run['precision']} (another "
+                    "kind of device, or train.bf16/train.cpu_bf16 changed)"
                 )
             if not (isinstance(a["input_sha256"], str) and _SHA256.fullmatch(a["input_sha256"])):
                 return "unrecorded", f"attribute 'input_sha256' is {a['input_sha256']!r}, not a sha256"

@@ -7,17 +7,15 @@ from pathlib import Path
 import torch
 
 from ..config import config_from_dict
-from ..data.classes import CLASS_NAMES, NUM_CLASSES
-from ..device import inference_autocast, resolve_device, use_device
-from ..errors import CheckpointError
+from ..data.classes import CLASS_NAMES
+from ..device import resolve_device, use_device
+from ..errors import CheckpointError, DataError
 from ..fileio import write_json
 from ..judges import load_judges
-from ..loaders import build_loader
-from ..model.evaluation import Accumulator, FigurePool, explain_batch
 from ..model.galcf import GalaxyCF
-from ..progress import Progress
 from ..train.checkpoint import check_compatible, latest_checkpoint, load_checkpoint
 from .figures import write_grids
+from .passes import explanation_pass
 
 log = logging.getLogger("galcf_hpc")
 
@@ -68,42 +66,11 @@ def explain(run_dir, split=None, targets=None, max_galaxies=None, device="auto",
     judges, judge_note = load_judges(run_dir, dev)
     split = split or cfg.explain.split
     limit = cfg.explain.max_galaxies if max_galaxies is None else max_galaxies
-    targets = list(range(NUM_CLASSES)) if targets is None else list(targets)
-    margin = cfg.explain.margin
-    loader = build_loader(cfg, split, 0, 1, train=False)
-    acc = Accumulator(targets, NUM_CLASSES, judges)
-    pool = FigurePool()
-    bar = Progress(len(loader), f"explain {split}")
-    with inference_autocast(dev, cfg.train):  # the model at the precision it trained at
-        try:
-            for i, batch in enumerate(loader):
-                keep = batch["valid"]
-                images = batch["images"][keep.to(batch["images"].device)].to(dev)
-                labels = batch["labels"][keep.to(batch["labels"].device)].cpu()
-                if limit:
-                    images, labels = images[: limit - acc.n_galaxies], labels[: limit - acc.n_galaxies]
-                if len(labels) == 0:
-                    break
-                out = explain_batch(
-                    model,
-                    images,
-                    targets,
-                    margin,
-                    judges,
-                    cfg.explain.background_fraction,
-                    placement=cfg.explain.placement,
-                    overlay=True,
-                )
-                acc.add(out, labels)
-                pool.add(images, labels, out)
-                bar(i + 1)
-                if limit and acc.n_galaxies >= limit:
-                    break
-        finally:
-            loader.close()
-        rows = pool.rows(model, margin, cfg.explain.placement) if pool else None
-    summary = explanation_summary(run_dir, ckpt, split, cfg, acc.summary(CLASS_NAMES), judges, judge_note)
-    write_explanation(run_dir, summary, rows)
+    done = explanation_pass(model, cfg, judges, dev, split, limit, targets)
+    if done.accumulator.n_galaxies == 0:
+        raise DataError(f"split {split!r} of {cfg.data.shards} holds no galaxies to explain")
+    summary = explanation_summary(run_dir, ckpt, split, cfg, done.accumulator.summary(CLASS_NAMES), judges, judge_note)
+    write_explanation(run_dir, summary, done.rows)
     return summary
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.classes import CLASS_NAMES, NUM_CLASSES
-from ..device import resolve_device, training_autocast
+from ..device import autocast_precision, resolve_device, training_autocast
 from ..errors import UsageError
 from ..fileio import write_json
 from ..loaders import build_loader
@@ -148,7 +148,7 @@ class _Trainee:
         # the forward pass in bf16 where the run trains in bf16 (train.bf16 on a GPU,
         # train.cpu_bf16 on a CPU with native bf16); augmentation, loss and weights stay fp32
         self.autocast = autocast if autocast is not None else contextlib.nullcontext()
-        self.precision = "bf16" if isinstance(self.autocast, torch.autocast) else "fp32"
+        self.precision = autocast_precision(self.autocast)
         self.out = judges_dir(cfg.run.out_dir) / spec.name
         self.out.mkdir(parents=True, exist_ok=True)
         self.device = device

@@ -85,10 +85,10 @@ def build_report(run_dir, catalog=None, out=None, max_galaxies=1000, device="aut
     if note:
         log.warning("%s", note)
 
-    with inference_autocast(dev, cfg.train):  # the model at the precision it trained at
-        collected = collect.collect(model, judges, cfg, max_galaxies, dev)
-        # the Figure-3 galaxies decoded once, for the report's grids and (explain) the run's
-        rows = collected.pool.rows(model, cfg.explain.margin, cfg.explain.placement) if collected.pool else None
+    # the Figure-3 galaxies are decoded once, for the report's grids and (explain) the run's
+    collected = collect.collect(model, judges, cfg, max_galaxies, dev)
+    rows = collected.rows
+    with inference_autocast(dev, cfg.train):  # the model at the precision it trained at, as in the pass
         mislabels = collect.mislabel_pass(model, cfg, dev)
     if explain:
         # explain stops at explain.max_galaxies (0: never), in the same order of galaxies

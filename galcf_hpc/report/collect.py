@@ -23,12 +23,12 @@ from .. import __version__
 from ..data.classes import CLASS_NAMES, NUM_CLASSES
 from ..data.galaxy10 import TRUE_LABELS_KEY, open_catalog
 from ..errors import DataError
+from ..explain.passes import explanation_pass, valid_batches
 from ..explain.run import DEFINITIONS
 from ..fileio import file_sha256
 from ..judges import DEFAULT_PANEL, judges_dir
-from ..loaders import build_loader
 from ..metrics import class_probabilities, mislabel_score, precision_at_k, roc_auc
-from ..model.evaluation import Accumulator, FigurePool, explain_batch
+from ..model.evaluation import FigurePool
 from ..progress import Progress
 
 NUM_OUTLIERS = 8
@@ -36,36 +36,6 @@ NUM_MISLABEL_CANDIDATES = 50
 MISLABEL_SPLIT = "train"  # where wrong labels do harm: the model learns from them
 CATALOG_FILE = "catalog.h5"
 PRED_FILL = -32768  # the catalog's fill value of 'pred': a galaxy no part file provides
-
-
-def iterate(cfg, split, limit, progress=None, cut=None):
-    """(keys, images, labels on the CPU) batches of the valid galaxies of ``split``, at most
-    ``limit`` in all; images stay on the loader's device (DALI on GPU, synthetic loader).
-    ``progress(batches done, batches in all)`` is called after each batch; ``cut`` (a list)
-    gets an entry when galaxies of the split were left out because of ``limit``."""
-    loader = build_loader(cfg, split, 0, 1, train=False)
-    n = 0
-    try:
-        for b, batch in enumerate(loader):
-            if progress is not None:
-                progress(b + 1, loader.steps_per_epoch)
-            keep = batch["valid"].cpu()
-            if n >= limit:
-                if cut is not None and bool(keep.any()):
-                    cut.append(split)
-                break
-            take = min(int(keep.sum()), limit - n)
-            if cut is not None and take < int(keep.sum()):
-                cut.append(split)
-            if take == 0:
-                continue  # an all-padding batch; later ones may still hold galaxies
-            images = batch["images"][keep.to(batch["images"].device)][:take]
-            labels = batch["labels"].cpu()[keep][:take]
-            keys = [str(k) for k, v in zip(batch["keys"], keep.tolist()) if v][:take]
-            yield keys, images, labels
-            n += take
-    finally:
-        loader.close()
 
 
 class Lowest:
@@ -120,39 +90,27 @@ class Collected:
     arrays: dict
     pool: FigurePool
     outliers: OutlierPool
+    rows: tuple | None = None  # the Figure-3 grids' rows (FigurePool.rows), decoded at the model's precision
     complete: bool = True  # every galaxy of the split (not cut at the report's limit)
 
 
 @torch.no_grad()
 def collect(model, judges, cfg, limit, device):
-    """One pass over ``cfg.explain.split`` with :func:`explain_batch`; ``judges`` {name:
-    module} is the panel (never the model)."""
-    split, targets = cfg.explain.split, list(range(NUM_CLASSES))
-    acc = Accumulator(targets, NUM_CLASSES, list(judges))
-    pool, outliers = FigurePool(), OutlierPool()
+    """One :func:`~galcf_hpc.explain.passes.explanation_pass` over ``cfg.explain.split`` (at
+    most ``limit`` galaxies), keeping every galaxy's row; ``judges`` {name: module} is the
+    panel (never the model)."""
+    split = cfg.explain.split
+    outliers = OutlierPool()
     per_judge = [f"{kind}_{name}" for name in judges for kind in ("pred", "validity")]
     rows = {
         k: [] for k in ("labels", "pred", "h", "z1", "z2", "distance", "validity_model", "luminance_share", *per_judge)
     }
-    keys, cut = [], []
-    bar = Progress(max(1, math.ceil(limit / cfg.explain.batch_size)), f"report {split}")
-    for b, (bkeys, images, labels) in enumerate(iterate(cfg, split, limit, cut=cut)):
-        images = images.to(device)
-        out = explain_batch(
-            model,
-            images,
-            targets,
-            cfg.explain.margin,
-            judges,
-            cfg.explain.background_fraction,
-            placement=cfg.explain.placement,
-            overlay=True,
-        )
-        acc.add(out, labels)
-        pool.add(images, labels, out)
+    keys = []
+
+    def keep_rows(bkeys, images, labels, out):
         distance = torch.cdist(out.h, model.means.float())
         outliers.add(len(keys), distance, images)
-        keys += bkeys
+        keys.extend(bkeys)
         z1, z2 = model.split(out.z)
         batch = {
             "labels": labels,
@@ -169,12 +127,13 @@ def collect(model, judges, cfg, limit, device):
             batch[f"validity_{name}"] = out.valid[name]
         for k, v in batch.items():
             rows[k].append(v.cpu())
-        bar(b + 1)
+
+    done = explanation_pass(model, cfg, judges, device, split, limit, on_batch=keep_rows, label=f"report {split}")
     if not keys:
         raise DataError(f"split {split!r} of {cfg.data.shards} holds no galaxies to report on")
     arrays = {k: torch.cat(v).numpy() for k, v in rows.items()}
     arrays["keys"] = np.array(keys)
-    return Collected(acc.summary(CLASS_NAMES), arrays, pool, outliers, complete=not cut)
+    return Collected(done.accumulator.summary(CLASS_NAMES), arrays, done.pool, outliers, done.rows, done.complete)
 
 
 @dataclass
@@ -196,7 +155,7 @@ def mislabel_pass(model, cfg, device, k=NUM_MISLABEL_CANDIDATES, split=MISLABEL_
     rows = {"labels": [], "pred": [], "prob": [], "score": []}
     keys = []
     bar = Progress(1, f"report {split} (mislabel candidates)")
-    for bkeys, images, labels in iterate(cfg, split, math.inf, progress=bar):
+    for bkeys, images, labels in valid_batches(cfg, split, progress=bar):
         images = images.to(device)
         c = model.classify(images)
         score = mislabel_score(torch.cdist(c.h, model.means.float()), labels.to(c.h.device))
