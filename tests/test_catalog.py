@@ -490,6 +490,20 @@ def test_a_resume_at_another_precision_recomputes_every_part(run_dir, make_catal
         verify_catalog(out)
 
 
+def test_a_rank_at_another_precision_stops_the_job_before_computing(run_dir, make_catalog, tmp_path, monkeypatch):
+    """Rank 0 plans every unit at its precision; a rank whose device would compute at another
+    (a CPU without native bf16 beside one with it, a CPU rank in a GPU job) stops the job
+    with both precisions named, before any part is written."""
+    from galcf_hpc.catalog import job
+
+    cat = make_catalog(n=4, size=32, seed=0)
+    seen = iter(["bf16", "fp32"])  # rank 0's plan, then this rank's own device
+    monkeypatch.setattr(job, "autocast_precision", lambda _context: next(seen))
+    with pytest.raises(DataError, match="rank 0 would compute in fp32 on cpu, rank 0 planned every unit in bf16"):
+        run_catalog(latest_checkpoint(run_dir), cat.path, tmp_path / "out", unit_size=2, targets="Merging")
+    assert not list((tmp_path / "out" / "parts").glob("unit-*.h5"))
+
+
 def _unit_names(n):
     return [f"unit-{u:06d}.h5" for u in range(n)]
 
