@@ -504,8 +504,12 @@ def test_the_model_is_evaluated_at_the_precision_it_trained_at(run_with_judges, 
         shutil.copytree(run_with_judges[1] / "judges", tmp_path / "bf16" / "judges")
         want = {"Encoder": bf16, "Decoder": bf16, "judge": {torch.float32}}
         assert dtypes(lambda: explain(tmp_path / "bf16", max_galaxies=8, device="cpu")) == want
+        # counterfactuals.json and report.json say at which precision their numbers were computed
+        assert json.loads((tmp_path / "bf16" / "counterfactuals.json").read_text())["precision"] == "bf16"
         out = tmp_path / "rep" / "report.html"
         assert dtypes(lambda: build_report(tmp_path / "bf16", out=out, max_galaxies=10, device="cpu")) == want
+        assert json.loads((out.parent / "report.json").read_text())["precision"] == "bf16"
+        assert "the model in bf16 (the judges in fp32)" in out.read_text()
         model, cfg, _ = load_run(tmp_path / "bf16")
         x = torch.rand(4, 3, 16, 16)
         with inference_context(torch.device("cpu"), cfg.train):
@@ -517,6 +521,7 @@ def test_the_model_is_evaluated_at_the_precision_it_trained_at(run_with_judges, 
             "Decoder": fp32,
             "judge": fp32,
         }
+        assert json.loads((run_with_judges[1] / "counterfactuals.json").read_text())["precision"] == "fp32"
         model, cfg, _ = load_run(run_with_judges[1])
         with inference_context(torch.device("cpu"), cfg.train):
             assert model.classify(x).z.dtype == torch.float32

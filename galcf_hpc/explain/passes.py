@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ..data.classes import NUM_CLASSES
-from ..device import inference_autocast
+from ..device import autocast_precision, inference_autocast
 from ..loaders import build_loader
 from ..model.evaluation import Accumulator, FigurePool, explain_batch
 from ..progress import Progress
@@ -52,12 +52,14 @@ def valid_batches(cfg, split, limit=0, progress=None, cut=None):
 class SplitPass:
     """What :func:`explanation_pass` gives: the accumulated numbers, the Figure-3 galaxies and
     (``figures``) their rows for :func:`~galcf_hpc.explain.figures.write_grids`, and whether
-    every galaxy of the split was explained (not cut at the limit)."""
+    every galaxy of the split was explained (not cut at the limit), and the precision of the
+    model's pass (bf16 or fp32)."""
 
     accumulator: Accumulator
     pool: FigurePool
     rows: tuple | None
     complete: bool
+    precision: str
 
 
 @torch.no_grad()
@@ -90,7 +92,8 @@ def explanation_pass(
     pool = FigurePool()
     cut = []
     bar = Progress(1, label or f"explain {split}")
-    with inference_autocast(device, cfg.train):  # the model at the precision it trained at
+    autocast = inference_autocast(device, cfg.train)  # the model at the precision it trained at
+    with autocast:
         for keys, images, labels in valid_batches(cfg, split, limit, progress=bar, cut=cut):
             images = images.to(device)
             out = explain_batch(
@@ -109,4 +112,4 @@ def explanation_pass(
                 on_batch(keys, images, labels, out)
         # the Figure-3 galaxies decoded once, at the same precision
         rows = pool.rows(model, cfg.explain.margin, placement) if figures and pool else None
-    return SplitPass(acc, pool, rows, complete=not cut)
+    return SplitPass(acc, pool, rows, complete=not cut, precision=autocast_precision(autocast))

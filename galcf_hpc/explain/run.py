@@ -69,20 +69,23 @@ def explain(run_dir, split=None, targets=None, max_galaxies=None, device="auto",
     done = explanation_pass(model, cfg, judges, dev, split, limit, targets)
     if done.accumulator.n_galaxies == 0:
         raise DataError(f"split {split!r} of {cfg.data.shards} holds no galaxies to explain")
-    summary = explanation_summary(run_dir, ckpt, split, cfg, done.accumulator.summary(CLASS_NAMES), judges, judge_note)
+    numbers = done.accumulator.summary(CLASS_NAMES)
+    summary = explanation_summary(run_dir, ckpt, split, cfg, numbers, judges, judge_note, done.precision)
     write_explanation(run_dir, summary, done.rows)
     return summary
 
 
-def explanation_summary(run_dir, ckpt, split, cfg, numbers, judge_names, judge_note):
+def explanation_summary(run_dir, ckpt, split, cfg, numbers, judge_names, judge_note, precision):
     """counterfactuals.json's dict: ``numbers`` is the pass's
-    :meth:`~galcf_hpc.model.evaluation.Accumulator.summary` over ``split``."""
+    :meth:`~galcf_hpc.model.evaluation.Accumulator.summary` over ``split``, ``precision`` that
+    of the model in it (bf16 or fp32; the judges classify in fp32)."""
     return {
         "run": str(run_dir),
         "checkpoint": str(ckpt),
         "split": split,
         "margin": cfg.explain.margin,
         "placement": cfg.explain.placement,
+        "precision": precision,
         **numbers,
         "judge_names": list(judge_names),
         "judge_note": judge_note,

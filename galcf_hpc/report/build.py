@@ -98,7 +98,9 @@ def build_report(run_dir, catalog=None, out=None, max_galaxies=1000, device="aut
                 f"`galcf-hpc explain` stops at explain.max_galaxies ({cfg.explain.max_galaxies or 'the whole split'}): "
                 "give max_galaxies equal to it (above the split's size for a whole split), or run `galcf-hpc explain`"
             )
-        summary = explanation_summary(run_dir, ckpt, cfg.explain.split, cfg, collected.summary, judges, note)
+        summary = explanation_summary(
+            run_dir, ckpt, cfg.explain.split, cfg, collected.summary, judges, note, collected.precision
+        )
         write_explanation(run_dir, summary, rows)
     scores, embeddings = collect.silhouettes(collected.arrays, tsne)
     training = collect.training_records(run_dir)

@@ -92,6 +92,7 @@ class Collected:
     outliers: OutlierPool
     rows: tuple | None = None  # the Figure-3 grids' rows (FigurePool.rows), decoded at the model's precision
     complete: bool = True  # every galaxy of the split (not cut at the report's limit)
+    precision: str = "fp32"  # of the model in the pass (the judges classify in fp32)
 
 
 @torch.no_grad()
@@ -133,7 +134,8 @@ def collect(model, judges, cfg, limit, device):
         raise DataError(f"split {split!r} of {cfg.data.shards} holds no galaxies to report on")
     arrays = {k: torch.cat(v).numpy() for k, v in rows.items()}
     arrays["keys"] = np.array(keys)
-    return Collected(done.accumulator.summary(CLASS_NAMES), arrays, done.pool, outliers, done.rows, done.complete)
+    summary = done.accumulator.summary(CLASS_NAMES)
+    return Collected(summary, arrays, done.pool, outliers, done.rows, done.complete, done.precision)
 
 
 @dataclass
@@ -511,6 +513,7 @@ def report_numbers(
         "max_galaxies": max_galaxies,
         "margin": cfg.explain.margin,
         "placement": cfg.explain.placement,
+        "precision": collected.precision,
         "classification": {
             "model": {
                 k: s[k] for k in ("num_galaxies", "accuracy", "macro_f1", "per_class_accuracy", "confusion_matrix")
