@@ -481,6 +481,11 @@ def test_a_resume_at_another_precision_recomputes_every_part(run_dir, make_catal
     # really computed again in bf16: the latents differ from the fp32 ones, slightly
     diff = np.abs(bf16["h"] - fp32["h"]).max()
     assert 0 < diff < 0.5 * np.abs(fp32["h"]).max()
+    # rendered where the model runs in fp32, the images of a bf16 catalog are not its bytes: said so
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="galcf_hpc"):
+        render(out, index=0)
+    assert "was computed in bf16, this render runs the model in fp32 on cpu" in caplog.text
 
     # a bf16 part planted among fp32 ones fails verify, naming the part and both precisions
     monkeypatch.setattr(job, "load_run", original)

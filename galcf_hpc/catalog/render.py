@@ -10,6 +10,7 @@ of exactly ``decode_batch`` latents (an attribute of the catalog; see
 """
 
 import contextlib
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +18,13 @@ import torch
 import torch.nn.functional as F
 
 from ..data.classes import CLASS_NAMES
-from ..device import inference_autocast
+from ..device import autocast_precision, inference_autocast
 from ..errors import DataError, UsageError
 from ..fileio import file_sha256
 from ..model.evaluation import counterfactual_images
 from . import store
+
+log = logging.getLogger("galcf_hpc")
 
 
 def inference_model(module, device):
@@ -100,6 +103,16 @@ def render(catalog_dir, key=None, index=None, targets=None, device="cpu", checkp
     dev = torch.device(device)
     model, cfg, _ = load_run(None, ckpt, "cpu")
     model = inference_model(model, dev)
+    precision = autocast_precision(inference_autocast(dev, cfg.train))
+    if "precision" in attrs and str(attrs["precision"]) != precision:
+        log.warning(
+            "%s was computed in %s, this render runs the model in %s on %s: its images can differ from the "
+            "catalog's by rounding; render on the kind of device the catalog ran on for the same bytes",
+            path,
+            attrs["precision"],
+            precision,
+            dev,
+        )
     with inference_context(dev, cfg.train):
         images = counterfactual_images(
             model,
