@@ -217,7 +217,10 @@ def train_ranks(config, sets, ranks, cfg, poll_seconds=0.5):
     stopped at once instead of waiting in a collective until the timeout.
     """
     port = free_port()
-    extra = ["train.threads=1", f"train.global_batch={cfg.train.global_batch or cfg.train.batch_size}"]
+    # one thread per rank comes from OMP_NUM_THREADS=1 below; the run's config.yaml keeps
+    # train.threads 0 (torch's default), so what later loads it (report, explain, judges) runs on
+    # every core instead of on the one thread a training rank had
+    extra = ["train.threads=0", f"train.global_batch={cfg.train.global_batch or cfg.train.batch_size}"]
     argv = [sys.executable, "-m", "galcf_hpc.cli", "train"] + _config_argv(config, list(sets) + extra) + ["--resume"]
     procs = []
     try:
@@ -232,6 +235,7 @@ def train_ranks(config, sets, ranks, cfg, poll_seconds=0.5):
                 "MASTER_PORT": str(port),
                 "OMP_NUM_THREADS": "1",
             }
+            env.pop("SLURM_CPUS_PER_TASK", None)  # would give each rank that many threads (train.threads 0)
             procs.append(subprocess.Popen(argv, env=env))
         while any(p.poll() is None for p in procs) and not any(p.poll() for p in procs):
             time.sleep(poll_seconds)

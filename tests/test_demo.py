@@ -8,6 +8,7 @@ import re
 import h5py
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from galcf_hpc import demo
@@ -56,6 +57,12 @@ def test_demo_pipeline_end_to_end(tmp_path, capsys):
     state = torch.load(latest_checkpoint(run), weights_only=True)
     assert state["world_size"] == 2 and state["config"]["train"]["global_batch"] == 32
     assert state["config"]["train"]["batch_size"] == 16
+    # each rank's one thread came from OMP_NUM_THREADS; the run keeps torch's default (every
+    # core) for the report, explain and judges that load it later
+    assert (
+        state["config"]["train"]["threads"] == 0
+        and yaml.safe_load((run / "config.yaml").read_text())["train"]["threads"] == 0
+    )
     # the judge panel, catalog job on the test split, report
     panel = json.loads((run / "judges" / "panel.json").read_text())
     assert sorted(panel) == sorted(spec.name for spec in DEFAULT_PANEL)

@@ -156,6 +156,8 @@ class _Trainee:
             self.gen = torch.Generator().manual_seed(cfg.run.seed + spec.seed)
             self.channels = judge_channels(cfg.data.image_size)
             self.model = build_judge(spec.family, self.channels, spec.input).to(device)
+        self.layout = self.model.memory_format(self.precision)  # the same function in any layout
+        self.model = self.model.to(memory_format=self.layout)
         self.weights = weights if spec.balanced else None
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=spec.lr, weight_decay=1e-4)
         self.sched = _schedule(self.opt, epochs * steps)
@@ -190,7 +192,7 @@ class _Trainee:
     def step(self, images, labels):
         started = time.monotonic()
         with self.own_random_numbers():
-            x = augment(images, self.spec, self.gen)
+            x = augment(images, self.spec, self.gen).contiguous(memory_format=self.layout)
             with self.autocast:
                 logits = self.model(x).float()
             loss = F.cross_entropy(logits, labels, weight=self.weights)
