@@ -94,3 +94,8 @@ def inference_autocast(device, train_cfg):
     accuracy, its counterfactuals and their validity are those of one function wherever they
     are computed. The judges are not under it: they classify in fp32 inside it."""
     return training_autocast(device, train_cfg)
+
+
+def inference_precision(device, train_cfg):
+    """ "bf16" or "fp32": the precision :func:`inference_autocast` runs the model at."""
+    return autocast_precision(inference_autocast(device, train_cfg))

@@ -503,7 +503,7 @@ def test_a_rank_at_another_precision_stops_the_job_before_computing(run_dir, mak
 
     cat = make_catalog(n=4, size=32, seed=0)
     seen = iter(["bf16", "fp32"])  # rank 0's plan, then this rank's own device
-    monkeypatch.setattr(job, "autocast_precision", lambda _context: next(seen))
+    monkeypatch.setattr(job, "inference_precision", lambda _device, _train_cfg: next(seen))
     with pytest.raises(DataError, match="rank 0 would compute in fp32 on cpu, rank 0 planned every unit in bf16"):
         run_catalog(latest_checkpoint(run_dir), cat.path, tmp_path / "out", unit_size=2, targets="Merging")
     assert not list((tmp_path / "out" / "parts").glob("unit-*.h5"))

@@ -33,7 +33,7 @@ import torch
 from .. import __version__
 from ..config import dump_config
 from ..data.classes import CLASS_NAMES, NUM_CLASSES, parse_class_list
-from ..device import autocast_precision, inference_autocast, resolve_device
+from ..device import inference_precision, resolve_device
 from ..errors import DataError, GalcfError, UsageError
 from ..explain.run import load_run
 from ..fileio import DirLock, file_sha256, write_json
@@ -215,7 +215,7 @@ def _prepare(checkpoint, input_path, out_dir, targets, unit_size, image_dtype, i
     units = store.work_units(source.n, run["unit_size"])
     # the precision every unit is computed at (not part of run.json: a resumed run may change
     # it, and then recomputes every part of the other precision, so the catalog is one function)
-    precision = autocast_precision(inference_autocast(first, cfg.train))
+    precision = inference_precision(first, cfg.train)
     todo, rejected = _check_done(parts, units, _schema(run, model, cfg), {**run, "precision": precision})
     plan = {
         **run,
@@ -539,7 +539,7 @@ def _run_catalog(
             model, cfg, _ = load_run(None, plan["checkpoint_path"], "cpu")
             judges = _load_judges_again(plan, "cpu")
             source = open_source(plan["input"])
-        mine = autocast_precision(inference_autocast(dev, cfg.train))
+        mine = inference_precision(dev, cfg.train)
         if mine != plan["precision"]:
             raise DataError(
                 f"rank {rank} would compute in {mine} on {dev}, rank 0 planned every unit in {plan['precision']}: "

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.classes import CLASS_NAMES
-from ..device import autocast_precision, inference_autocast
+from ..device import inference_autocast, inference_precision
 from ..errors import DataError, UsageError
 from ..fileio import file_sha256
 from ..model.evaluation import counterfactual_images
@@ -103,7 +103,7 @@ def render(catalog_dir, key=None, index=None, targets=None, device="cpu", checkp
     dev = torch.device(device)
     model, cfg, _ = load_run(None, ckpt, "cpu")
     model = inference_model(model, dev)
-    precision = autocast_precision(inference_autocast(dev, cfg.train))
+    precision = inference_precision(dev, cfg.train)
     if "precision" in attrs and str(attrs["precision"]) != precision:
         log.warning(
             "%s was computed in %s, this render runs the model in %s on %s: its images can differ from the "

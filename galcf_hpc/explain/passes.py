@@ -11,6 +11,7 @@ import torch
 
 from ..data.classes import NUM_CLASSES
 from ..device import autocast_precision, inference_autocast
+from ..errors import DataError
 from ..loaders import build_loader
 from ..model.evaluation import Accumulator, FigurePool, explain_batch
 from ..progress import Progress
@@ -84,7 +85,7 @@ def explanation_pass(
     overlays x + (x_cf - x~). ``on_batch(keys, images, labels, out)`` sees each batch's
     :class:`~galcf_hpc.model.evaluation.ExplainedBatch` (for per-galaxy rows). The model runs under
     :func:`~galcf_hpc.device.inference_autocast`, the Figure-3 rows too; the judges classify
-    in fp32 within it."""
+    in fp32 within it. A split without galaxies is a :class:`~galcf_hpc.errors.DataError`."""
     split = split or cfg.explain.split
     targets = list(range(NUM_CLASSES)) if targets is None else list(targets)
     placement = cfg.explain.placement if placement is None else placement
@@ -110,6 +111,8 @@ def explanation_pass(
             pool.add(images, labels, out)
             if on_batch is not None:
                 on_batch(keys, images, labels, out)
+        if acc.n_galaxies == 0:
+            raise DataError(f"split {split!r} of {cfg.data.shards} holds no galaxies to explain")
         # the Figure-3 galaxies decoded once, at the same precision
         rows = pool.rows(model, cfg.explain.margin, placement) if figures and pool else None
     return SplitPass(acc, pool, rows, complete=not cut, precision=autocast_precision(autocast))
