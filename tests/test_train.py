@@ -110,6 +110,45 @@ def test_resume_continues_the_schedule_at_a_changed_learning_rate(sharded, tmp_p
     assert load_config(tmp_path / "run" / "config.yaml").train.lr == 1e-4
 
 
+def test_fit_schedule_ends_the_schedule_where_the_time_limit_is_reached(sharded, tmp_path, monkeypatch):
+    """train.fit_schedule: after the first epoch with counterfactuals, the schedule is shortened
+    to the steps the time limit allows at that epoch's pace (a clock that advances one second
+    per step here); the rate decays to its floor at that step, the run ends there (mid-epoch)
+    and evaluates, and a resume neither refits nor trains on."""
+    from galcf_hpc.train import loop
+
+    clock = [0.0]
+    monkeypatch.setattr(loop, "time", type("Clock", (), {"monotonic": staticmethod(lambda: clock[0])}))
+    step = engines.DDPEngine.micro_step
+
+    def timed_step(self, *args, **kwargs):
+        clock[0] += 1.0
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(engines.DDPEngine, "micro_step", timed_step)
+    spe = build_loader(tiny_config(sharded.out, tmp_path / "x"), "train").steps_per_epoch
+    limit = 3.5 * spe / 60  # minutes: 3.5 epochs at one second a step
+    cfg = tiny_config(sharded.out, tmp_path / "run", epochs=6, time_limit_minutes=limit, fit_schedule=True)
+    train(cfg)
+    expected = 2 * spe + int(0.98 * 3.5 * spe - 2 * spe)  # fitted after epoch 2 (cf_warmup_epochs 1)
+    assert 2 * spe < expected < 4 * spe
+    ev = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert (ev["step"], ev["schedule_steps"], ev["planned_steps"]) == (expected, expected, 6 * spe)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    fitted = [x for x in lines if x["kind"] == "schedule"]
+    assert len(fitted) == 1 and fitted[0]["step"] == 2 * spe and fitted[0]["seconds_per_step"] == pytest.approx(1.0)
+    state = torch.load(latest_checkpoint(tmp_path / "run"), weights_only=True)
+    assert state["step"] == expected and state["schedule"] == {"planned": 6 * spe, "total": expected, "fitted": True}
+    t = cfg.train
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(t.lr * t.min_lr_ratio)
+    clock[0] = 0.0
+    train(cfg, resume=True)  # the fitted end is kept: nothing more to train
+    again = torch.load(latest_checkpoint(tmp_path / "run"), weights_only=True)
+    assert again["step"] == expected and json.loads((tmp_path / "run" / "eval.json").read_text())["step"] == expected
+    with pytest.raises(ConfigError, match="train.fit_schedule"):
+        tiny_config(sharded.out, tmp_path / "y", fit_schedule=True)
+
+
 @pytest.mark.parametrize("loader", ["torch", "dali"])
 def test_resume_is_exact(sharded, tmp_path, loader):
     """Stop one step into epoch 2, resume: the loader continues mid-epoch (DALI: from its

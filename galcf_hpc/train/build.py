@@ -51,6 +51,26 @@ def lr_factor(step, total_steps, warmup_steps, min_ratio):
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+class Schedule:
+    """How many optimiser steps the learning-rate schedule (and training) lasts: ``planned``
+    (``train.epochs`` x steps per epoch) unless :meth:`fit` ends it earlier, at the step a
+    time limit reaches (``train.fit_schedule``). The engine's scheduler reads :attr:`total`
+    at every step, so a fitted run decays to ``train.min_lr_ratio`` at its last step instead
+    of being cut while the rate is still high."""
+
+    def __init__(self, planned, warmup_steps, min_ratio):
+        self.planned = self.total = planned
+        self.warmup_steps, self.min_ratio = warmup_steps, min_ratio
+        self.fitted = False
+
+    def factor(self, step):
+        return lr_factor(step, self.total, self.warmup_steps, self.min_ratio)
+
+    def fit(self, total):
+        """End at step ``total`` (at most the planned length)."""
+        self.total, self.fitted = min(self.planned, int(total)), True
+
+
 def build_perceptual(model_cfg, loss_cfg, seed, device):
     """The frozen VGG16 of L_R, or None when ``loss.perceptual`` is off."""
     if loss_cfg.perceptual <= 0:
@@ -72,6 +92,7 @@ class Rank:
     micro: int
     global_batch: int
     steps_per_epoch: int  # optimiser steps (micro-batches // train.grad_accumulation)
+    schedule: Schedule  # the learning-rate schedule's length (train.fit_schedule may shorten it)
 
 
 def build_rank(cfg, env):
@@ -92,10 +113,10 @@ def build_rank(cfg, env):
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
     model = GalaxyCF.from_config(cfg).to(env.device)
     objective = Objective(model, build_perceptual(cfg.model, cfg.loss, cfg.run.seed, env.device), cfg.loss)
-    total_steps = t.epochs * steps_per_epoch
-    engine = build_engine(
-        t, objective, env, micro, global_batch, lambda s: lr_factor(s, total_steps, t.warmup_steps, t.min_lr_ratio)
-    )
+    schedule = Schedule(t.epochs * steps_per_epoch, t.warmup_steps, t.min_lr_ratio)
+    # a plain function (LambdaLR saves the attributes of a callable object with its state, and
+    # would restore an old length over the config's)
+    engine = build_engine(t, objective, env, micro, global_batch, lambda s: schedule.factor(s))
     torch.manual_seed(cfg.run.seed + 1000003 * (env.rank + 1))  # independent noise per rank
     log.info(
         "engine %s on %d rank(s) (%s): micro-batch %d x %d ranks x %d accumulation = global batch %d",
@@ -107,4 +128,4 @@ def build_rank(cfg, env):
         t.grad_accumulation,
         global_batch,
     )
-    return Rank(cfg, env, loader, model, engine, micro, global_batch, steps_per_epoch)
+    return Rank(cfg, env, loader, model, engine, micro, global_batch, steps_per_epoch, schedule)

@@ -243,6 +243,9 @@ def _start(r, run_dir, resume, resume_from=None):
         log.info("no checkpoint in %s: starting from scratch", run_dir / "checkpoints")
         return 0, 0, []
     check_compatible(r.model, state["model"], path)
+    fitted = state.get("schedule") or {}
+    if fitted.get("fitted") and r.cfg.train.fit_schedule:  # before the engine rebases the rate on it
+        r.schedule.fit(fitted["total"])
     r.engine.load(state, path)
     ranks = state.get("ranks") or [{"loader": state["loader"], "rng": state["rng"]}]
     if len(ranks) == r.env.world_size:
@@ -286,6 +289,7 @@ def _save(r, run_dir, step):
             "ranks": ranks,
             "world_size": r.env.world_size,
             "config": r.cfg.to_dict(),
+            "schedule": {"planned": r.schedule.planned, "total": r.schedule.total, "fitted": r.schedule.fitted},
         },
     )
 
@@ -362,14 +366,47 @@ def _locked(r, run_dir, resume, signals, resume_from):
             metrics.close()
 
 
+def _fit_schedule(r, step, started, epoch_seconds, metrics):
+    """``train.fit_schedule``: end the schedule at the step ``train.time_limit_minutes``
+    reaches at the pace of the epoch just finished (its validation and checkpoint included).
+    Every rank computes the same end from the slowest rank's numbers."""
+    t = r.cfg.train
+    paces = distributed.gather_objects((epoch_seconds / r.steps_per_epoch, time.monotonic() - started))
+    per_step, elapsed = max(p[0] for p in paces), max(p[1] for p in paces)
+    # a 2 % margin: the limit stays a safety net, not the usual end
+    reachable = step + int(max(0.0, 0.98 * 60 * t.time_limit_minutes - elapsed) / per_step)
+    r.schedule.fit(max(step, reachable))
+    if r.env.is_main:
+        log.info(
+            "schedule fitted to train.time_limit_minutes %g: %.2f s per step, it ends at step %d of the %d planned",
+            t.time_limit_minutes,
+            per_step,
+            r.schedule.total,
+            r.schedule.planned,
+        )
+        metrics.write(
+            {
+                "kind": "schedule",
+                "step": step,
+                "seconds_per_step": per_step,
+                "total_steps": r.schedule.total,
+                "planned_steps": r.schedule.planned,
+            }
+        )
+
+
 def _epochs(r, run_dir, step, start_epoch, metrics, signals):
-    """The training loop proper, from ``step`` (epoch ``start_epoch``) to the end or a stop."""
+    """The training loop proper, from ``step`` (epoch ``start_epoch``) to the end of the
+    schedule or a stop."""
     cfg, t, model, engine, loader, env = r.cfg, r.cfg.train, r.model, r.engine, r.loader, r.env
     device, accum = env.device, t.grad_accumulation
     started, first_step = time.monotonic(), step
-    result, reason = None, None
+    result, reason, validated = None, None, None
 
     for epoch in range(start_epoch, t.epochs):
+        if step >= r.schedule.total:
+            break  # a fitted schedule ends before its planned epochs
+        epoch_started, whole = time.monotonic(), loader.position == 0
         loader.set_epoch(epoch)
         model.train()
         cf_active = epoch >= cfg.loss.cf_warmup_epochs
@@ -385,6 +422,7 @@ def _epochs(r, run_dir, step, start_epoch, metrics, signals):
                 continue
             step += 1
             end_of_epoch = loader.position == r.steps_per_epoch * accum
+            scheduled_end = step >= r.schedule.total
             checkpoint_due = t.checkpoint_every and step % t.checkpoint_every == 0
             # the only host syncs: log (and check for a non-finite loss), then agree on stopping
             if (
@@ -392,6 +430,7 @@ def _epochs(r, run_dir, step, start_epoch, metrics, signals):
                 or checkpoint_due
                 or step % t.log_every == 0
                 or (t.stop_after_steps and step - first_step >= t.stop_after_steps)
+                or scheduled_end
             ):
                 info = _log(r, window, step, epoch, metrics, started)
                 window = LogWindow(step)
@@ -399,17 +438,20 @@ def _epochs(r, run_dir, step, start_epoch, metrics, signals):
                     reason = stop_reason(t, signals, started, step - first_step, device)
             if bar:
                 bar(loader.position // accum, info=info)
-            if reason:
+            if reason or (scheduled_end and not end_of_epoch):
                 break
             if checkpoint_due:
                 _save(r, run_dir, step)
         if loader.position != 0:  # stopped mid-epoch: checkpoint and leave
             _save(r, run_dir, step)
-            log.warning("stopping at step %d (mid-epoch %d) on %s; continue with --resume", step, epoch + 1, reason)
+            if reason:
+                log.warning("stopping at step %d (mid-epoch %d) on %s; continue with --resume", step, epoch + 1, reason)
+            else:
+                log.info("the fitted schedule ends at step %d (mid-epoch %d)", step, epoch + 1)
             break
         if env.is_main:
             # every epoch reads each galaxy once; eval.json, at the end, all of model.classify_views
-            result = _validate(cfg, model, device, views=1)
+            result, validated = _validate(cfg, model, device, views=1), step
             metrics.write(
                 {
                     "kind": "eval",
@@ -432,6 +474,8 @@ def _epochs(r, run_dir, step, start_epoch, metrics, signals):
                 result.cf_count,
             )
         _save(r, run_dir, step)
+        if t.fit_schedule and not r.schedule.fitted and cf_active and whole:
+            _fit_schedule(r, step, started, time.monotonic() - epoch_started, metrics)
         reason = stop_reason(t, signals, started, step - first_step, device)
         if reason:
             log.warning("stopping at step %d (after epoch %d) on %s; continue with --resume", step, epoch + 1, reason)
@@ -444,10 +488,17 @@ def _epochs(r, run_dir, step, start_epoch, metrics, signals):
         return None
     if not env.is_main:
         return None
-    if result is None or cfg.model.classify_views > 1:
-        # resumed a finished run, stopped before the first evaluation, or the model classifies
-        # by several views of each galaxy (the epochs' validations read one)
+    if validated != step or cfg.model.classify_views > 1:
+        # resumed a finished run, stopped before the first evaluation or mid-epoch, or the
+        # model classifies by several views of each galaxy (the epochs' validations read one)
         result = _validate(cfg, model, device)
-    final = {"split": t.eval_split, "step": step, "train_seconds": time.monotonic() - started, **result.to_json()}
+    final = {
+        "split": t.eval_split,
+        "step": step,
+        "planned_steps": r.schedule.planned,
+        "schedule_steps": r.schedule.total,
+        "train_seconds": time.monotonic() - started,
+        **result.to_json(),
+    }
     write_json(run_dir / "eval.json", final)
     return final
