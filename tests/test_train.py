@@ -114,7 +114,8 @@ def test_fit_schedule_ends_the_schedule_where_the_time_limit_is_reached(sharded,
     """train.fit_schedule: after the first epoch with counterfactuals, the schedule is shortened
     to the steps the time limit allows at that epoch's pace (a clock that advances one second
     per step here); the rate decays to its floor at that step, the run ends there (mid-epoch)
-    and evaluates, and a resume neither refits nor trains on."""
+    and evaluates, and a resume neither refits nor trains on. Without a time limit the planned
+    schedule runs to its end."""
     from galcf_hpc.train import loop
 
     clock = [0.0]
@@ -145,8 +146,11 @@ def test_fit_schedule_ends_the_schedule_where_the_time_limit_is_reached(sharded,
     train(cfg, resume=True)  # the fitted end is kept: nothing more to train
     again = torch.load(latest_checkpoint(tmp_path / "run"), weights_only=True)
     assert again["step"] == expected and json.loads((tmp_path / "run" / "eval.json").read_text())["step"] == expected
-    with pytest.raises(ConfigError, match="train.fit_schedule"):
-        tiny_config(sharded.out, tmp_path / "y", fit_schedule=True)
+    # without a time limit there is nothing to fit: the planned schedule, to its end
+    train(tiny_config(sharded.out, tmp_path / "free", epochs=3, fit_schedule=True))
+    ev = json.loads((tmp_path / "free" / "eval.json").read_text())
+    assert ev["step"] == ev["schedule_steps"] == ev["planned_steps"] == 3 * spe
+    assert '"kind": "schedule"' not in (tmp_path / "free" / "metrics.jsonl").read_text()
 
 
 @pytest.mark.parametrize("loader", ["torch", "dali"])

@@ -474,7 +474,7 @@ def _epochs(r, run_dir, step, start_epoch, metrics, signals):
                 result.cf_count,
             )
         _save(r, run_dir, step)
-        if t.fit_schedule and not r.schedule.fitted and cf_active and whole:
+        if t.fit_schedule and t.time_limit_minutes and not r.schedule.fitted and cf_active and whole:
             _fit_schedule(r, step, started, time.monotonic() - epoch_started, metrics)
         reason = stop_reason(t, signals, started, step - first_step, device)
         if reason:
