@@ -209,7 +209,7 @@ def test_config_explain_command(capsys):
 
     assert main(["config", "--explain", "loss.cf_proximity", "--config", "configs/smoke.yaml"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("loss.cf_proximity: L1 distance") and "in this configuration: 20.0" in out
+    assert out.startswith("loss.cf_proximity: L1 distance") and "in this configuration: 30.0" in out
     assert main(["config", "--explain", "loss.nope"]) == ConfigError.exit_code
     assert "unknown config key 'loss.nope'" in capsys.readouterr().err
     assert main(["config"]) == 2 and "--explain KEY" in capsys.readouterr().err
