@@ -436,6 +436,8 @@ def _epochs(r, run_dir, step, start_epoch, metrics, signals):
                 window = LogWindow(step)
                 if not end_of_epoch:  # at the end of an epoch: after evaluation and checkpoint
                     reason = stop_reason(t, signals, started, step - first_step, device)
+                    if scheduled_end and reason in (TIME_LIMIT, STEP_LIMIT):
+                        reason = None  # the schedule has ended: nothing is left to resume
             if bar:
                 bar(loader.position // accum, info=info)
             if reason or (scheduled_end and not end_of_epoch):
@@ -477,6 +479,8 @@ def _epochs(r, run_dir, step, start_epoch, metrics, signals):
         if t.fit_schedule and t.time_limit_minutes and not r.schedule.fitted and cf_active and whole:
             _fit_schedule(r, step, started, time.monotonic() - epoch_started, metrics)
         reason = stop_reason(t, signals, started, step - first_step, device)
+        if step >= r.schedule.total and reason in (TIME_LIMIT, STEP_LIMIT):
+            reason = None  # the schedule has ended with this epoch
         if reason:
             log.warning("stopping at step %d (after epoch %d) on %s; continue with --resume", step, epoch + 1, reason)
             break
