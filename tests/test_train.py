@@ -251,8 +251,10 @@ def test_stop_reason_signal_first_then_limits():
     assert stop_reason(cfg, Signals, time.monotonic(), 4, torch.device("cpu")) is None
     assert stop_reason(cfg, Signals, time.monotonic(), 5, torch.device("cpu")) == STEP_LIMIT
     assert stop_reason(cfg, Signals, time.monotonic() - 61, 1, torch.device("cpu")) == TIME_LIMIT
+    assert stop_reason(cfg, Signals, time.monotonic() - 61, 5, torch.device("cpu"), finished=True) is None
     Signals.received = "SIGUSR1"
     assert stop_reason(cfg, Signals, time.monotonic() - 61, 5, torch.device("cpu")) == "SIGUSR1"
+    assert stop_reason(cfg, Signals, time.monotonic(), 5, torch.device("cpu"), finished=True) == "SIGUSR1"
 
 
 def test_non_finite_loss_stops_at_its_log_window_without_saving(sharded, tmp_path, monkeypatch):

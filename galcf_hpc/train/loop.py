@@ -91,15 +91,18 @@ def check_finite(means, last_step, step):
         )
 
 
-def stop_reason(train_cfg, signals, started, steps_done, device):
+def stop_reason(train_cfg, signals, started, steps_done, device, finished=False):
     """Why this invocation stops now, or None; the same answer on every rank (one small
     all-reduce: call it on all ranks at the same step). A stop signal on any rank first (then
-    the job is requeued), else ``train.time_limit_minutes``, else ``train.stop_after_steps``."""
+    the job is requeued), else ``train.time_limit_minutes``, else ``train.stop_after_steps``;
+    the limits not once the schedule has ``finished`` (nothing is left to resume)."""
     t = train_cfg
     timed_out = bool(t.time_limit_minutes) and time.monotonic() - started > 60 * t.time_limit_minutes
     signalled, timed_out = distributed.any_rank([signals.received is not None, timed_out], device)
     if signalled:
         return signals.received or "a stop signal"
+    if finished:
+        return None
     if timed_out:
         return TIME_LIMIT
     return STEP_LIMIT if t.stop_after_steps and steps_done >= t.stop_after_steps else None
@@ -435,9 +438,7 @@ def _epochs(r, run_dir, step, start_epoch, metrics, signals):
                 info = _log(r, window, step, epoch, metrics, started)
                 window = LogWindow(step)
                 if not end_of_epoch:  # at the end of an epoch: after evaluation and checkpoint
-                    reason = stop_reason(t, signals, started, step - first_step, device)
-                    if scheduled_end and reason in (TIME_LIMIT, STEP_LIMIT):
-                        reason = None  # the schedule has ended: nothing is left to resume
+                    reason = stop_reason(t, signals, started, step - first_step, device, scheduled_end)
             if bar:
                 bar(loader.position // accum, info=info)
             if reason or (scheduled_end and not end_of_epoch):
@@ -478,9 +479,7 @@ def _epochs(r, run_dir, step, start_epoch, metrics, signals):
         _save(r, run_dir, step)
         if t.fit_schedule and t.time_limit_minutes and not r.schedule.fitted and cf_active and whole:
             _fit_schedule(r, step, started, time.monotonic() - epoch_started, metrics)
-        reason = stop_reason(t, signals, started, step - first_step, device)
-        if step >= r.schedule.total and reason in (TIME_LIMIT, STEP_LIMIT):
-            reason = None  # the schedule has ended with this epoch
+        reason = stop_reason(t, signals, started, step - first_step, device, step >= r.schedule.total)
         if reason:
             log.warning("stopping at step %d (after epoch %d) on %s; continue with --resume", step, epoch + 1, reason)
             break
