@@ -372,16 +372,21 @@ def _locked(r, run_dir, resume, signals, resume_from):
 def _fit_schedule(r, step, started, epoch_seconds, metrics):
     """``train.fit_schedule``: end the schedule at the step ``train.time_limit_minutes``
     reaches at the pace of the epoch just finished (its validation and checkpoint included).
-    Every rank computes the same end from the slowest rank's numbers."""
+    Called after every whole epoch with counterfactuals: the first call fits the schedule,
+    later ones only shorten it, where the epochs have become slower than the one it was
+    fitted on (a longer end would raise the rate again). Every rank computes the same end
+    from the slowest rank's numbers."""
     t = r.cfg.train
     paces = distributed.gather_objects((epoch_seconds / r.steps_per_epoch, time.monotonic() - started))
     per_step, elapsed = max(p[0] for p in paces), max(p[1] for p in paces)
     # a 2 % margin: the limit stays a safety net, not the usual end
     reachable = step + int(max(0.0, 0.98 * 60 * t.time_limit_minutes - elapsed) / per_step)
+    before, first = r.schedule.total, not r.schedule.fitted
     r.schedule.fit(max(step, reachable))
-    if r.env.is_main:
+    if r.env.is_main and (first or r.schedule.total != before):
         log.info(
-            "schedule fitted to train.time_limit_minutes %g: %.2f s per step, it ends at step %d of the %d planned",
+            "schedule %s to train.time_limit_minutes %g: %.2f s per step, it ends at step %d of the %d planned",
+            "fitted" if first else "shortened",
             t.time_limit_minutes,
             per_step,
             r.schedule.total,
@@ -477,7 +482,7 @@ def _epochs(r, run_dir, step, start_epoch, metrics, signals):
                 result.cf_count,
             )
         _save(r, run_dir, step)
-        if t.fit_schedule and t.time_limit_minutes and not r.schedule.fitted and cf_active and whole:
+        if t.fit_schedule and t.time_limit_minutes and cf_active and whole:
             _fit_schedule(r, step, started, time.monotonic() - epoch_started, metrics)
         reason = stop_reason(t, signals, started, step - first_step, device, step >= r.schedule.total)
         if reason:
