@@ -762,10 +762,11 @@ def build_parser():
     sp = _command(
         sub,
         "demo",
-        "the whole pipeline on this machine: data -> train -> judges -> catalog -> explain and report",
-        "Synthesise galaxies with GalSim, shard them, train on local ranks, train the judge panel, "
+        "the whole pipeline on this machine: data -> judges -> train -> catalog -> explain and report",
+        "Synthesise galaxies with GalSim, shard them, train the judge panel, train on local ranks, "
         "run the catalog job (mpiexec), then explain a split (explain.split) and write the HTML "
-        "report from one pass over it. Stages whose output exists are reused.",
+        "report from one pass over it. Stages whose output exists are reused. With "
+        "run.demo_minutes the model's training gets what the other stages leave of that budget.",
     )
     _with_config(sp, required=False, default_help="configs/smoke.yaml")
     sp.add_argument(

@@ -31,6 +31,7 @@ class RunConfig:
     out_dir: str = "runs/run"  # run directory: checkpoints, metrics, eval, explanations
     seed: int = 0  # seed of weights, batches, augmentation and counterfactual targets
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower; exact resume tests)
+    demo_minutes: float = 0.0  # budget of a whole `galcf-hpc demo` (0 = none): training gets what the rest leaves
 
 
 @dataclass
@@ -324,6 +325,7 @@ _RANGES = {
     "train.log_every": (1, None),
     "train.checkpoint_every": (0, None),
     "train.time_limit_minutes": (0.0, None),
+    "run.demo_minutes": (0.0, None),
     "train.stop_after_steps": (0, None),
     "explain.margin": (0.0, 100.0),
     "explain.max_galaxies": (0, None),

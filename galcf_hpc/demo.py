@@ -1,6 +1,10 @@
 """``galcf-hpc demo``: the whole pipeline on one machine, as a list of stages.
 
-    data -> train -> judges -> catalog -> explain and report (one pass)
+    data -> judges -> train -> catalog -> explain and report (one pass)
+
+The judges learn from the data alone, so they train before the model: with a time budget
+for the whole demo (``run.demo_minutes``) training then gets what the stages before it
+used and the stages after it will need leave (:func:`training_minutes`).
 
 Each stage is a function of the :class:`Demo` state that returns its result and reuses
 what a previous run left (the synthetic source catalog, shards, a finished run, trained judges, the
@@ -30,6 +34,10 @@ log = logging.getLogger("galcf_hpc")
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "smoke.yaml"
 DEFAULT_RANKS = 2  # enough to exercise DDP (and the catalog job's MPI) on a laptop
+# the stages after training (catalog job, explain and report: inference over one split) took
+# 0.20-0.43 of the judges' training time in demos of both synthetic configs on two machines
+AFTER_TRAINING_PER_JUDGE_SECOND = 0.5
+MIN_TRAINING_MINUTES = 1.0
 
 
 @dataclass
@@ -42,6 +50,7 @@ class Demo:
     ranks: int
     judge_epochs: int | None = None  # None: each judge's own
     results: dict = field(default_factory=dict)  # stage name -> its result
+    started: float = field(default_factory=time.monotonic)  # time.monotonic() when the demo began
 
     @property
     def run_dir(self):
@@ -101,18 +110,62 @@ def stage_data(demo):
     return shards
 
 
+def training_minutes(cfg, elapsed_seconds, judge_seconds):
+    """``train.time_limit_minutes`` for the demo's training under ``run.demo_minutes``: the
+    budget less what the demo has used (``elapsed_seconds``) and what the stages after
+    training are expected to take (:data:`AFTER_TRAINING_PER_JUDGE_SECOND` times the judges'
+    training time, which scales with the machine and the image size as they do), at most the
+    config's own limit and at least :data:`MIN_TRAINING_MINUTES`. None without a budget."""
+    budget = cfg.run.demo_minutes
+    if budget <= 0:
+        return None
+    after = AFTER_TRAINING_PER_JUDGE_SECOND * judge_seconds
+    minutes = (60.0 * budget - elapsed_seconds - after) / 60.0
+    own = cfg.train.time_limit_minutes
+    log.info(
+        "run.demo_minutes %g: %.1f min used, about %.1f min for the stages after training: training gets %.1f min%s",
+        budget,
+        elapsed_seconds / 60.0,
+        after / 60.0,
+        minutes,
+        f" (train.time_limit_minutes {own:g} is sooner)" if 0 < own < minutes else "",
+    )
+    if minutes < MIN_TRAINING_MINUTES:
+        log.warning(
+            "run.demo_minutes %g leaves %.1f min for training: training gets %g min, and the demo will "
+            "overrun its budget (raise run.demo_minutes, or lower judges.epochs or data.synth.n)",
+            budget,
+            minutes,
+            MIN_TRAINING_MINUTES,
+        )
+        minutes = MIN_TRAINING_MINUTES
+    return min(minutes, own) if own > 0 else minutes
+
+
+def _judge_seconds(demo):
+    """The panel's training time from its panel.json (also for judges an earlier demo trained)."""
+    panel = demo.results.get("judges") or {}
+    return sum(float(judge.get("train_seconds", 0.0)) for judge in panel.values())
+
+
 def stage_train(demo):
-    """Train (or finish training) on the local ranks; returns the run's eval.json."""
+    """Train (or finish training) on the local ranks; returns the run's eval.json. Under
+    ``run.demo_minutes`` the time limit is the one :func:`training_minutes` gives."""
     from .train.loop import train
 
+    sets, cfg = list(demo.sets), demo.cfg
+    minutes = training_minutes(cfg, time.monotonic() - demo.started, _judge_seconds(demo))
+    if minutes is not None:
+        sets.append(f"train.time_limit_minutes={minutes:.3f}")
+        cfg = load_config(demo.config, sets)
     trained = False
     if demo.ranks > 1:
         log.info("training with %d local ranks (launcher environment as torchrun's, 1 thread each)", demo.ranks)
-        trained = train_ranks(demo.config, demo.sets, demo.ranks, demo.cfg)
+        trained = train_ranks(demo.config, sets, demo.ranks, cfg)
         if not trained:
             log.warning("falling back to training in this process")
     if not trained:
-        train(demo.cfg, resume=True)
+        train(cfg, resume=True)
     return json.loads((demo.run_dir / "eval.json").read_text())
 
 
@@ -166,8 +219,8 @@ def stage_report(demo):
 
 STAGES = (
     ("data", stage_data),
+    ("judges", stage_judges),  # the data alone: before training, whose time budget it tells
     ("train", stage_train),
-    ("judges", stage_judges),
     ("catalog", stage_catalog),
     ("report", stage_report),
 )
@@ -183,7 +236,7 @@ def run_demo(config=None, sets=(), ranks=None, judge_epochs=None):
     demo = Demo(
         config=config, sets=sets, cfg=cfg, ranks=local_ranks(ranks, cfg.train.device), judge_epochs=judge_epochs
     )
-    t0 = time.monotonic()
+    t0 = demo.started
     times = {}
     for name, stage in STAGES:
         t = time.monotonic()

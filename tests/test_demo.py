@@ -41,6 +41,7 @@ def test_demo_pipeline_end_to_end(tmp_path, capsys):
         "train.batch_size=32",
         "train.warmup_steps=2",
         "train.time_limit_minutes=0",
+        "run.demo_minutes=30",
     ]
     argv = ["demo", "--config", "configs/smoke.yaml", "--judge-epochs", "2"] + [x for s in sets for x in ("--set", s)]
     assert main(argv) == 0
@@ -63,6 +64,8 @@ def test_demo_pipeline_end_to_end(tmp_path, capsys):
         state["config"]["train"]["threads"] == 0
         and yaml.safe_load((run / "config.yaml").read_text())["train"]["threads"] == 0
     )
+    # run.demo_minutes: training had what the budget left after data and judges
+    assert 0 < state["config"]["train"]["time_limit_minutes"] < 30
     # the judge panel, catalog job on the test split, report
     panel = json.loads((run / "judges" / "panel.json").read_text())
     assert sorted(panel) == sorted(spec.name for spec in DEFAULT_PANEL)
@@ -105,8 +108,51 @@ def test_demo_pipeline_end_to_end(tmp_path, capsys):
 
 
 def test_stages_in_pipeline_order():
+    # the judges learn from the data alone, before the model, whose time budget their time tells;
     # explain and report share one pass over the split: the report stage writes counterfactuals.json
-    assert [name for name, _ in demo.STAGES] == ["data", "train", "judges", "catalog", "report"]
+    assert [name for name, _ in demo.STAGES] == ["data", "judges", "train", "catalog", "report"]
+
+
+def test_training_minutes_under_a_demo_budget(caplog):
+    """run.demo_minutes: training gets the budget less the time used and half the judges'
+    training time (the stages after training), at most train.time_limit_minutes, at least a
+    minute (with a warning that the budget will be overrun); nothing without a budget."""
+    cfg = load_config("configs/smoke.yaml", ["run.demo_minutes=15", "train.time_limit_minutes=0"])
+    assert demo.training_minutes(cfg, 120.0, 200.0) == pytest.approx((900 - 120 - 100) / 60)
+    capped = load_config("configs/smoke.yaml", ["run.demo_minutes=15", "train.time_limit_minutes=10"])
+    assert demo.training_minutes(capped, 120.0, 200.0) == pytest.approx(10.0)
+    assert demo.training_minutes(capped, 300.0, 200.0) == pytest.approx((900 - 300 - 100) / 60)
+    with caplog.at_level(logging.WARNING, logger="galcf_hpc"):
+        assert demo.training_minutes(cfg, 850.0, 200.0) == pytest.approx(demo.MIN_TRAINING_MINUTES)
+    assert "overrun" in caplog.text and "run.demo_minutes" in caplog.text
+    assert demo.training_minutes(load_config("configs/smoke.yaml", ["run.demo_minutes=0"]), 0.0, 0.0) is None
+    with pytest.raises(ConfigError, match="run.demo_minutes"):
+        load_config("configs/smoke.yaml", ["run.demo_minutes=-1"])
+
+
+def test_demo_budget_reaches_the_training_ranks(tmp_path, monkeypatch):
+    """The demo's training ranks get the time limit its budget leaves after the judges (whose
+    panel.json says how long they trained, also when an earlier demo trained them)."""
+    seen = {}
+
+    def judges(d):
+        return {"cnn": {"train_seconds": 90.0}, "resnet": {"train_seconds": 30.0}}
+
+    def ranks(config, sets, n, cfg):
+        seen["sets"], seen["cfg"] = sets, cfg
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / "eval.json").write_text("{}")
+        return True
+
+    monkeypatch.setattr(demo, "STAGES", (("judges", judges), ("train", demo.stage_train)))
+    monkeypatch.setattr(demo, "train_ranks", ranks)
+    sets = [f"run.out_dir={tmp_path}/run", "run.demo_minutes=20", "train.time_limit_minutes=0"]
+    demo.run_demo("configs/smoke.yaml", sets, ranks=2)
+    limit = [s for s in seen["sets"] if s.startswith("train.time_limit_minutes=")]
+    assert len(limit) == 2 and limit[0] == "train.time_limit_minutes=0"  # the budget's comes last and wins
+    expected = (20 * 60 - 60) / 60  # half the judges' 120 s for the stages after training
+    assert float(limit[1].split("=")[1]) == pytest.approx(expected, abs=0.05)
+    assert seen["cfg"].train.time_limit_minutes == pytest.approx(expected, abs=0.05)
 
 
 def test_never_more_local_ranks_than_visible_gpus(monkeypatch, caplog):

@@ -67,9 +67,8 @@ class Schedule:
         return lr_factor(step, self.total, self.warmup_steps, self.min_ratio)
 
     def fit(self, total):
-        """End at step ``total`` if that is sooner than the current end (never later: a
-        refit only shortens the schedule, so the rate never rises again)."""
-        self.total, self.fitted = min(self.total, int(total)), True
+        """End at step ``total`` (at most the planned length)."""
+        self.total, self.fitted = min(self.planned, int(total)), True
 
 
 def build_perceptual(model_cfg, loss_cfg, seed, device):

@@ -369,15 +369,16 @@ def _locked(r, run_dir, resume, signals, resume_from):
             metrics.close()
 
 
-def _fit_schedule(r, step, started, epoch_seconds, metrics):
+def _fit_schedule(r, step, started, pace, metrics):
     """``train.fit_schedule``: end the schedule at the step ``train.time_limit_minutes``
-    reaches at the pace of the epoch just finished (its validation and checkpoint included).
-    Called after every whole epoch with counterfactuals: the first call fits the schedule,
-    later ones only shorten it, where the epochs have become slower than the one it was
-    fitted on (a longer end would raise the rate again). Every rank computes the same end
-    from the slowest rank's numbers."""
+    reaches at this invocation's pace, the mean over its whole epochs with counterfactuals
+    (``pace``: their seconds and steps, validation included). Called after
+    each of them: the first call fits the schedule, later ones move its end as the mean
+    moves, so a run whose epochs become slower ends before the limit cuts it, and one slow
+    epoch (another job on the machine for a minute) moves it little. Every rank computes the
+    same end from the slowest rank's numbers."""
     t = r.cfg.train
-    paces = distributed.gather_objects((epoch_seconds / r.steps_per_epoch, time.monotonic() - started))
+    paces = distributed.gather_objects((pace[0] / pace[1], time.monotonic() - started))
     per_step, elapsed = max(p[0] for p in paces), max(p[1] for p in paces)
     # a 2 % margin: the limit stays a safety net, not the usual end
     reachable = step + int(max(0.0, 0.98 * 60 * t.time_limit_minutes - elapsed) / per_step)
@@ -386,7 +387,7 @@ def _fit_schedule(r, step, started, epoch_seconds, metrics):
     if r.env.is_main and (first or r.schedule.total != before):
         log.info(
             "schedule %s to train.time_limit_minutes %g: %.2f s per step, it ends at step %d of the %d planned",
-            "fitted" if first else "shortened",
+            "fitted" if first else "refitted",
             t.time_limit_minutes,
             per_step,
             r.schedule.total,
@@ -410,6 +411,9 @@ def _epochs(r, run_dir, step, start_epoch, metrics, signals):
     device, accum = env.device, t.grad_accumulation
     started, first_step = time.monotonic(), step
     result, reason, validated = None, None, None
+    # seconds and steps of this invocation's whole epochs with counterfactuals, while it fits
+    # the schedule (none when a checkpoint brought a fitted one: a resume keeps its end)
+    pace = None if r.schedule.fitted else [0.0, 0]
 
     for epoch in range(start_epoch, t.epochs):
         if step >= r.schedule.total:
@@ -481,9 +485,10 @@ def _epochs(r, run_dir, step, start_epoch, metrics, signals):
                 result.cf_ssim,
                 result.cf_count,
             )
-        _save(r, run_dir, step)
-        if t.fit_schedule and t.time_limit_minutes and cf_active and whole:
-            _fit_schedule(r, step, started, time.monotonic() - epoch_started, metrics)
+        if t.fit_schedule and t.time_limit_minutes and cf_active and whole and pace is not None:
+            pace[0], pace[1] = pace[0] + time.monotonic() - epoch_started, pace[1] + r.steps_per_epoch
+            _fit_schedule(r, step, started, pace, metrics)
+        _save(r, run_dir, step)  # after the fit: the checkpoint keeps the end this epoch gave
         reason = stop_reason(t, signals, started, step - first_step, device, step >= r.schedule.total)
         if reason:
             log.warning("stopping at step %d (after epoch %d) on %s; continue with --resume", step, epoch + 1, reason)
