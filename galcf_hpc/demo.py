@@ -17,8 +17,10 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +29,7 @@ import torch
 
 from . import __version__
 from .config import load_config
-from .errors import UsageError
+from .errors import Interrupted, UsageError
 from .train.distributed import free_port
 
 log = logging.getLogger("galcf_hpc")
@@ -275,7 +277,19 @@ def train_ranks(config, sets, ranks, cfg, poll_seconds=0.5):
     # every core instead of on the one thread a training rank had
     extra = ["train.threads=0", f"train.global_batch={cfg.train.global_batch or cfg.train.batch_size}"]
     argv = [sys.executable, "-m", "galcf_hpc.cli", "train"] + _config_argv(config, list(sets) + extra) + ["--resume"]
-    procs = []
+    procs, stopped = [], []
+
+    def forward(signum, _frame):
+        # a batch system's or the user's stop (SIGTERM, SIGUSR1) reaches the ranks, which save a
+        # checkpoint and leave; killed alone, this process would leave them training
+        stopped.append(signal.Signals(signum).name)
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():  # handlers only there
+        previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
         for r in range(ranks):
             env = {
@@ -293,10 +307,17 @@ def train_ranks(config, sets, ranks, cfg, poll_seconds=0.5):
         while any(p.poll() is None for p in procs) and not any(p.poll() for p in procs):
             time.sleep(poll_seconds)
     finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         for p in procs:
             if p.poll() is None:
                 p.kill()
         codes = [p.wait() for p in procs]
+    if stopped:
+        raise Interrupted(
+            f"stopped by {stopped[0]}: the {ranks} training ranks saved a checkpoint in {cfg.run.out_dir} "
+            f"(exit codes {codes}); run the same command again to continue"
+        )
     if any(codes):
         log.warning("training with %d local ranks failed (exit codes %s)", ranks, codes)
         return False

@@ -17,7 +17,7 @@ code   meaning
 6      distributed job: a peer rank died or stopped answering, or the launcher's tasks do
        not form one MPI world
 7      the machine: a GPU, its driver, CUDA libraries or device memory (not the input)
-130    interrupted (Ctrl-C)
+130    interrupted (Ctrl-C; a demo stopped by SIGTERM or SIGUSR1 after its ranks checkpointed)
 =====  =======================================================================
 """
 
@@ -71,3 +71,10 @@ class DeviceError(GalcfError):
     data are not at fault; the message says what to check."""
 
     exit_code = 7
+
+
+class Interrupted(GalcfError):
+    """Stopped by a signal before the work was done, after saving what resuming needs (the
+    message says how to continue)."""
+
+    exit_code = 130

@@ -4,6 +4,11 @@ ranks) -> judges -> catalog job -> explain and report; and the demo's rank launc
 import json
 import logging
 import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 
 import h5py
 import pytest
@@ -19,6 +24,18 @@ from galcf_hpc.errors import ConfigError, UsageError
 from galcf_hpc.judges import DEFAULT_PANEL
 from galcf_hpc.train.checkpoint import latest_checkpoint
 
+# a model small enough for a test to train in seconds on 16 px images
+TINY = [
+    "data.image_size=16",
+    "model.channels=[8, 16]",
+    "model.z_dim=12",
+    "model.z1_dim=6",
+    "model.flow_blocks=2",
+    "model.flow_hidden=16",
+    "train.batch_size=32",
+    "train.warmup_steps=2",
+]
+
 
 def test_demo_pipeline_end_to_end(tmp_path, capsys):
     from test_report import assert_images_ok  # here: the launcher tests below need none of the report's imports
@@ -31,15 +48,8 @@ def test_demo_pipeline_end_to_end(tmp_path, capsys):
         "data.synth.size=32",
         "data.synth.workers=1",
         "data.shard_size=64",
-        "data.image_size=16",
-        "model.channels=[8, 16]",
-        "model.z_dim=12",
-        "model.z1_dim=6",
-        "model.flow_blocks=2",
-        "model.flow_hidden=16",
+        *TINY,
         "train.epochs=2",
-        "train.batch_size=32",
-        "train.warmup_steps=2",
         "train.time_limit_minutes=0",
         "run.demo_minutes=30",
     ]
@@ -181,3 +191,54 @@ def test_failed_rank_launch_reports_false(tmp_path, caplog):
     found = re.search(r"exit codes \[([^\]]*)\]", caplog.text)
     codes = [int(v) for v in found.group(1).split(",")]
     assert len(codes) == 2 and ConfigError.exit_code in codes and 0 not in codes
+
+
+def test_stop_signal_reaches_the_training_ranks(sharded, tmp_path):
+    """SIGTERM to the demo while its ranks train (a batch system's stop, `timeout`): the ranks
+    get it, save a checkpoint and leave; the demo exits 130 saying how to continue, and no
+    rank is left training into the run directory."""
+    run = tmp_path / "run"
+    sets = [
+        f"data.shards={sharded.out}",
+        f"run.out_dir={run}",
+        *TINY,
+        "model.classify_views=1",
+        "train.epochs=1000",
+        "train.time_limit_minutes=0",
+    ]
+    script = tmp_path / "launch.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import sys
+            from galcf_hpc import demo
+            from galcf_hpc.config import load_config
+            from galcf_hpc.errors import Interrupted
+            sets = {sets!r}
+            cfg = load_config("configs/smoke.yaml", sets)
+            try:
+                demo.train_ranks("configs/smoke.yaml", sets, 2, cfg, poll_seconds=0.1)
+            except Interrupted as exc:
+                print(exc, flush=True)
+                sys.exit(exc.exit_code)
+            """
+        )
+    )
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while latest_checkpoint(run) is None and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert latest_checkpoint(run) is not None, "no epoch finished before the stop"
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, out
+    assert "stopped by SIGTERM" in out and "run the same command again" in out
+    assert "stopping at step" in out  # the ranks stopped cleanly, with a checkpoint
+    left = subprocess.run(["pgrep", "-f", str(run)], capture_output=True, text=True)
+    assert left.returncode == 1, f"ranks still running: {left.stdout}"
+    state = torch.load(latest_checkpoint(run), weights_only=True)
+    assert state["world_size"] == 2 and state["step"] >= 1
