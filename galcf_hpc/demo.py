@@ -20,7 +20,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch
 from . import __version__
 from .config import load_config
 from .errors import Interrupted, UsageError
-from .train.distributed import free_port
+from .train.distributed import StopSignals, free_port
 
 log = logging.getLogger("galcf_hpc")
 
@@ -277,19 +276,10 @@ def train_ranks(config, sets, ranks, cfg, poll_seconds=0.5):
     # every core instead of on the one thread a training rank had
     extra = ["train.threads=0", f"train.global_batch={cfg.train.global_batch or cfg.train.batch_size}"]
     argv = [sys.executable, "-m", "galcf_hpc.cli", "train"] + _config_argv(config, list(sets) + extra) + ["--resume"]
-    procs, stopped = [], []
-
-    def forward(signum, _frame):
-        # a batch system's or the user's stop (SIGTERM, SIGUSR1) reaches the ranks, which save a
-        # checkpoint and leave; killed alone, this process would leave them training
-        stopped.append(signal.Signals(signum).name)
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signum)
-
-    previous = {}
-    if threading.current_thread() is threading.main_thread():  # handlers only there
-        previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    procs, forwarded = [], None
+    # a batch system's or the user's stop (SIGTERM, SIGUSR1) is passed on to the ranks, which
+    # save a checkpoint and leave; killed alone, this process would leave them training
+    signals = StopSignals()
     try:
         for r in range(ranks):
             env = {
@@ -305,17 +295,21 @@ def train_ranks(config, sets, ranks, cfg, poll_seconds=0.5):
             env.pop("SLURM_CPUS_PER_TASK", None)  # would give each rank that many threads (train.threads 0)
             procs.append(subprocess.Popen(argv, env=env))
         while any(p.poll() is None for p in procs) and not any(p.poll() for p in procs):
+            if signals.received and not forwarded:
+                forwarded = signals.received
+                for p in procs:
+                    if p.poll() is None:
+                        p.send_signal(signal.Signals[forwarded])
             time.sleep(poll_seconds)
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        signals.restore()
         for p in procs:
             if p.poll() is None:
                 p.kill()
         codes = [p.wait() for p in procs]
-    if stopped:
+    if signals.received:
         raise Interrupted(
-            f"stopped by {stopped[0]}: the {ranks} training ranks saved a checkpoint in {cfg.run.out_dir} "
+            f"stopped by {signals.received}: the {ranks} training ranks saved a checkpoint in {cfg.run.out_dir} "
             f"(exit codes {codes}); run the same command again to continue"
         )
     if any(codes):
